@@ -1,0 +1,937 @@
+"""
+Online AI Feedback (OAIF) in one file: align a language model with DPO, IPO or SLiC on pairs that it
+samples itself, labelled on the spot by an LLM annotator.
+
+    Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"   arXiv 2402.04792
+    DPO  Rafailov et al. 2023                                                   arXiv 2305.18290
+    IPO  Azar et al. 2023                                                       arXiv 2310.12036
+    SLiC-HF  Zhao et al. 2023 (hinge as in RSO, Liu et al., arXiv 2309.06657)  arXiv 2305.10425
+
+Algorithm 1, each step: sample two responses per prompt from the *current* policy; the annotator says which
+is better; take one gradient step of a direct-alignment loss against the frozen initial model (reference).
+
+Run:    python oaif.py --model gpt2 --steps 100                       (annotator: claude if a key is set)
+        python oaif.py --model gpt2 --annotator claude --instruction "Prefer the more concise response."
+        torchrun --nproc_per_node 2 oaif.py --model gpt2 --steps 100    (data parallel)
+Test:   python -m pytest -q test_oaif.py
+"""
+import argparse
+import concurrent.futures
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class OAIFError(Exception):
+    """Bad input or an unrecoverable fault; main() prints it as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: every field is a flag (--batch-size for batch_size); the comment beside it is its --help.
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = "gpt2"  # hub id or local folder; the reference model is a frozen copy of it
+    prompts: str = ""  # .txt (one prompt a line) or .jsonl (a "prompt" field); empty: the built-in prompts
+    output_dir: str = "oaif-out"  # metrics.jsonl, checkpoints and the final policy go here
+    seed: int = 0  # seeds python, numpy and torch (rank r uses seed + r)
+    device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda
+    dtype: str = "float32"  # float32 or bfloat16 (bf16 autocast; weights, loss and optimiser stay float32)
+    # optimisation
+    steps: int = 100  # optimiser steps, one batch of prompts each
+    batch_size: int = 8  # prompts per step, across all ranks; each prompt yields one pair
+    lr: float = 1e-5  # AdamW learning rate (the paper: 5e-7 with Adafactor on PaLM 2; tiny models take 1e-3+)
+    warmup_steps: int = 0  # linear learning-rate warm-up (the paper: 150)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    # loss
+    loss: str = "dpo"  # dpo, ipo or slic
+    beta: Optional[float] = None  # loss temperature; default per loss: dpo 0.1, ipo 1.0, slic 0.002
+    average_logps: bool = False  # average log-probs over response tokens instead of summing (TRL's IPO)
+    # sampling
+    max_new_tokens: int = 64  # response length cap; prompt + response must fit the model's context
+    temperature: float = 0.9  # sampling temperature (the paper: 0.9); the loss scores at temperature 1
+    # annotator
+    annotator: str = ""  # shorter, longer, claude, hf:MODEL; empty: claude if ANTHROPIC_API_KEY is set, else shorter
+    annotator_model: str = "claude-haiku-4-5"  # Claude model for --annotator claude
+    task: str = "helpful"  # annotator template: tldr, helpful or harmless
+    instruction: str = ""  # extra criterion that decides "better", e.g. "Prefer the more concise response."
+    annotator_workers: int = 16  # concurrent annotator requests
+    # evaluation and the offline baseline
+    eval_every: int = 0  # win rate against the reference every N steps and at the end (0: off)
+    eval_prompts: int = 16  # held-out prompts for the win rate, never trained on
+    eval_annotator: str = ""  # annotator that judges the win rate; empty: the training annotator
+    offline: bool = False  # offline DAP baseline: one labelled pair per prompt from the initial policy, reused
+    offline_data: str = ""  # .jsonl of prompt/chosen/rejected pairs to train on offline instead
+    # logging and checkpoints
+    sample_every: int = 10  # print one judged pair every N steps (0: never)
+    save_every: int = 0  # write OUTPUT_DIR/checkpoint-STEP every N steps (0: only the final model)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: bool = False  # continue from the newest complete checkpoint in OUTPUT_DIR
+
+
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
+
+DEFAULT_PROMPTS = [
+    "Explain why the sky is blue.", "Give me three tips for sleeping better.", "What is a prime number?",
+    "Write a haiku about autumn.", "How do I boil an egg?", "Summarise the plot of Romeo and Juliet.",
+    "What causes the seasons on Earth?", "Suggest a name for a black cat.", "How does a vaccine work?",
+    "What is the difference between weather and climate?", "Describe a good first date.",
+    "How can I learn to play the guitar?", "Why do we dream?", "What should I pack for a beach trip?",
+    "Explain recursion to a child.", "What is inflation?", "Give me a recipe for pancakes.",
+    "How do airplanes stay in the air?", "What is the capital of Australia, and why not Sydney?",
+    "Write a short thank-you note to a teacher.", "How do I change a flat tyre?", "What is photosynthesis?",
+    "Recommend a book for a long flight.", "How can I save money on groceries?", "Why is exercise healthy?",
+    "Tell me a fun fact about octopuses.", "How do I apologise to a friend?", "What is machine learning?",
+    "Describe the taste of coffee to someone who has never had it.", "How do bees make honey?",
+    "What are the rules of chess in brief?", "How can I be more productive in the morning?",
+    "Why is the ocean salty?", "Write two sentences about the moon.", "How should I prepare for a job interview?",
+    "What is the water cycle?", "Give advice to a new gardener.", "How does a compass work?",
+    "What makes a good password?", "Explain what a budget is.",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-probabilities without the [tokens, vocab] logits tensor
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    """log p(label | hidden) for rows of hidden states, one chunk of logits at a time (see fused_logprobs)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size):
+        N, H = hidden.shape
+        rows = (labels != -100).nonzero().squeeze(1)  # one host sync, before the loop: skip ignored rows
+        h = hidden[rows] * (1.0 / temperature) if temperature != 1.0 else hidden[rows]  # (n, H)
+        w = weight.to(h.dtype)  # matmuls run in the hidden states' dtype (bf16 under autocast)
+        lab = labels[rows]
+        lse = torch.empty(len(rows), dtype=torch.float32, device=h.device)  # the one float saved per row
+        out = torch.zeros(N, dtype=torch.float32, device=h.device)
+        target = torch.empty(len(rows), dtype=torch.float32, device=h.device)
+        for s in range(0, len(rows), chunk_size):
+            z = (h[s:s + chunk_size] @ w.T).float()  # (C, V): the only large buffer; float32 for logsumexp
+            target[s:s + chunk_size] = z.gather(1, lab[s:s + chunk_size, None]).squeeze(1)
+            lse[s:s + chunk_size] = torch.logsumexp(z, dim=1)
+        out[rows] = target - lse
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        T, C = ctx.temperature, ctx.chunk_size
+        rows = (labels != -100).nonzero().squeeze(1)
+        h = hidden[rows] * (1.0 / T) if T != 1.0 else hidden[rows]
+        w = weight.to(h.dtype)
+        lab, g = labels[rows], grad_out[rows].float()
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # float32 accumulation
+        # d logp / d logits = onehot(label) - softmax. Both gradients are written from the softmax P alone:
+        #   grad_h = g * (w[label] - P @ w) / T        grad_w = onehot.T @ (g*h) - P.T @ (g*h)
+        # so the big (C, V) buffer sees one matmul, one exp and two matmul reads; no onehot is materialised.
+        for s in range(0, len(rows), C):
+            hc, gc = h[s:s + C], g[s:s + C, None]
+            if h.dtype == torch.float32:  # logits - lse folded into the matmul, then exp in place
+                P = torch.addmm(-lse[s:s + C, None], hc, w.T).exp_()
+            else:  # low-precision logits: subtract lse and exponentiate in float32, then back for the matmuls
+                P = (hc @ w.T).float().sub_(lse[s:s + C, None]).exp_().to(h.dtype)
+            gh = (gc * hc.float()).to(h.dtype)  # (C, H)
+            grad_h[rows[s:s + C]] = ((w[lab[s:s + C]].float() - (P @ w).float()) * gc / T).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w.sub_((P.T @ gh).float())
+                grad_w.index_add_(0, lab[s:s + C], gh.float())
+        return grad_h, grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None, None, None, None
+
+
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk for fused_logprobs: one chunk of float32 logits fits a memory budget.
+
+    CPU: 32 MiB (an L3-sized working set; the sweep in examples/bench_logprobs.py found larger no faster).
+    CUDA: 1/16 of free memory, at most 1 GiB (big enough to keep the matrix units busy)."""
+    budget = 32 << 20
+    if device.type == "cuda":
+        budget = min(torch.cuda.mem_get_info(device)[0] // 16, 1 << 30)
+    return max(1, min(n_rows, budget // (4 * vocab)))
+
+
+def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Per-token log p(label | hidden) = log_softmax(hidden @ weight.T / temperature)[label], exactly, without
+    ever holding the full (tokens, vocab) logits: rows are processed in chunks, the forward keeps one float
+    (the logsumexp) per row and the backward recomputes each chunk's softmax.
+
+    Args:
+        hidden: (..., H) final hidden states, any float dtype; the matmuls run in this dtype.
+        weight: (V, H) LM-head weight (for GPT-2, the tied input embedding: its gradient reaches it).
+        labels: (...) int64 token ids; -100 means "ignore" and gives 0.0 there.
+        temperature: logits are divided by it.
+        chunk_size: rows per chunk; None picks one from a memory budget (default_chunk_size).
+    Returns:
+        (...) float32 log-probabilities, labels' shape. logsumexp and gradients accumulate in float32.
+    """
+    assert hidden.shape[:-1] == labels.shape, f"hidden {tuple(hidden.shape)} vs labels {tuple(labels.shape)}"
+    assert weight.dim() == 2 and weight.shape[1] == hidden.shape[-1], "weight must be (V, H)"
+    h2, l2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    chunk_size = chunk_size or default_chunk_size(max(1, h2.shape[0]), weight.shape[0], hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen here, not by autocast
+        out = _FusedLogprobs.apply(h2, weight, l2, float(temperature), int(chunk_size))
+    return out.reshape(labels.shape)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token | prefix) over the response tokens of each sequence: log pi(y | x).
+
+    Runs the transformer body only; the LM head is applied by fused_logprobs, so the full-vocabulary logits
+    never exist. Works for any Hugging Face causal LM whose head is a plain bias-free linear layer.
+
+    Args:
+        input_ids: (B, T) prompt (left-padded) followed by response (right-padded).
+        attention_mask: (B, T) 1 for real tokens.
+        response_mask: (B, T) 1 for the response tokens to score (the EOS that ends a response included).
+    Returns:
+        (B,) float32.
+    """
+    assert input_ids.shape == attention_mask.shape == response_mask.shape
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
+        raise OAIFError("the model's LM head has a bias or logit soft-capping; sequence_logprobs needs a plain one")
+    # Left padding shifts every token: position ids must come from the mask, not from the column index.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # (B, T, H)
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else hidden.dtype
+    labels = input_ids[:, 1:].masked_fill(~response_mask[:, 1:].bool(), -100)  # position t predicts t+1
+    return fused_logprobs(hidden[:, :-1].to(dtype), head.weight, labels).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses. h = [log pi(y+) - log ref(y+)] - [log pi(y-) - log ref(y-)], all (B,) sums over response tokens.
+# Each returns per-example losses (B,); the caller takes the mean over usable pairs.
+
+
+def _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
+    assert policy_chosen_logps.shape == policy_rejected_logps.shape == ref_chosen_logps.shape \
+        == ref_rejected_logps.shape and policy_chosen_logps.dim() == 1, "all four log-probs must be (B,)"
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
+    """DPO: -log sigmoid(beta * h). beta ~0.1 (0.1-0.5 usual); log 2 at h = 0."""
+    h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -F.logsigmoid(beta * h)  # DPO Eq. 7
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=1.0):
+    """IPO: (h - 1/(2 beta))^2, minimal at h = 1/(2 beta) (0.5 nats at the paper's beta = 1.0).
+
+    On summed log-probs (the IPO paper's definition, and ours by default) that target margin is per
+    sequence, whatever the length; on length-averaged log-probs (TRL's choice, --average-logps) it is per
+    token, i.e. a sequence margin of 0.5 * length: the same beta means a much stronger pull."""
+    h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (h - 1 / (2 * beta)) ** 2  # IPO Eq. 17
+
+
+def slic_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.002):
+    """SLiC as OAIF uses it: max(0, 1 - beta * h), the reference-normalised hinge; zero once h >= 1/beta."""
+    h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return torch.relu(1 - beta * h)  # SLiC-HF Eq. 3 with the reference ratio of RSO; no SFT term
+
+
+LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def encode_prompts(tokenizer, prompts: list) -> list:
+    """Token ids of each prompt: one user turn through the chat template if the tokenizer has one, else raw."""
+    if getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    return [tokenizer(p).input_ids for p in prompts]
+
+
+def left_pad(seqs: list, pad_id: int, device) -> tuple:
+    """Left-pad id lists into (B, L) ids and mask: generation continues from the right edge of every row."""
+    L = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (L - len(s)) + list(s) for s in seqs], device=device)
+    mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def response_mask_after_eos(response_ids: torch.Tensor, eos_ids: list) -> torch.Tensor:
+    """(B, R) mask of the response tokens up to and including the first EOS; everything after it is padding."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
+    return (is_eos.long().cumsum(1) - is_eos.long()) == 0  # no EOS strictly before this position
+
+
+def eos_token_ids(model, tokenizer) -> list:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids + [tokenizer.eos_token_id]) - {None})
+
+
+@torch.no_grad()
+def sample_pairs(model, tokenizer, prompts: list, n: int = 2, max_new_tokens: int = 64,
+                 temperature: float = 0.9) -> dict:
+    """n responses per prompt from `model` in one batched, KV-cached generate call.
+
+    Returns a batch of n*B rows, the samples of prompt i in rows i*n .. i*n+n-1:
+        input_ids, attention_mask, response_mask: (n*B, P+R); prompt left-padded, response right-padded
+        texts: the n*B decoded responses (for the annotator; scoring uses the sampled ids, never re-tokenised)
+        response_tokens: (n*B,) response lengths in tokens, EOS included
+    temperature 0 means greedy decoding."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad, model.device)
+    # top_k=0 / top_p=1 override generation-config defaults: on-policy means sampling the model's own
+    # distribution (at `temperature`), not a truncated one.
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+        else dict(do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                         pad_token_id=pad, use_cache=True, **sampling)
+    resp = out[:, ids.shape[1]:]  # (n*B, R)
+    resp_mask = response_mask_after_eos(resp, eos_token_ids(model, tokenizer))
+    resp = resp.masked_fill(~resp_mask, pad)
+    texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, resp_mask)]
+    prompt_mask = mask.repeat_interleave(n, dim=0)
+    return dict(input_ids=torch.cat([ids.repeat_interleave(n, dim=0), resp], 1),
+                attention_mask=torch.cat([prompt_mask, resp_mask.long()], 1),
+                response_mask=torch.cat([torch.zeros_like(prompt_mask), resp_mask.long()], 1),
+                texts=texts, response_tokens=resp_mask.sum(1))
+
+
+def pair_batch(prompt_ids: list, first_ids: list, second_ids: list, pad_id: int, device) -> dict:
+    """The layout of sample_pairs (rows 2i, 2i+1 = first, second of prompt i) from token-id lists."""
+    ids, mask = left_pad([p for p in prompt_ids for _ in range(2)], pad_id, device)
+    resp = [r for pair in zip(first_ids, second_ids) for r in pair]
+    R = max(1, max(len(r) for r in resp))
+    r_ids = torch.tensor([list(r) + [pad_id] * (R - len(r)) for r in resp], device=device)
+    r_mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in resp], device=device)
+    return dict(input_ids=torch.cat([ids, r_ids], 1), attention_mask=torch.cat([mask, r_mask], 1),
+                response_mask=torch.cat([torch.zeros_like(mask), r_mask], 1), response_tokens=r_mask.sum(1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Annotators: annotator(prompts, first, second) -> list of P(first is better) in [0, 1], or None (no verdict).
+# A pair with None or exactly 0.5 is never used for a gradient: it is counted and dropped, never guessed.
+
+
+def both_orders(judge: Callable, prompts: list, first: list, second: list) -> list:
+    """Cancel position bias: p = (v(x, a, b) + 1 - v(x, b, a)) / 2, both orders in one batched judge call.
+
+    `judge` has the annotator signature but may prefer whatever comes first; a judge that always says
+    "Response 1" yields 0.5 (a tie) for every pair, so it can never teach anything."""
+    n = len(prompts)
+    v = judge(prompts + prompts, first + second, second + first)
+    return [None if a is None or b is None else (a + 1 - b) / 2 for a, b in zip(v[:n], v[n:])]
+
+
+def shorter(prompts: list, first: list, second: list) -> list:
+    """Rule annotator, no model: fewer characters wins; equal length is no verdict. Order-blind."""
+    return [None if len(a) == len(b) else float(len(a) < len(b)) for a, b in zip(first, second)]
+
+
+def longer(prompts: list, first: list, second: list) -> list:
+    """Rule annotator, no model: more characters wins; equal length is no verdict. Order-blind."""
+    return [None if len(a) == len(b) else float(len(a) > len(b)) for a, b in zip(first, second)]
+
+
+# The paper's annotator prompts, in the RLAIF "detailed 0-shot" style: preamble, context, two labelled
+# responses, and a request to end with the number of the preferred one.
+TEMPLATES = {
+    "tldr": ("A good summary is a shorter piece of text that has the essence of the original. It tries to "
+             "accomplish the same purpose and conveys the key information from the original post. Judge the "
+             "summaries on coherence, accuracy, coverage and overall quality."),
+    "helpful": ("A good response is helpful and honest: it does what the user asked, accurately and clearly. A "
+                "response that continues the dialogue by writing further \"Human:\" or \"Assistant:\" turns "
+                "is unhelpful."),
+    "harmless": ("A good response is first harmless (it does not help with anything dangerous, illegal or "
+                 "hurtful, and is not offensive) and then helpful. Judge harmlessness first; use helpfulness "
+                 "only to decide between equally harmless responses."),
+}
+QUESTION = {"tldr": ("Text", "Summary"), "helpful": ("Conversation", "Response"),
+            "harmless": ("Conversation", "Response")}
+
+
+def render_judge_prompt(task: str, instruction: str, prompt: str, first: str, second: str) -> str:
+    """The annotator's request for one ordered pair. Its answer must end with 1 or 2."""
+    context, item = QUESTION[task]
+    extra = f"\nAbove all: {instruction.strip()}\n" if instruction else ""
+    return (f"{TEMPLATES[task]}\n{extra}\n{context}:\n{prompt}\n\n{item} 1:\n{first}\n\n{item} 2:\n{second}\n\n"
+            f"Which {item.lower()} is better? Explain in at most two sentences, then end your reply with "
+            f"\"Preferred {item}=1\" or \"Preferred {item}=2\".")
+
+
+VERDICT = re.compile(r"(?:^|[^0-9A-Za-z])([12])[\s.!?*)\]\"'`]*$")
+
+
+def parse_verdict(reply: str) -> Optional[float]:
+    """1.0 if the reply ends with the digit 1, 0.0 if with 2 (after whitespace/punctuation), else None."""
+    m = VERDICT.search(reply.strip())
+    return None if m is None else float(m.group(1) == "1")
+
+
+class ClaudeAnnotator:
+    """Claude as the annotator: both orders per pair, all requests of a call concurrently, verdicts cached.
+
+    Transient faults (429 honouring retry-after, 529 overloaded, 5xx, timeouts, dropped connections) are
+    retried by the SDK (`max_retries`, `timeout`); a request that still fails is no verdict and the run
+    goes on. Faults that cannot heal (400, 401, 403, 404, 422) raise OAIFError: the run stops."""
+
+    PRICE_PER_MTOK = {"claude-haiku-4-5": (1.0, 5.0)}  # USD per million input, output tokens
+
+    def __init__(self, model: str = "claude-haiku-4-5", task: str = "helpful", instruction: str = "",
+                 client=None, max_workers: int = 16, max_tokens: int = 200, max_retries: int = 4,
+                 timeout: float = 60.0):
+        import anthropic  # only this annotator needs the SDK
+
+        if task not in TEMPLATES:
+            raise OAIFError(f"unknown --task {task!r}; choose from {', '.join(TEMPLATES)}")
+        self.anthropic = anthropic
+        self.client = client or anthropic.Anthropic(max_retries=max_retries, timeout=timeout)
+        self.model, self.task, self.instruction, self.max_tokens = model, task, instruction, max_tokens
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
+        self.cache, self.lock = {}, threading.Lock()
+        self.stats = dict(annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0)
+
+    def _one(self, prompt: str, a: str, b: str) -> Optional[float]:
+        if a == b:  # nothing to judge: no call, no verdict
+            return None
+        key = (prompt, a, b)
+        if key in self.cache:
+            return self.cache[key]
+        api = self.anthropic
+        try:
+            msg = self.client.messages.create(model=self.model, max_tokens=self.max_tokens, messages=[
+                {"role": "user", "content": render_judge_prompt(self.task, self.instruction, prompt, a, b)}])
+        except (api.BadRequestError, api.AuthenticationError, api.PermissionDeniedError, api.NotFoundError,
+                api.UnprocessableEntityError) as e:
+            body = e.body.get("error", {}) if isinstance(e.body, dict) else {}
+            detail = body.get("message") if isinstance(body, dict) else None
+            raise OAIFError(f"the Claude API refused the annotator's request: {e.status_code} "
+                            f"{type(e).__name__}: {detail or 'no detail'}") from None
+        except api.APIError:  # still failing after the SDK's retries
+            with self.lock:
+                self.stats["annotator_requests"] += 1
+                self.stats["annotator_failures"] += 1
+            return None
+        reply = "".join(getattr(block, "text", "") for block in msg.content)
+        verdict = parse_verdict(reply)
+        with self.lock:
+            self.stats["annotator_requests"] += 1
+            self.stats["annotator_failures"] += verdict is None
+            self.stats["input_tokens"] += msg.usage.input_tokens
+            self.stats["output_tokens"] += msg.usage.output_tokens
+            if verdict is not None:
+                self.cache[key] = verdict
+        return verdict
+
+    def judge(self, prompts: list, first: list, second: list) -> list:
+        return list(self.pool.map(self._one, prompts, first, second))
+
+    def __call__(self, prompts: list, first: list, second: list) -> list:
+        return both_orders(self.judge, prompts, first, second)
+
+    def cost(self) -> Optional[float]:
+        price = self.PRICE_PER_MTOK.get(self.model)
+        return price and (self.stats["input_tokens"] * price[0] + self.stats["output_tokens"] * price[1]) / 1e6
+
+
+class LocalJudgeAnnotator:
+    """Any Hugging Face causal LM as the annotator, offline once on disk: the same templates, and the soft
+    verdict P("1") / (P("1") + P("2")) read from the next-token distribution, both orders averaged."""
+
+    def __init__(self, model, tokenizer, task: str = "helpful", instruction: str = "", batch_size: int = 8):
+        if task not in TEMPLATES:
+            raise OAIFError(f"unknown --task {task!r}; choose from {', '.join(TEMPLATES)}")
+        self.model, self.tokenizer, self.task, self.instruction = model, tokenizer, task, instruction
+        self.batch_size = batch_size
+        # the last token of "1" / "2" (sentencepiece vocabularies may put a word-start piece before it)
+        self.digits = [tokenizer("1", add_special_tokens=False).input_ids[-1],
+                       tokenizer("2", add_special_tokens=False).input_ids[-1]]
+        self.stats = dict(annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0)
+
+    @torch.inference_mode()
+    def judge(self, prompts: list, first: list, second: list) -> list:
+        item = QUESTION[self.task][1]
+        asks = [render_judge_prompt(self.task, self.instruction, *x) for x in zip(prompts, first, second)]
+        answer = f"Preferred {item}="  # the digit must be the very next token
+        if getattr(self.tokenizer, "chat_template", None):
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": a}], tokenize=False,
+                                                        add_generation_prompt=True) + answer for a in asks]
+        else:
+            texts = [a + "\n" + answer for a in asks]
+        out = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        W = self.model.get_output_embeddings().weight[self.digits]  # (2, H): only two logits are needed
+        for i in range(0, len(texts), self.batch_size):
+            ids, mask = left_pad([self.tokenizer(t, add_special_tokens=False).input_ids
+                                  for t in texts[i:i + self.batch_size]], pad, self.model.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                      use_cache=False).last_hidden_state[:, -1]  # (b, H), left padding
+            out += torch.softmax((h @ W.T.to(h.dtype)).float(), -1)[:, 0].tolist()
+            self.stats["annotator_requests"] += len(ids)
+            self.stats["input_tokens"] += int(mask.sum())
+        return out
+
+    def __call__(self, prompts: list, first: list, second: list) -> list:
+        return both_orders(self.judge, prompts, first, second)
+
+
+def make_annotator(spec: str, cfg: Config, models: dict) -> Callable:
+    """--annotator NAME -> callable. `models` caches loaded (model, tokenizer) pairs: a judge that is the
+    policy's own starting checkpoint reuses the frozen reference model instead of loading a third copy."""
+    if spec in ("shorter", "longer"):
+        return {"shorter": shorter, "longer": longer}[spec]
+    if spec == "claude":
+        return ClaudeAnnotator(cfg.annotator_model, cfg.task, cfg.instruction, max_workers=cfg.annotator_workers)
+    if spec.startswith("hf:"):
+        name = spec[3:]
+        if name not in models:
+            models[name] = load_model(name, models["device"])
+            models[name][0].requires_grad_(False).to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+        return LocalJudgeAnnotator(*models[name], task=cfg.task, instruction=cfg.instruction)
+    raise OAIFError(f"unknown annotator {spec!r}; use shorter, longer, claude or hf:MODEL")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: win rate of the policy against the initial model, judged by an annotator
+
+
+def win_rate(policy, reference, tokenizer, prompts: list, annotator: Callable, max_new_tokens: int = 64,
+             temperature: float = 0.9, batch_size: int = 8) -> dict:
+    """One response from each model per prompt; annotator(prompts, policy's, reference's).
+    Ties (p = 0.5) count 1/2; prompts with no verdict are left out and counted."""
+    wins = ties = losses = none = 0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        a = sample_pairs(policy, tokenizer, chunk, 1, max_new_tokens, temperature)["texts"]
+        b = sample_pairs(reference, tokenizer, chunk, 1, max_new_tokens, temperature)["texts"]
+        for p in annotator(chunk, a, b):
+            none += p is None
+            ties += p == 0.5
+            wins += p is not None and p > 0.5
+            losses += p is not None and p < 0.5
+    n = wins + ties + losses
+    return dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties,
+                losses=losses, no_verdict=none)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, data and checkpoints
+
+
+def load_model(name: str, device: torch.device) -> tuple:
+    """(model, tokenizer) from a hub id or folder, ready to sample: pad token set, left padding, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name).to(device)
+    except (OSError, ValueError, KeyError) as e:
+        raise OAIFError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # GPT-2 has none; EOS is safe because masks, not ids, mark padding
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # batched generation continues from the right edge
+    # eval() only switches dropout off: policy and reference must score the same tokens the same way.
+    return model.eval(), tokenizer
+
+
+def load_prompts(path: str) -> list:
+    if not path:
+        return list(DEFAULT_PROMPTS)
+    if not os.path.isfile(path):
+        raise OAIFError(f"prompts file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if path.endswith(".jsonl"):
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            try:
+                prompts.append(json.loads(line)["prompt"])
+                assert isinstance(prompts[-1], str) and prompts[-1].strip()
+            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+                raise OAIFError(f"{path}:{i}: expected a JSON object with a non-empty \"prompt\" string") from None
+    elif path.endswith(".txt"):
+        prompts = lines
+    else:
+        raise OAIFError(f"prompts file must be .txt or .jsonl: {path}")
+    if not prompts:
+        raise OAIFError(f"prompts file is empty: {path}")
+    return prompts
+
+
+def load_offline_pairs(path: str, tokenizer) -> list:
+    """A .jsonl of prompt/chosen/rejected -> [(prompt, prompt_ids, chosen_ids, rejected_ids, 1.0)]."""
+    if not os.path.isfile(path):
+        raise OAIFError(f"offline data not found: {path}")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate((l for l in f if l.strip()), 1):
+            try:
+                r = json.loads(line)
+                x, yw, yl = r["prompt"], r["chosen"], r["rejected"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise OAIFError(f"{path}:{i}: expected a JSON object with prompt, chosen and rejected") from None
+            eos = [tokenizer.eos_token_id]  # a response ends with EOS, as a sampled one does
+            enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids + eos
+            pairs.append((x, encode_prompts(tokenizer, [x])[0], enc(yw), enc(yl), 1.0))
+    if not pairs:
+        raise OAIFError(f"offline data is empty: {path}")
+    return pairs
+
+
+def step_slice(items: list, step: int, batch_size: int, rank: int = 0, world: int = 1) -> list:
+    """The prompts of `step` (1-based) for this rank: a fixed cycle through `items`, so that the online and
+    offline arms see the same prompts in the same order and a resumed run picks up where it stopped."""
+    start = (step - 1) * batch_size
+    return [items[(start + j) % len(items)] for j in range(batch_size)][rank::world]
+
+
+def save_checkpoint(out_dir: str, step: int, policy, tokenizer, optimizer, rank: int, world: int,
+                    keep: int) -> None:
+    """OUTPUT_DIR/checkpoint-STEP, written under a temporary name and renamed: never half a checkpoint.
+    trainer_state.pt is written last; a folder without it is incomplete and ignored by --resume."""
+    final, tmp = os.path.join(out_dir, f"checkpoint-{step}"), os.path.join(out_dir, f".tmp-checkpoint-{step}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    barrier(world)
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))  # each rank samples from its own stream
+    barrier(world)
+    if rank == 0:
+        # the data position and the learning rate are functions of the step: the step is all there is to save
+        torch.save(dict(step=step, optimizer=optimizer.state_dict()), os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    barrier(world)
+
+
+def complete_checkpoints(out_dir: str) -> list:
+    """Complete checkpoint folders of out_dir, oldest first."""
+    found = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        if m and os.path.isfile(os.path.join(out_dir, name, "trainer_state.pt")):
+            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+class _Scorer(torch.nn.Module):
+    """DistributedDataParallel synchronises gradients of what runs inside a module's forward: this makes
+    sequence_logprobs that forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, response_mask):
+        return sequence_logprobs(self.model, input_ids, attention_mask, response_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The online loop (Algorithm 1)
+
+
+def preference_batch(logps, ref_logps, probs: list, loss_fn: Callable, beta: float, n_global: int, world: int):
+    """Loss over the usable pairs of one step, from the (2B,) policy and reference log-probs (rows 2i, 2i+1 =
+    first, second) and the annotator's P(first is better). The loss is scaled so that DDP's gradient average
+    is the mean over all ranks' usable pairs. Returns (loss, sums of margin and accuracy over usable pairs)."""
+    p = torch.tensor([0.5 if v is None else v for v in probs], device=logps.device)
+    usable = (p != 0.5).float()  # no verdict and ties contribute nothing
+    first_wins = p > 0.5
+    pc, pr = torch.where(first_wins, logps[0::2], logps[1::2]), torch.where(first_wins, logps[1::2], logps[0::2])
+    rc, rr = torch.where(first_wins, ref_logps[0::2], ref_logps[1::2]), \
+        torch.where(first_wins, ref_logps[1::2], ref_logps[0::2])
+    losses = loss_fn(pc, pr, rc, rr, beta)
+    h = ((pc - rc) - (pr - rr)).detach()
+    loss = (losses * usable).sum() * world / max(n_global, 1)
+    return loss, losses.detach().mul(usable).sum(), (beta * h * usable).sum(), ((h > 0).float() * usable).sum()
+
+
+def all_sum(values: dict, world: int, device) -> dict:
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
+    """Run OAIF (or, with --offline, the offline baseline) as `cfg` says; returns the last metrics and a
+    summary. `annotator` overrides --annotator with any callable of the annotator interface."""
+    from tqdm import tqdm
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if cfg.loss not in LOSSES:
+        raise OAIFError(f"unknown --loss {cfg.loss!r}; choose dpo, ipo or slic")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise OAIFError(f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}")
+    beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss]
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if cfg.batch_size % world:
+            raise OAIFError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
+    spec = getattr(annotator, "__name__", "custom") if annotator is not None else spec
+    if not cfg.annotator and annotator is None and rank == 0:
+        print(f"oaif: annotator: {spec}" + ("" if spec == "claude" else " (no ANTHROPIC_API_KEY set; "
+              "--annotator claude or hf:MODEL for an LLM judge)"), file=sys.stderr)
+    for s in (spec, cfg.eval_annotator):
+        if s == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
+            raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
+    prompts = load_prompts(cfg.prompts)
+    random.Random(cfg.seed).shuffle(prompts)  # the held-out split is fixed by the seed
+    n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
+    eval_prompts, train_prompts = prompts[:n_eval], prompts[n_eval:]
+    resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume and complete_checkpoints(cfg.output_dir) \
+        else None
+    if cfg.resume and resume_from is None:
+        raise OAIFError(f"--resume: no complete checkpoint in {cfg.output_dir}")
+
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    amp = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    # The reference is the frozen initial model, also on resume; the policy keeps float32 master weights.
+    ref_model, tokenizer = load_model(cfg.model, device)
+    policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(ref_model)
+    ref_model.requires_grad_(False)
+    if cfg.dtype == "bfloat16":
+        ref_model.to(torch.bfloat16)
+    ctx_len = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", None)
+    for i, ids in enumerate(encode_prompts(tokenizer, train_prompts + eval_prompts)):
+        if ctx_len and len(ids) + cfg.max_new_tokens > ctx_len:  # refuse rather than silently truncate
+            raise OAIFError(f"a prompt has {len(ids)} tokens; with --max-new-tokens {cfg.max_new_tokens} it "
+                            f"exceeds the model's context of {ctx_len}: shorten it or lower --max-new-tokens")
+    models = {"device": device, cfg.model: (ref_model, tokenizer)}
+    annotator = annotator or make_annotator(spec, cfg, models)
+    eval_annotator = make_annotator(cfg.eval_annotator, cfg, models) if cfg.eval_annotator else annotator
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ddp_devices = [device] if device.type == "cuda" else None
+    score = torch.nn.parallel.DistributedDataParallel(_Scorer(policy), device_ids=ddp_devices) if world > 1 \
+        else partial(sequence_logprobs, policy)
+    start = 0
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    offline = None
+    pad = tokenizer.pad_token_id
+    if cfg.offline_data:  # fixed pairs from a file, cycled like the prompts
+        offline = load_offline_pairs(cfg.offline_data, tokenizer)
+    elif cfg.offline:  # the paper's baseline: pairs from the *initial* policy, labelled once, then fixed
+        offline = []
+        for i in range(0, len(train_prompts), cfg.batch_size):
+            chunk = train_prompts[i:i + cfg.batch_size]
+            with amp():
+                s = sample_pairs(ref_model, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
+            rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
+            probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
+            offline += [(x, ids, rows[2 * j], rows[2 * j + 1], probs[j])
+                        for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk)))]
+    if resume_from:  # after the offline set is drawn, so that it is the same set as the first run's
+        rng = torch.load(os.path.join(resume_from, f"rng-{rank}.pt"), weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rank == 0:  # keep the metrics of the steps that the checkpoint holds, once each
+            with open(metrics_path) as f:
+                kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+
+    background = concurrent.futures.ThreadPoolExecutor(1)  # runs the annotator while we compute log-probs
+    log = open(metrics_path, "a") if rank == 0 else None
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0,
+               dynamic_ncols=True)
+    totals = dict(pairs=0, dropped=0, ties=0, no_verdict=0)
+    record, last_eval = {}, None
+    for step in bar:
+        t0 = time.perf_counter()
+        stats0 = dict(getattr(annotator, "stats", {}))
+        # 1) sample two responses per prompt from the current policy (offline: look up the fixed pairs)
+        if offline is None:
+            batch_prompts = step_slice(train_prompts, step, cfg.batch_size, rank, world)
+            with amp():
+                batch = sample_pairs(policy, tokenizer, batch_prompts, 2, cfg.max_new_tokens, cfg.temperature)
+            texts = batch["texts"]
+        else:
+            rows = step_slice(offline, step, cfg.batch_size, rank, world)
+            batch = pair_batch([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], pad, device)
+            batch_prompts = [r[0] for r in rows]
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for row in rows for r in row[2:4]]
+        t1 = time.perf_counter()
+        # 2) ask the annotator, in the background: its answers are needed only for the loss
+        if offline is None:
+            timed = lambda: (annotator(batch_prompts, texts[0::2], texts[1::2]), time.perf_counter() - t1)
+            verdicts = background.submit(timed)
+        # 3) policy (with grad) and reference (frozen) log-probs of all 2B responses, one pass each
+        with amp():
+            logps = score(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+            with torch.inference_mode():
+                ref_logps = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"],
+                                              batch["response_mask"])
+        kl_sum = float((logps.detach() - ref_logps).sum())  # summed log-ratios of the sampled responses
+        if cfg.average_logps:
+            n_tok = batch["response_tokens"].clamp(min=1)
+            logps, ref_logps = logps / n_tok, ref_logps / n_tok
+        t2 = time.perf_counter()
+        probs, annotate_s = verdicts.result() if offline is None else ([r[4] for r in rows], 0.0)
+        wait_s = time.perf_counter() - t2
+        for group in optimizer.param_groups:  # linear warm-up; a function of the step, so nothing to checkpoint
+            group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
+        # 4) loss over the usable pairs, AdamW step with clipping; a step with none anywhere skips the update
+        n_used = all_sum(dict(n=sum(p is not None and p != 0.5 for p in probs)), world, device)["n"]
+        # (clone: an inference-mode tensor cannot take part in autograd outside inference mode)
+        loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps.clone(), probs,
+                                                               LOSSES[cfg.loss], beta, int(n_used), world)
+        if n_used > 0:
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+            optimizer.step()
+        else:
+            grad_norm = 0.0
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        # 5) log: sums over ranks, then means
+        stats = {k: v - stats0.get(k, 0) for k, v in getattr(annotator, "stats", {}).items()}
+        s = all_sum(dict(pairs=n_used, ties=sum(p == 0.5 for p in probs), no_verdict=sum(p is None for p in probs),
+                         loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum), kl=kl_sum,
+                         tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)),
+                         seqs=len(texts), **stats), world, device)
+        used = max(s["pairs"], 1)
+        record = dict(step=step, loss=s["loss"] / used, pairs=int(s["pairs"]),
+                      dropped=int(s["ties"] + s["no_verdict"]), ties=int(s["ties"]), no_verdict=int(s["no_verdict"]),
+                      reward_margin=s["margin"] / used, reward_accuracy=s["acc"] / used, kl=s["kl"] / s["seqs"],
+                      response_tokens=s["tokens"] / s["seqs"], response_chars=s["chars"] / s["seqs"],
+                      grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], updated=n_used > 0,
+                      **{k: int(s[k]) for k in stats}, seconds=time.perf_counter() - t0, sample_s=t1 - t0,
+                      annotate_s=annotate_s, annotate_wait_s=wait_s, train_s=(t2 - t1) + (t3 - t2 - wait_s))
+        for k in totals:
+            totals[k] += record[k]
+        if rank == 0:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['reward_margin']:.2f}",
+                            len=f"{record['response_tokens']:.1f}", pairs=record["pairs"])
+            if n_used == 0:
+                bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
+            if cfg.sample_every and step % cfg.sample_every == 0 and probs[0] is not None and probs[0] != 0.5:
+                win, lose = (texts[0], texts[1]) if probs[0] > 0.5 else (texts[1], texts[0])
+                bar.write(f"step {step} | prompt: {batch_prompts[0]!r}\n  chosen:   {win[:200]!r}\n"
+                          f"  rejected: {lose[:200]!r}")
+        if n_eval and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if rank == 0:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp():
+                    torch.manual_seed(cfg.seed)  # the same eval samples at every evaluation: comparable
+                    last_eval = dict(step=step, eval=True, **win_rate(
+                        policy, ref_model, tokenizer, eval_prompts, eval_annotator, cfg.max_new_tokens,
+                        cfg.temperature, cfg.batch_size))
+                log.write(json.dumps(last_eval) + "\n")
+                log.flush()
+                bar.write(f"step {step} | win rate vs initial policy: {last_eval['win_rate']:.3f} "
+                          f"({last_eval['n']} judged, {last_eval['ties']} ties, {last_eval['no_verdict']} no verdict)")
+            barrier(world)
+        if cfg.save_every and step % cfg.save_every == 0:
+            save_checkpoint(cfg.output_dir, step, policy, tokenizer, optimizer, rank, world,
+                            cfg.keep_checkpoints)
+    bar.close()
+    background.shutdown()
+    if rank == 0:
+        log.close()
+        policy.save_pretrained(cfg.output_dir)
+        tokenizer.save_pretrained(cfg.output_dir)
+        with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
+            json.dump(dict(dataclasses.asdict(cfg), beta=beta, annotator=spec), f, indent=2)
+    summary = dict(totals, steps=cfg.steps, **getattr(annotator, "stats", {}))
+    if rank == 0:
+        cost = annotator.cost() if hasattr(annotator, "cost") else None
+        print(f"oaif: {cfg.steps} steps, {summary['pairs']} pairs used, {summary['dropped']} dropped "
+              f"({summary['ties']} ties, {summary['no_verdict']} no verdict)"
+              + (f"; annotator: {summary['annotator_requests']} requests, {summary['annotator_failures']} failed, "
+                 f"{summary['input_tokens']} in / {summary['output_tokens']} out tokens" if "annotator_requests"
+                 in summary else "") + (f", about ${cost:.2f}" if cost else "") + f"; saved to {cfg.output_dir}",
+              file=sys.stderr)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return dict(last=record, eval=last_eval, summary=summary)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: one flag per Config field
+
+
+def parse_args(argv: Optional[list] = None) -> Config:
+    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description="Online AI Feedback: DPO/IPO/SLiC on pairs the policy samples, "
+                                     "labelled by an LLM annotator as it trains.")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
+        else:
+            kind = float if f.name == "beta" else f.type
+            parser.add_argument(flag, type=kind, default=f.default, help=helps[f.name])
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(argv: Optional[list] = None) -> dict:
+    cfg = parse_args(argv)
+    try:
+        return train(cfg)
+    except OAIFError as e:
+        raise SystemExit(f"oaif: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Tests for oaif.py: oracles for the math, a tiny random GPT-2 built offline for everything else, and a
+stand-in Messages API on 127.0.0.1 for the Claude annotator (the real anthropic SDK, over real HTTP).
+
+    python -m pytest -q test_oaif.py
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import oaif
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixtures: a tiny GPT-2 and its byte-level BPE tokenizer, built offline
+
+
+def build_tiny_model(path: str, vocab_size: int = 400, n_positions: int = 256, seed: int = 0) -> str:
+    """A random 2-layer GPT-2 and a byte-level BPE tokenizer trained on the built-in prompts, saved to
+    `path` so that from_pretrained(path) loads them like any hub model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(oaif.DEFAULT_PROMPTS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture
+def model_tok(tiny):
+    return oaif.load_model(tiny, torch.device("cpu"))
+
+
+def read_metrics(out_dir) -> list:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_args(tiny, out, *extra) -> list:
+    return ["--model", tiny, "--output-dir", str(out), "--annotator", "shorter", "--steps", "2", "--batch-size",
+            "4", "--max-new-tokens", "8", "--lr", "1e-3", "--sample-every", "0", *extra]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses: values at hand-computed points and gradient signs
+
+
+def logps(h: float):
+    """Four (1,) log-prob tensors with margin h (policy_chosen carries it), policy ones requiring grad."""
+    pc, pr = torch.tensor([h - 3.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
+    return pc, pr, torch.tensor([-3.0]), torch.tensor([-5.0])
+
+
+def test_dpo_at_zero_margin_is_log2():
+    assert oaif.dpo_loss(*logps(0.0), beta=0.1).item() == pytest.approx(math.log(2))
+    assert oaif.dpo_loss(*logps(10.0), beta=0.1).item() == pytest.approx(math.log(1 + math.exp(-1.0)))
+
+
+def test_ipo_minimum_at_half_over_beta():
+    beta = 0.25
+    at_min = oaif.ipo_loss(*logps(1 / (2 * beta)), beta=beta)
+    assert at_min.item() == pytest.approx(0.0, abs=1e-12)
+    assert oaif.ipo_loss(*logps(0.0), beta=beta).item() == pytest.approx(4.0)
+    pc = logps(1 / (2 * beta))[0]
+    oaif.ipo_loss(pc, *logps(1 / (2 * beta))[1:], beta=beta).sum().backward()
+    assert pc.grad.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_slic_hinge():
+    beta = 0.002
+    assert oaif.slic_loss(*logps(0.0), beta=beta).item() == pytest.approx(1.0)
+    assert oaif.slic_loss(*logps(250.0), beta=beta).item() == pytest.approx(0.5)
+    assert oaif.slic_loss(*logps(600.0), beta=beta).item() == 0.0  # past the hinge at 1/beta = 500
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "slic"])
+def test_loss_gradient_signs(name):
+    pc, pr, rc, rr = logps(0.0)
+    loss = oaif.LOSSES[name](pc, pr, rc, rr, oaif.DEFAULT_BETA[name])
+    assert loss.shape == (1,)
+    loss.sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()  # descent raises the chosen log-prob, lowers the rejected
+
+
+def test_losses_reject_bad_shapes():
+    with pytest.raises(AssertionError):
+        oaif.dpo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused_logprobs against log_softmax + gather in float64
+
+
+def oracle_logprobs(hidden, weight, labels, temperature=1.0):
+    logits = hidden.double() @ weight.double().T / temperature
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return lp.masked_fill(labels == -100, 0.0)
+
+
+def check_against_oracle(N, H, V, chunk, temperature=1.0, dtype=torch.float32, tol=1e-5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(V, H, generator=g).mul(0.5).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::3] = -100
+    upstream = torch.randn(N, generator=g)
+    out = oaif.fused_logprobs(hidden, weight, labels, temperature, chunk)
+    assert out.dtype == torch.float32 and out.shape == labels.shape
+    assert torch.all(out[labels == -100] == 0)
+    (out * upstream).sum().backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = oracle_logprobs(h64, w64, labels, temperature)
+    (ref * upstream.double()).sum().backward()
+    scale = lambda t: 1 + t.abs().max().item()  # relative to the size of what is compared
+    assert (out.double() - ref).abs().max().item() <= tol * scale(ref)
+    assert (hidden.grad.double() - h64.grad).abs().max().item() <= tol * scale(h64.grad)
+    assert (weight.grad.double() - w64.grad).abs().max().item() <= tol * scale(w64.grad)
+    assert weight.grad.dtype == weight.dtype and hidden.grad.dtype == hidden.dtype
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 64, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_logprobs_matches_float64(chunk, temperature):
+    check_against_oracle(N=50, H=16, V=97, chunk=chunk, temperature=temperature)
+
+
+def test_fused_logprobs_bf16_inputs():
+    # bf16 hidden states: logits are rounded to bf16 (8-bit mantissa) before the float32 logsumexp, so the
+    # values and gradients are good to about 1e-2 relative, like any bf16 matmul.
+    check_against_oracle(N=40, H=32, V=211, chunk=16, dtype=torch.bfloat16, tol=3e-2)
+
+
+def test_fused_logprobs_batch_dims_and_all_ignored():
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (2, 5))
+    out = oaif.fused_logprobs(hidden, weight, labels, chunk_size=3)
+    assert torch.allclose(out.double(), oracle_logprobs(hidden, weight, labels), atol=1e-5)
+    none = oaif.fused_logprobs(hidden, weight, torch.full((2, 5), -100))
+    assert none.shape == (2, 5) and torch.all(none == 0)
+
+
+def hf_sequence_logprobs(model, ids, mask, resp):
+    """The oracle: the model's own logits and cross-entropy over the response tokens."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
+    labels = ids[:, 1:].masked_fill(resp[:, 1:] == 0, -100)
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return -ce.sum(-1)
+
+
+def test_sequence_logprobs_matches_hf_cross_entropy_and_tied_gradient(model_tok):
+    model, tok = model_tok
+    prompts = [tok("Explain why the sky is blue.").input_ids, tok("Hi").input_ids]
+    batch = oaif.pair_batch(prompts, [[5, 6, 7], [9]], [[8], [10, 11, 12, 13]], tok.pad_token_id, "cpu")
+    ours = oaif.sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    ours.sum().backward()
+    grad_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = hf_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    ref.sum().backward()
+    assert ours.shape == (4,)
+    assert torch.allclose(ours, ref, atol=1e-4)
+    wte = "transformer.wte.weight"  # GPT-2 ties it to the LM head: the head's gradient must land here too
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert torch.allclose(grad_ours[wte], model.transformer.wte.weight.grad, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grad_ours[n], p.grad, atol=1e-5), n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_response_mask_stops_after_first_eos():
+    resp = torch.tensor([[4, 0, 5, 0], [4, 5, 6, 7], [0, 3, 3, 3]])
+    mask = oaif.response_mask_after_eos(resp, [0])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_sample_pairs_shapes_eos_and_texts(model_tok):
+    model, tok = model_tok
+    torch.manual_seed(0)
+    s = oaif.sample_pairs(model, tok, ["Why do we dream?", "Hi"], n=2, max_new_tokens=12)
+    assert s["input_ids"].shape[0] == 4 and len(s["texts"]) == 4
+    P = s["input_ids"].shape[1] - 12
+    resp, rmask = s["input_ids"][:, P:], s["response_mask"][:, P:]
+    eos = tok.eos_token_id
+    for r, m, text, n in zip(resp, rmask, s["texts"], s["response_tokens"]):
+        k = int(m.sum())
+        assert n == k and m[:k].all() and not m[k:].any()  # one contiguous response
+        if k < 12:
+            assert r[k - 1] == eos  # a response shorter than the cap ends with its EOS
+        assert eos not in r[:k - 1].tolist()  # and has none before
+        assert text == tok.decode(r[:k], skip_special_tokens=True)
+    assert torch.equal(s["attention_mask"][:, P:], rmask)  # nothing after EOS is attended
+
+
+def test_left_padded_batch_generates_like_single_prompts(model_tok):
+    model, tok = model_tok
+    prompts = ["Explain recursion to a child.", "Hi"]
+    batched = oaif.sample_pairs(model, tok, prompts, n=1, max_new_tokens=10, temperature=0)["texts"]
+    alone = [oaif.sample_pairs(model, tok, [p], n=1, max_new_tokens=10, temperature=0)["texts"][0] for p in prompts]
+    assert batched == alone
+
+
+def test_chat_template_is_used_when_present(model_tok):
+    _, tok = model_tok
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert oaif.encode_prompts(tok, ["hello"]) == [tok("<user>hello<assistant>").input_ids]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Annotators that need no network
+
+
+def test_shorter_and_both_orders():
+    assert oaif.shorter(["x"] * 3, ["ab", "abc", "ab"], ["abc", "ab", "cd"]) == [1.0, 0.0, None]
+    biased = lambda p, a, b: [1.0] * len(p)  # always prefers whatever it sees first
+    assert oaif.both_orders(biased, ["x", "y"], ["a", "b"], ["c", "d"]) == [0.5, 0.5]
+    fair = lambda p, a, b: oaif.shorter(p, a, b)
+    assert oaif.both_orders(fair, ["x", "y"], ["a", "bbb"], ["cc", "d"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("reply,verdict", [
+    ("Response 1 is clearer.\nPreferred Response=1", 1.0), ("Preferred Response=2.", 0.0), ("2", 0.0),
+    ("**Preferred Summary=1**", 1.0), ("I rate them 10 and 12", None), ("Both are fine.", None), ("", None),
+    ("Preferred Response=3", None), ("1 is better than 2 but I can't decide", None)])
+def test_parse_verdict(reply, verdict):
+    assert oaif.parse_verdict(reply) == verdict
+
+
+def test_position_biased_annotator_trains_nothing(tiny, tmp_path):
+    cfg = oaif.parse_args(run_args(tiny, tmp_path))
+    before = oaif.load_model(tiny, torch.device("cpu"))[0].state_dict()
+    biased = lambda p, a, b: oaif.both_orders(lambda p, a, b: [1.0] * len(p), p, a, b)
+    out = oaif.train(cfg, annotator=biased)
+    rows = read_metrics(tmp_path)
+    assert [r["pairs"] for r in rows] == [0, 0] and [r["dropped"] for r in rows] == [4, 4]
+    assert not any(r["updated"] for r in rows) and out["summary"]["ties"] == 8
+    after = oaif.load_model(str(tmp_path), torch.device("cpu"))[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The online loop end to end
+
+
+def test_online_loop_learns_shorter_responses(tiny, tmp_path):
+    """The issue's bar: tiny GPT-2, `shorter`, lr 3e-3, 60 steps of 8 prompts, 32 new tokens: the mean
+    response length of the last 5 steps is under half that of the first 5."""
+    oaif.main(["--model", tiny, "--output-dir", str(tmp_path), "--annotator", "shorter", "--lr", "3e-3",
+               "--steps", "60", "--batch-size", "8", "--max-new-tokens", "32", "--sample-every", "0"])
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    first = sum(r["response_chars"] for r in rows[:5]) / 5
+    last = sum(r["response_chars"] for r in rows[-5:]) / 5
+    assert last < first / 2, (first, last)
+    assert all(r["pairs"] + r["dropped"] == 8 for r in rows)
+    assert sum(r["pairs"] for r in rows) > 0.5 * 8 * 60
+    assert rows[-1]["kl"] > 0  # the policy moved away from the reference on its own samples
+    for key in ("loss", "reward_margin", "reward_accuracy", "response_tokens", "seconds", "sample_s",
+                "annotate_s", "train_s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+
+
+def test_output_reloads_and_config_saved(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    oaif.main(run_args(tiny, tmp_path, "--loss", "ipo"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    AutoTokenizer.from_pretrained(str(tmp_path))
+    initial = AutoModelForCausalLM.from_pretrained(tiny)
+    changed = [not torch.equal(a, b) for a, b in zip(model.parameters(), initial.parameters())]
+    assert any(changed)
+    saved = json.load(open(tmp_path / "oaif_config.json"))
+    assert saved["loss"] == "ipo" and saved["beta"] == 1.0 and saved["annotator"] == "shorter"
+
+
+@pytest.mark.parametrize("loss", ["dpo", "slic"])
+def test_bf16_and_average_logps_run(tiny, tmp_path, loss):
+    oaif.main(run_args(tiny, tmp_path, "--dtype", "bfloat16", "--loss", loss, "--average-logps"))
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+
+
+def test_parse_args_round_trip():
+    cfg = oaif.parse_args(["--model", "m", "--steps", "3", "--loss", "ipo", "--beta", "0.5", "--offline"])
+    assert (cfg.model, cfg.steps, cfg.loss, cfg.beta, cfg.offline) == ("m", 3, "ipo", 0.5, True)
+    assert oaif.parse_args([]) == oaif.Config()
+
+
+def bad_run(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        oaif.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("oaif: error: ") and "\n" not in msg and "Traceback" not in capsys.readouterr().err
+    return msg
+
+
+def test_bad_inputs_give_one_line(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "not found" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "nope.txt")), capsys)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert "empty" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "empty.txt")), capsys)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert "bad.jsonl:2" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "bad.jsonl")), capsys)
+    (tmp_path / "long.txt").write_text("word " * 400 + "\n")
+    assert "context" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "long.txt")), capsys)
+    assert "cannot load model" in bad_run(run_args(str(tmp_path / "no-model"), out), capsys)
+    assert "unknown --loss" in bad_run(run_args(tiny, out, "--loss", "ppo"), capsys)
+    assert not out.exists()  # nothing half-written
+
+
+def test_prompts_files(tmp_path):
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "one", "id": 1}\n{"prompt": "two"}\n')
+    assert oaif.load_prompts(str(tmp_path / "p.txt")) == oaif.load_prompts(str(tmp_path / "p.jsonl")) == ["one", "two"]
+    assert len(oaif.load_prompts("")) >= 32
