@@ -470,6 +470,7 @@ class LocalJudgeAnnotator:
             raise OAIFError(f"unknown --task {task!r}; choose from {', '.join(TEMPLATES)}")
         self.model, self.tokenizer, self.task, self.instruction = model, tokenizer, task, instruction
         self.batch_size = batch_size
+        self.context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         # the last token of "1" / "2" (sentencepiece vocabularies may put a word-start piece before it)
         self.digits = [tokenizer("1", add_special_tokens=False).input_ids[-1],
                        tokenizer("2", add_special_tokens=False).input_ids[-1]]
@@ -489,8 +490,11 @@ class LocalJudgeAnnotator:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         W = self.model.get_output_embeddings().weight[self.digits]  # (2, H): only two logits are needed
         for i in range(0, len(texts), self.batch_size):
-            ids, mask = left_pad([self.tokenizer(t, add_special_tokens=False).input_ids
-                                  for t in texts[i:i + self.batch_size]], pad, self.model.device)
+            seqs = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts[i:i + self.batch_size]]
+            if self.context and max(map(len, seqs)) > self.context:
+                raise OAIFError(f"a judge prompt has {max(map(len, seqs))} tokens, over the judge's context of "
+                                f"{self.context}: use a judge with a longer context or shorter responses")
+            ids, mask = left_pad(seqs, pad, self.model.device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                       use_cache=False).last_hidden_state[:, -1]  # (b, H), left padding

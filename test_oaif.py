@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Fixtures: a tiny GPT-2 and its byte-level BPE tokenizer, built offline
 
 
-def build_tiny_model(path: str, vocab_size: int = 400, n_positions: int = 256, seed: int = 0) -> str:
+def build_tiny_model(path: str, vocab_size: int = 400, n_positions: int = 1024, seed: int = 0) -> str:
     """A random 2-layer GPT-2 and a byte-level BPE tokenizer trained on the built-in prompts, saved to
     `path` so that from_pretrained(path) loads them like any hub model."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -330,7 +330,7 @@ def test_bad_inputs_give_one_line(tiny, tmp_path, capsys):
     assert "empty" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "empty.txt")), capsys)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     assert "bad.jsonl:2" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "bad.jsonl")), capsys)
-    (tmp_path / "long.txt").write_text("word " * 400 + "\n")
+    (tmp_path / "long.txt").write_text("word " * 2000 + "\n")
     assert "context" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "long.txt")), capsys)
     assert "cannot load model" in bad_run(run_args(str(tmp_path / "no-model"), out), capsys)
     assert "unknown --loss" in bad_run(run_args(tiny, out, "--loss", "ppo"), capsys)
@@ -342,3 +342,193 @@ def test_prompts_files(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "one", "id": 1}\n{"prompt": "two"}\n')
     assert oaif.load_prompts(str(tmp_path / "p.txt")) == oaif.load_prompts(str(tmp_path / "p.jsonl")) == ["one", "two"]
     assert len(oaif.load_prompts("")) >= 32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Claude annotator: the real anthropic SDK against a stand-in Messages API on 127.0.0.1
+
+
+class StandInMessagesAPI:
+    """A small stand-in for POST /v1/messages with the API's JSON shapes. Its judge prefers the shorter
+    response; `faults` (status codes) are answered first, in order; `always` answers every request with a
+    status; `reply` overrides the judge's text; `delay` sleeps before each answer. It counts requests and
+    the most that were in flight at once, and keeps the API keys it was sent."""
+
+    def __init__(self, delay=0.0, faults=(), always=None, reply=None):
+        self.delay, self.faults, self.always, self.reply = delay, list(faults), always, reply
+        self.requests = self.in_flight = self.peak = 0
+        self.keys, self.lock = set(), threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with api.lock:
+                    api.requests += 1
+                    api.in_flight += 1
+                    api.peak = max(api.peak, api.in_flight)
+                    api.keys.add(self.headers.get("x-api-key") or self.headers.get("authorization"))
+                    status = api.always or (api.faults.pop(0) if api.faults else 200)
+                time.sleep(api.delay)
+                if status == 200:
+                    text = body["messages"][0]["content"]
+                    a, b = re.search(r" 1:\n(.*)\n\n\w+ 2:\n(.*)\n\nWhich", text, re.S).groups()
+                    reply = api.reply(a, b) if api.reply else f"One is shorter.\nPreferred Response={1 if len(a) < len(b) else 2}"
+                    payload = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                               "content": [{"type": "text", "text": reply}], "stop_reason": "end_turn",
+                               "stop_sequence": None, "usage": {"input_tokens": len(text) // 4, "output_tokens": 9}}
+                else:
+                    kinds = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+                             529: "overloaded_error"}
+                    payload = {"type": "error", "error": {"type": kinds.get(status, "api_error"),
+                                                          "message": f"stand-in says {status}"}}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                if status in (429, 529, 500):
+                    self.send_header("retry-after-ms", "20")  # the SDK honours it: keeps the tests fast
+                self.end_headers()
+                self.wfile.write(data)
+                with api.lock:
+                    api.in_flight -= 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def client(self, max_retries=2):
+        import anthropic
+
+        return anthropic.Anthropic(base_url=self.url, api_key="test-key", max_retries=max_retries, timeout=10)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def api():
+    servers = []
+
+    def start(**kw):
+        servers.append(StandInMessagesAPI(**kw))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+PAIRS = (["q1", "q2"], ["short", "a much longer answer"], ["a longer answer", "tiny"])
+
+
+def test_claude_labels_whichever_order(api):
+    server = api()
+    claude = oaif.ClaudeAnnotator(client=server.client())
+    assert claude(*PAIRS) == [1.0, 0.0]
+    assert server.requests == 4  # both orders of both pairs
+    assert claude(*PAIRS) == [1.0, 0.0] and server.requests == 4  # the second time from the cache
+    assert claude.stats["annotator_requests"] == 4 and claude.stats["output_tokens"] == 36
+    assert claude(["q"], ["same"], ["same"]) == [None] and server.requests == 4  # identical: no call
+
+
+def test_claude_always_answering_1_gives_only_ties(api):
+    claude = oaif.ClaudeAnnotator(client=api(reply=lambda a, b: "Preferred Response=1").client())
+    assert claude(*PAIRS) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("fault", [529, 429, 500])
+def test_claude_transient_faults_are_retried(api, fault):
+    server = api(faults=[fault, fault])
+    claude = oaif.ClaudeAnnotator(client=server.client(max_retries=3), max_workers=1)
+    assert claude(*PAIRS) == [1.0, 0.0]
+    assert server.requests == 6 and claude.stats["annotator_failures"] == 0
+
+
+def test_claude_server_always_failing_gives_no_verdicts(api):
+    server = api(always=529)
+    claude = oaif.ClaudeAnnotator(client=server.client(max_retries=1))
+    assert claude(*PAIRS) == [None, None]
+    assert claude.stats["annotator_failures"] == 4 and server.requests == 8  # 4 requests, each tried twice
+
+
+@pytest.mark.parametrize("reply", ["", "I cannot decide.", "Preferred Response=3", "1 or 2? both good"])
+def test_claude_malformed_replies_give_no_verdicts(api, reply):
+    claude = oaif.ClaudeAnnotator(client=api(reply=lambda a, b: reply).client())
+    assert claude(*PAIRS) == [None, None] and claude.stats["annotator_failures"] == 4
+
+
+def test_claude_requests_run_concurrently(api):
+    server = api(delay=0.5)
+    claude = oaif.ClaudeAnnotator(client=server.client(), max_workers=16)
+    firsts = [f"answer {'x' * i}" for i in range(8)]
+    seconds = [f"reply {'y' * (20 - i)}" for i in range(8)]
+    t = time.perf_counter()
+    assert claude([f"q{i}" for i in range(8)], firsts, seconds) == [1.0] * 8
+    elapsed = time.perf_counter() - t
+    assert server.requests == 16 and server.peak >= 8  # 16 x 0.5 s would be 8 s one at a time
+    assert elapsed < 8, elapsed
+
+
+@pytest.mark.parametrize("status", [401, 404])
+def test_claude_unrecoverable_errors_stop_with_one_line(api, status):
+    server = api(always=status)
+    claude = oaif.ClaudeAnnotator(client=server.client())
+    with pytest.raises(oaif.OAIFError, match=str(status)) as e:
+        claude(*PAIRS)
+    assert "\n" not in str(e.value) and "test-key" not in str(e.value)
+    assert server.requests <= 4  # not retried
+
+
+def test_claude_missing_key_stops_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    msg = bad_run(["--model", str(tmp_path / "not-loaded"), "--annotator", "claude"], capsys)
+    assert "ANTHROPIC_API_KEY" in msg  # the model path is bad too: the key is checked first
+
+
+def run_cli(args, env_extra, timeout=120):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, os.path.join(HERE, "oaif.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=HERE)
+
+
+def test_cli_with_claude_end_to_end(api, tiny, tmp_path):
+    server = api()
+    key = "sk-ant-secret-0123456789"
+    out = tmp_path / "run"
+    r = run_cli(["--model", tiny, "--output-dir", str(out), "--steps", "3", "--batch-size", "4",
+                 "--max-new-tokens", "8", "--lr", "1e-3", "--instruction", "Prefer the shorter response."],
+                {"ANTHROPIC_API_KEY": key, "ANTHROPIC_BASE_URL": server.url})
+    assert r.returncode == 0, r.stderr
+    rows = read_metrics(out)
+    assert len(rows) == 3 and server.keys and all(key in k for k in server.keys)  # the SDK sent our key
+    assert sum(row["annotator_requests"] for row in rows) == server.requests > 0
+    assert all(row["pairs"] + row["dropped"] == 4 for row in rows) and sum(row["pairs"] for row in rows) > 0
+    assert "requests" in r.stderr and "annotator: claude" in r.stderr
+    everything = r.stdout + r.stderr + "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+    assert key not in everything
+
+
+def test_cli_stops_on_bad_key(api, tiny, tmp_path):
+    server = api(always=401)
+    r = run_cli(["--model", tiny, "--output-dir", str(tmp_path / "run"), "--steps", "3", "--batch-size", "2",
+                 "--max-new-tokens", "8", "--annotator", "claude"],
+                {"ANTHROPIC_API_KEY": "bad", "ANTHROPIC_BASE_URL": server.url})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "oaif: error: the Claude API refused the annotator's request: 401" in r.stderr
+
+
+def test_local_judge_is_soft_and_order_symmetric(model_tok):
+    model, tok = model_tok
+    judge = oaif.LocalJudgeAnnotator(model, tok, task="tldr")
+    prompts, a, b = ["Why do we dream?", "Hi"], ["Because.", "Hello there"], ["Nobody knows why.", "Hey"]
+    raw = judge.judge(prompts, a, b)
+    assert all(0 < p < 1 for p in raw)
+    p_ab, p_ba = judge(prompts, a, b), judge(prompts, b, a)
+    assert all(0 <= p <= 1 for p in p_ab)
+    assert p_ab == pytest.approx([1 - p for p in p_ba], abs=1e-6)  # flips when the order flips
+    assert judge(["x"], ["same"], ["same"]) == [pytest.approx(0.5)]
