@@ -835,7 +835,8 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         for group in optimizer.param_groups:  # linear warm-up; a function of the step, so nothing to checkpoint
             group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
         # 4) loss over the usable pairs, AdamW step with clipping; a step with none anywhere skips the update
-        n_used = all_sum(dict(n=sum(p is not None and p != 0.5 for p in probs)), world, device)["n"]
+        n_local = sum(p is not None and p != 0.5 for p in probs)
+        n_used = all_sum(dict(n=n_local), world, device)["n"]
         # (clone: an inference-mode tensor cannot take part in autograd outside inference mode)
         loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps.clone(), probs,
                                                                LOSSES[cfg.loss], beta, int(n_used), world)
@@ -849,7 +850,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         t3 = time.perf_counter()
         # 5) log: sums over ranks, then means
         stats = {k: v - stats0.get(k, 0) for k, v in getattr(annotator, "stats", {}).items()}
-        s = all_sum(dict(pairs=n_used, ties=sum(p == 0.5 for p in probs), no_verdict=sum(p is None for p in probs),
+        s = all_sum(dict(pairs=n_local, ties=sum(p == 0.5 for p in probs), no_verdict=sum(p is None for p in probs),
                          loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum), kl=kl_sum,
                          tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)),
                          seqs=len(texts), **stats), world, device)

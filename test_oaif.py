@@ -532,3 +532,133 @@ def test_local_judge_is_soft_and_order_symmetric(model_tok):
     assert all(0 <= p <= 1 for p in p_ab)
     assert p_ab == pytest.approx([1 - p for p in p_ba], abs=1e-6)  # flips when the order flips
     assert judge(["x"], ["same"], ["same"]) == [pytest.approx(0.5)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Win rate, evaluation records and the offline baseline
+
+
+def tie_if_equal_else_shorter(prompts, first, second):
+    return [0.5 if a == b else p for a, b, p in zip(first, second, oaif.shorter(prompts, first, second))]
+
+
+def test_win_rate_against_itself_is_one_half_with_ties(model_tok):
+    model, tok = model_tok
+    r = oaif.win_rate(model, model, tok, oaif.DEFAULT_PROMPTS[:6], tie_if_equal_else_shorter, max_new_tokens=8,
+                      temperature=0)  # greedy: the same model gives the same responses
+    assert r == dict(win_rate=0.5, n=6, wins=0, ties=6, losses=0, no_verdict=0)
+
+
+def test_win_rate_of_a_policy_forced_short_is_one(model_tok):
+    import copy
+
+    model, tok = model_tok
+    short = copy.deepcopy(model)
+    with torch.no_grad():  # every final hidden state is 100 v and EOS's (tied) embedding is v: EOS wins
+        v = torch.ones(short.config.n_embd) / short.config.n_embd ** 0.5
+        short.transformer.ln_f.weight.zero_()
+        short.transformer.ln_f.bias.copy_(100 * v)
+        short.transformer.wte.weight[tok.eos_token_id] = v
+    torch.manual_seed(0)
+    r = oaif.win_rate(short, model, tok, oaif.DEFAULT_PROMPTS[:6], oaif.shorter, max_new_tokens=8, batch_size=4)
+    assert r["win_rate"] == 1.0 and r["wins"] == r["n"] and r["n"] + r["no_verdict"] == 6 and r["n"] >= 5
+
+
+def test_eval_records_in_metrics(tiny, tmp_path):
+    oaif.main(run_args(tiny, tmp_path, "--steps", "3", "--eval-every", "2", "--eval-prompts", "4"))
+    evals = [r for r in read_metrics(tmp_path) if r.get("eval")]
+    assert [e["step"] for e in evals] == [2, 3]  # every 2 steps and at the end
+    assert all(e["n"] + e["no_verdict"] == 4 and 0 <= e["win_rate"] <= 1 for e in evals if e["n"])
+
+
+def test_eval_prompts_are_held_out(tiny, tmp_path):
+    seen = []
+
+    def recording(prompts, first, second):
+        seen.append(list(prompts))
+        return oaif.shorter(prompts, first, second)
+
+    cfg = oaif.parse_args(run_args(tiny, tmp_path, "--steps", "12", "--eval-every", "12", "--eval-prompts", "8"))
+    oaif.train(cfg, annotator=recording)
+    train_seen, eval_seen = {p for call in seen[:-2] for p in call}, seen[-2] + seen[-1]  # eval: 2 batches of 4
+    assert len(set(eval_seen)) == 8 and not train_seen & set(eval_seen)  # 12 steps x 4 cover all 32 training prompts
+    assert len(train_seen) == len(oaif.DEFAULT_PROMPTS) - 8
+
+
+def test_offline_trains_on_a_fixed_set(tiny, tmp_path):
+    calls = []
+
+    def recording(prompts, first, second):
+        calls.append(list(zip(prompts, first, second)))
+        return oaif.shorter(prompts, first, second)
+
+    (tmp_path / "p.txt").write_text("Why do we dream?\nWhat is inflation?\nHow do bees make honey?\nWhat is a prime?\n")
+    cfg = oaif.parse_args(run_args(tiny, tmp_path / "off", "--steps", "4", "--offline", "--prompts",
+                                   str(tmp_path / "p.txt")))
+    oaif.train(cfg, annotator=recording)
+    assert len(calls) == 1 and len(calls[0]) == 4  # labelled once, before training
+    rows = read_metrics(tmp_path / "off")
+    assert len({r["response_chars"] for r in rows}) == 1  # the same 4 pairs every step
+    assert all(r["annotate_s"] == 0 for r in rows)
+    cfg.offline, cfg.output_dir = False, str(tmp_path / "on")
+    calls.clear()
+    oaif.train(cfg, annotator=recording)
+    assert len(calls) == 4  # online: a fresh batch of pairs judged every step
+
+
+def test_offline_data_file(tiny, tmp_path):
+    rows = [{"prompt": "Why?", "chosen": "Because.", "rejected": "It is a long story, really."}] * 3
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    oaif.main(run_args(tiny, tmp_path / "out", "--offline-data", str(tmp_path / "pairs.jsonl")))
+    assert [r["pairs"] for r in read_metrics(tmp_path / "out")] == [4, 4]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and resume; two Gloo ranks
+
+
+def final_params(path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
+
+
+def test_resume_is_exact(tiny, tmp_path):
+    oaif.main(run_args(tiny, tmp_path / "straight", "--steps", "4"))
+    oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "2", "--save-every", "2"))
+    assert os.path.isfile(tmp_path / "resumed" / "checkpoint-2" / "trainer_state.pt")
+    os.makedirs(tmp_path / "resumed" / "checkpoint-3")  # a checkpoint cut off mid-write: must be ignored
+    oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "4", "--resume"))
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    straight = read_metrics(tmp_path / "straight")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight]
+
+
+def test_keep_checkpoints_and_incomplete_ones_ignored(tiny, tmp_path):
+    oaif.main(run_args(tiny, tmp_path, "--steps", "3", "--save-every", "1", "--keep-checkpoints", "2"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    os.remove(tmp_path / "checkpoint-3" / "trainer_state.pt")
+    assert oaif.complete_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-2")]
+
+
+def test_two_gloo_ranks_match_one_process(tiny, tmp_path):
+    # Sampling and annotation made deterministic with fixed pairs: the only difference left is the split.
+    pairs = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i % 3 + 1), "rejected": f"No, {i} times no."}
+             for i in range(8)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    args = run_args(tiny, tmp_path / "one", "--steps", "3", "--offline-data", str(tmp_path / "pairs.jsonl"))
+    oaif.main(args)
+    two = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in args]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29517", os.path.join(HERE, "oaif.py"), *two], capture_output=True, text=True, timeout=300,
+                       cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, dist = final_params(tmp_path / "one"), final_params(tmp_path / "two")
+    assert all(torch.allclose(one[k], dist[k], atol=1e-5) for k in one)
+    assert not all(torch.equal(one[k], final_params(tiny)[k]) for k in one)  # and training did move them
+    rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["pairs"] for r in rows_two] == [r["pairs"] for r in rows_one] == [4, 4, 4]  # reduced over ranks
+    assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
