@@ -115,26 +115,26 @@ DEFAULT_PROMPTS = [
 
 
 class _FusedLogprobs(torch.autograd.Function):
-    """log p(label | hidden) for rows of hidden states, one chunk of logits at a time (see fused_logprobs)."""
+    """log p(label | hidden) for rows of hidden states, one chunk of logits at a time (see fused_logprobs).
+
+    Each chunk's logits are held vocab-major, (V, C) = w @ h.T: on CPU that GEMM runs ~1.4x faster than
+    h @ w.T (measured, GPT-2 sizes), and the softmax reductions then run along dim 0."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk_size):
-        N, H = hidden.shape
         rows = (labels != -100).nonzero().squeeze(1)  # one host sync, before the loop: skip ignored rows
         h = hidden[rows] * (1.0 / temperature) if temperature != 1.0 else hidden[rows]  # (n, H)
-        w = weight.to(h.dtype)  # matmuls run in the hidden states' dtype (bf16 under autocast)
-        lab = labels[rows]
-        lse = torch.empty(len(rows), dtype=torch.float32, device=h.device)  # the one float saved per row
-        out = torch.zeros(N, dtype=torch.float32, device=h.device)
+        w, lab = weight.to(h.dtype), labels[rows]  # matmuls run in the hidden states' dtype (bf16 under autocast)
+        lse = torch.empty(len(rows), dtype=torch.float32, device=h.device)  # the one float kept per row
         target = torch.empty(len(rows), dtype=torch.float32, device=h.device)
         for s in range(0, len(rows), chunk_size):
-            z = (h[s:s + chunk_size] @ w.T).float()  # (C, V): the only large buffer; float32 for logsumexp
-            target[s:s + chunk_size] = z.gather(1, lab[s:s + chunk_size, None]).squeeze(1)
-            lse[s:s + chunk_size] = torch.logsumexp(z, dim=1)
-        out[rows] = target - lse
+            z = (w @ h[s:s + chunk_size].T).float()  # (V, C): the only large buffer; float32 for the logsumexp
+            target[s:s + chunk_size] = z.gather(0, lab[None, s:s + chunk_size]).squeeze(0)
+            m = z.amax(0)  # logsumexp in place: max, then exp(z - max) summed, in the same buffer
+            lse[s:s + chunk_size] = m + z.sub_(m).exp_().sum(0).log_()
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return out
+        return torch.zeros(labels.shape, dtype=torch.float32, device=h.device).index_put_((rows,), target - lse)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -142,35 +142,35 @@ class _FusedLogprobs(torch.autograd.Function):
         T, C = ctx.temperature, ctx.chunk_size
         rows = (labels != -100).nonzero().squeeze(1)
         h = hidden[rows] * (1.0 / T) if T != 1.0 else hidden[rows]
-        w = weight.to(h.dtype)
-        lab, g = labels[rows], grad_out[rows].float()
+        w, lab, g = weight.to(h.dtype), labels[rows], grad_out[rows].float()
         grad_h = torch.zeros_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # float32 accumulation
-        # d logp / d logits = onehot(label) - softmax. Both gradients are written from the softmax P alone:
-        #   grad_h = g * (w[label] - P @ w) / T        grad_w = onehot.T @ (g*h) - P.T @ (g*h)
-        # so the big (C, V) buffer sees one matmul, one exp and two matmul reads; no onehot is materialised.
+        # d logp / d logits = onehot(label) - P. Both gradients come from the softmax P alone:
+        #   grad_h = g * (w[label] - P @ w) / T        grad_w = onehot.T @ (g h) - P.T @ (g h)
+        # so the (V, C) buffer sees one matmul, one exp and two matmul reads; no onehot is ever built.
         for s in range(0, len(rows), C):
-            hc, gc = h[s:s + C], g[s:s + C, None]
-            if h.dtype == torch.float32:  # logits - lse folded into the matmul, then exp in place
-                P = torch.addmm(-lse[s:s + C, None], hc, w.T).exp_()
-            else:  # low-precision logits: subtract lse and exponentiate in float32, then back for the matmuls
-                P = (hc @ w.T).float().sub_(lse[s:s + C, None]).exp_().to(h.dtype)
-            gh = (gc * hc.float()).to(h.dtype)  # (C, H)
-            grad_h[rows[s:s + C]] = ((w[lab[s:s + C]].float() - (P @ w).float()) * gc / T).to(hidden.dtype)
+            hc, gc, lc = h[s:s + C], g[s:s + C, None], lse[s:s + C]
+            if h.dtype == torch.float32:  # z - lse folded into the matmul, then exp in place: P.T
+                Pt = torch.addmm(-lc[None, :], w, hc.T).exp_()
+            else:  # low-precision logits: subtract and exponentiate in float32, back to bf16 for the matmuls
+                Pt = (w @ hc.T).float().sub_(lc).exp_().to(h.dtype)
+            gh = (gc * hc.float()).to(h.dtype)  # (C, H): g h
+            grad_h[rows[s:s + C]] = ((w[lab[s:s + C]].float() - (Pt.T @ w).float()) * gc / T).to(hidden.dtype)
             if ctx.needs_input_grad[1]:
-                grad_w.sub_((P.T @ gh).float())
+                grad_w.sub_((Pt @ gh).float()) if h.dtype != torch.float32 else grad_w.addmm_(Pt, gh, alpha=-1)
                 grad_w.index_add_(0, lab[s:s + C], gh.float())
         return grad_h, grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None, None, None, None
 
 
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk for fused_logprobs: one chunk of float32 logits fits a memory budget.
+    """Rows per chunk for fused_logprobs, from a memory budget for one chunk of float32 logits.
 
-    CPU: 32 MiB (an L3-sized working set; the sweep in examples/bench_logprobs.py found larger no faster).
-    CUDA: 1/16 of free memory, at most 1 GiB (big enough to keep the matrix units busy)."""
-    budget = 32 << 20
+    CPU: 64 MiB (333 rows at V = 50257): examples/bench_logprobs.py's sweep measured 256-512 rows as fast as
+    the naive full-logits version with 1/16-1/9 of its extra memory; 166 rows ran 1.17x slower, 2048 no faster.
+    CUDA: 256 MiB, or 1/16 of free memory if less (bigger chunks keep the matrix units busy)."""
+    budget = 64 << 20
     if device.type == "cuda":
-        budget = min(torch.cuda.mem_get_info(device)[0] // 16, 1 << 30)
+        budget = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20)
     return max(1, min(n_rows, budget // (4 * vocab)))
 
 
@@ -591,7 +591,7 @@ def load_prompts(path: str) -> list:
 
 
 def load_offline_pairs(path: str, tokenizer) -> list:
-    """A .jsonl of prompt/chosen/rejected -> [(prompt, prompt_ids, chosen_ids, rejected_ids, 1.0)]."""
+    """A .jsonl of prompt/chosen/rejected -> [(prompt, prompt_ids, chosen_ids, rejected_ids, 1.0, texts)]."""
     if not os.path.isfile(path):
         raise OAIFError(f"offline data not found: {path}")
     pairs = []
@@ -604,7 +604,7 @@ def load_offline_pairs(path: str, tokenizer) -> list:
                 raise OAIFError(f"{path}:{i}: expected a JSON object with prompt, chosen and rejected") from None
             eos = [tokenizer.eos_token_id]  # a response ends with EOS, as a sampled one does
             enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids + eos
-            pairs.append((x, encode_prompts(tokenizer, [x])[0], enc(yw), enc(yl), 1.0))
+            pairs.append((x, encode_prompts(tokenizer, [x])[0], enc(yw), enc(yl), 1.0, [yw, yl]))
     if not pairs:
         raise OAIFError(f"offline data is empty: {path}")
     return pairs
@@ -696,19 +696,23 @@ def all_sum(values: dict, world: int, device) -> dict:
     return dict(zip(values, t.tolist()))
 
 
-def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
-    """Run OAIF (or, with --offline, the offline baseline) as `cfg` says; returns the last metrics and a
-    summary. `annotator` overrides --annotator with any callable of the annotator interface."""
-    from tqdm import tqdm
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
+def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
+    """Checks that need no model, then ranks, device and seeds. Returns (rank, world, device, annotator name)."""
     if cfg.loss not in LOSSES:
         raise OAIFError(f"unknown --loss {cfg.loss!r}; choose dpo, ipo or slic")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise OAIFError(f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}")
-    beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss]
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
+    spec = getattr(custom_annotator, "__name__", "custom") if custom_annotator is not None else spec
+    for s in (spec, cfg.eval_annotator):
+        if s == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
+            raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
+    if cfg.resume and not complete_checkpoints(cfg.output_dir):
+        raise OAIFError(f"--resume: no complete checkpoint in {cfg.output_dir}")
+    if not cfg.annotator and custom_annotator is None and rank == 0:
+        print(f"oaif: annotator: {spec}" + ("" if spec == "claude" else " (no ANTHROPIC_API_KEY set; "
+              "--annotator claude or hf:MODEL for an LLM judge)"), file=sys.stderr)
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
         if cfg.batch_size % world:
@@ -717,153 +721,158 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
-    spec = getattr(annotator, "__name__", "custom") if annotator is not None else spec
-    if not cfg.annotator and annotator is None and rank == 0:
-        print(f"oaif: annotator: {spec}" + ("" if spec == "claude" else " (no ANTHROPIC_API_KEY set; "
-              "--annotator claude or hf:MODEL for an LLM judge)"), file=sys.stderr)
-    for s in (spec, cfg.eval_annotator):
-        if s == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
-            raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
+    random.seed(cfg.seed + rank)  # each rank samples its own responses
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    return rank, world, device, spec
+
+
+def offline_pairs(cfg: Config, ref_model, tokenizer, prompts: list, annotator: Callable, amp) -> list:
+    """The offline baseline's fixed set: [(prompt, prompt_ids, first_ids, second_ids, P(first better), texts)].
+    From --offline-data, or the paper's way: two samples per prompt from the *initial* policy (the
+    reference), labelled once by the same annotator."""
+    if cfg.offline_data:
+        return load_offline_pairs(cfg.offline_data, tokenizer)
+    pairs = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[i:i + cfg.batch_size]
+        with amp():
+            s = sample_pairs(ref_model, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
+        rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
+        probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
+        pairs += [(x, ids, rows[2 * j], rows[2 * j + 1], probs[j], s["texts"][2 * j:2 * j + 2])
+                  for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk)))]
+    return pairs
+
+
+def restore(checkpoint: str, optimizer, rank: int, metrics_path: str) -> int:
+    """Optimizer and RNG states of a checkpoint; metrics.jsonl cut back to its steps. Returns its step."""
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    rng = torch.load(os.path.join(checkpoint, f"rng-{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rank == 0 and os.path.exists(metrics_path):  # each step once, also after a crash past the checkpoint
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    return state["step"]
+
+
+def step_record(step: int, sums: dict, **extra) -> dict:
+    """One metrics.jsonl line from the step's sums over ranks."""
+    used, seqs = max(sums["pairs"], 1), sums["seqs"]
+    return dict(step=step, loss=sums["loss"] / used, pairs=int(sums["pairs"]),
+                dropped=int(sums["ties"] + sums["no_verdict"]), ties=int(sums["ties"]),
+                no_verdict=int(sums["no_verdict"]), reward_margin=sums["margin"] / used,
+                reward_accuracy=sums["acc"] / used, kl=sums["kl"] / seqs, response_tokens=sums["tokens"] / seqs,
+                response_chars=sums["chars"] / seqs, **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums},
+                **extra)
+
+
+ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
+
+
+def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
+    """Run OAIF (or, with --offline, the offline baseline) as `cfg` says; returns the last metrics and a
+    summary. `annotator` overrides --annotator with any callable of the annotator interface."""
+    import transformers
+    from tqdm import tqdm
+
+    transformers.utils.logging.disable_progress_bar()
+    rank, world, device, spec = setup_run(cfg, annotator)
+    beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss]
     prompts = load_prompts(cfg.prompts)
     random.Random(cfg.seed).shuffle(prompts)  # the held-out split is fixed by the seed
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
     eval_prompts, train_prompts = prompts[:n_eval], prompts[n_eval:]
-    resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume and complete_checkpoints(cfg.output_dir) \
-        else None
-    if cfg.resume and resume_from is None:
-        raise OAIFError(f"--resume: no complete checkpoint in {cfg.output_dir}")
-
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed + rank)
+    resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
     amp = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     # The reference is the frozen initial model, also on resume; the policy keeps float32 master weights.
     ref_model, tokenizer = load_model(cfg.model, device)
     policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(ref_model)
-    ref_model.requires_grad_(False)
-    if cfg.dtype == "bfloat16":
-        ref_model.to(torch.bfloat16)
+    ref_model.requires_grad_(False).to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     ctx_len = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", None)
-    for i, ids in enumerate(encode_prompts(tokenizer, train_prompts + eval_prompts)):
-        if ctx_len and len(ids) + cfg.max_new_tokens > ctx_len:  # refuse rather than silently truncate
-            raise OAIFError(f"a prompt has {len(ids)} tokens; with --max-new-tokens {cfg.max_new_tokens} it "
-                            f"exceeds the model's context of {ctx_len}: shorten it or lower --max-new-tokens")
+    longest = max(map(len, encode_prompts(tokenizer, prompts)))
+    if ctx_len and longest + cfg.max_new_tokens > ctx_len:  # refuse rather than truncate silently
+        raise OAIFError(f"a prompt has {longest} tokens; with --max-new-tokens {cfg.max_new_tokens} it exceeds the "
+                        f"model's context of {ctx_len}: shorten it or lower --max-new-tokens")
     models = {"device": device, cfg.model: (ref_model, tokenizer)}
     annotator = annotator or make_annotator(spec, cfg, models)
     eval_annotator = make_annotator(cfg.eval_annotator, cfg, models) if cfg.eval_annotator else annotator
-
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ddp_devices = [device] if device.type == "cuda" else None
-    score = torch.nn.parallel.DistributedDataParallel(_Scorer(policy), device_ids=ddp_devices) if world > 1 \
-        else partial(sequence_logprobs, policy)
-    start = 0
+    score = partial(sequence_logprobs, policy) if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        _Scorer(policy), device_ids=[device] if device.type == "cuda" else None)
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-    elif rank == 0 and os.path.exists(metrics_path):
+    if rank == 0 and not resume_from and os.path.exists(metrics_path):
         os.remove(metrics_path)
-
-    offline = None
-    pad = tokenizer.pad_token_id
-    if cfg.offline_data:  # fixed pairs from a file, cycled like the prompts
-        offline = load_offline_pairs(cfg.offline_data, tokenizer)
-    elif cfg.offline:  # the paper's baseline: pairs from the *initial* policy, labelled once, then fixed
-        offline = []
-        for i in range(0, len(train_prompts), cfg.batch_size):
-            chunk = train_prompts[i:i + cfg.batch_size]
-            with amp():
-                s = sample_pairs(ref_model, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
-            rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
-            probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
-            offline += [(x, ids, rows[2 * j], rows[2 * j + 1], probs[j])
-                        for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk)))]
-    if resume_from:  # after the offline set is drawn, so that it is the same set as the first run's
-        rng = torch.load(os.path.join(resume_from, f"rng-{rank}.pt"), weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if rank == 0:  # keep the metrics of the steps that the checkpoint holds, once each
-            with open(metrics_path) as f:
-                kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-
+    fixed = offline_pairs(cfg, ref_model, tokenizer, train_prompts, annotator, amp) \
+        if cfg.offline or cfg.offline_data else None
+    start = restore(resume_from, optimizer, rank, metrics_path) if resume_from else 0  # after the fixed set
     background = concurrent.futures.ThreadPoolExecutor(1)  # runs the annotator while we compute log-probs
     log = open(metrics_path, "a") if rank == 0 else None
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0,
-               dynamic_ncols=True)
-    totals = dict(pairs=0, dropped=0, ties=0, no_verdict=0)
-    record, last_eval = {}, None
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
+    totals, record, last_eval = dict(pairs=0, dropped=0, ties=0, no_verdict=0), {}, None
     for step in bar:
-        t0 = time.perf_counter()
-        stats0 = dict(getattr(annotator, "stats", {}))
-        # 1) sample two responses per prompt from the current policy (offline: look up the fixed pairs)
-        if offline is None:
+        t0, stats0 = time.perf_counter(), dict(getattr(annotator, "stats", {}))
+        # 1) sample two responses per prompt from the current policy (offline: this step's fixed pairs)
+        if fixed is None:
             batch_prompts = step_slice(train_prompts, step, cfg.batch_size, rank, world)
             with amp():
                 batch = sample_pairs(policy, tokenizer, batch_prompts, 2, cfg.max_new_tokens, cfg.temperature)
-            texts = batch["texts"]
         else:
-            rows = step_slice(offline, step, cfg.batch_size, rank, world)
-            batch = pair_batch([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], pad, device)
-            batch_prompts = [r[0] for r in rows]
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for row in rows for r in row[2:4]]
-        t1 = time.perf_counter()
-        # 2) ask the annotator, in the background: its answers are needed only for the loss
-        if offline is None:
-            timed = lambda: (annotator(batch_prompts, texts[0::2], texts[1::2]), time.perf_counter() - t1)
-            verdicts = background.submit(timed)
+            rows = step_slice(fixed, step, cfg.batch_size, rank, world)
+            batch = pair_batch([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+                               tokenizer.pad_token_id, device)
+            batch_prompts, batch["texts"] = [r[0] for r in rows], [t for r in rows for t in r[5]]
+        texts, t1 = batch["texts"], time.perf_counter()
+        # 2) ask the annotator, in the background: its verdicts are needed only at step 4
+        if fixed is None:
+            pending = background.submit(lambda: (annotator(batch_prompts, texts[0::2], texts[1::2]),
+                                                 time.perf_counter() - t1))
         # 3) policy (with grad) and reference (frozen) log-probs of all 2B responses, one pass each
         with amp():
             logps = score(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
             with torch.inference_mode():
                 ref_logps = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"],
                                               batch["response_mask"])
+        ref_logps = ref_logps.clone()  # an inference tensor cannot join autograd outside inference mode
         kl_sum = float((logps.detach() - ref_logps).sum())  # summed log-ratios of the sampled responses
         if cfg.average_logps:
             n_tok = batch["response_tokens"].clamp(min=1)
             logps, ref_logps = logps / n_tok, ref_logps / n_tok
         t2 = time.perf_counter()
-        probs, annotate_s = verdicts.result() if offline is None else ([r[4] for r in rows], 0.0)
+        probs, annotate_s = pending.result() if fixed is None else ([r[4] for r in rows], 0.0)
         wait_s = time.perf_counter() - t2
+        # 4) loss over the usable pairs, AdamW step with clipping; a step with none anywhere skips the update
         for group in optimizer.param_groups:  # linear warm-up; a function of the step, so nothing to checkpoint
             group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-        # 4) loss over the usable pairs, AdamW step with clipping; a step with none anywhere skips the update
         n_local = sum(p is not None and p != 0.5 for p in probs)
         n_used = all_sum(dict(n=n_local), world, device)["n"]
-        # (clone: an inference-mode tensor cannot take part in autograd outside inference mode)
-        loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps.clone(), probs,
-                                                               LOSSES[cfg.loss], beta, int(n_used), world)
+        loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps, probs, LOSSES[cfg.loss], beta,
+                                                               int(n_used), world)
+        grad_norm = 0.0
         if n_used > 0:
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
             optimizer.step()
-        else:
-            grad_norm = 0.0
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         # 5) log: sums over ranks, then means
         stats = {k: v - stats0.get(k, 0) for k, v in getattr(annotator, "stats", {}).items()}
-        s = all_sum(dict(pairs=n_local, ties=sum(p == 0.5 for p in probs), no_verdict=sum(p is None for p in probs),
-                         loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum), kl=kl_sum,
-                         tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)),
-                         seqs=len(texts), **stats), world, device)
-        used = max(s["pairs"], 1)
-        record = dict(step=step, loss=s["loss"] / used, pairs=int(s["pairs"]),
-                      dropped=int(s["ties"] + s["no_verdict"]), ties=int(s["ties"]), no_verdict=int(s["no_verdict"]),
-                      reward_margin=s["margin"] / used, reward_accuracy=s["acc"] / used, kl=s["kl"] / s["seqs"],
-                      response_tokens=s["tokens"] / s["seqs"], response_chars=s["chars"] / s["seqs"],
-                      grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], updated=n_used > 0,
-                      **{k: int(s[k]) for k in stats}, seconds=time.perf_counter() - t0, sample_s=t1 - t0,
-                      annotate_s=annotate_s, annotate_wait_s=wait_s, train_s=(t2 - t1) + (t3 - t2 - wait_s))
-        for k in totals:
-            totals[k] += record[k]
+        sums = all_sum(dict(pairs=n_local, ties=sum(p == 0.5 for p in probs), no_verdict=sum(p is None for p in probs),
+                            loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum), kl=kl_sum,
+                            tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)),
+                            seqs=len(texts), **stats), world, device)
+        record = step_record(step, sums, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], updated=n_used > 0,
+                             seconds=t3 - t0, sample_s=t1 - t0, annotate_s=annotate_s, annotate_wait_s=wait_s,
+                             train_s=(t2 - t1) + (t3 - t2 - wait_s))
+        totals = {k: v + record[k] for k, v in totals.items()}
         if rank == 0:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -871,14 +880,14 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
                             len=f"{record['response_tokens']:.1f}", pairs=record["pairs"])
             if n_used == 0:
                 bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
-            if cfg.sample_every and step % cfg.sample_every == 0 and probs[0] is not None and probs[0] != 0.5:
-                win, lose = (texts[0], texts[1]) if probs[0] > 0.5 else (texts[1], texts[0])
+            if cfg.sample_every and step % cfg.sample_every == 0 and probs[0] not in (None, 0.5):
+                win, lose = texts[:2] if probs[0] > 0.5 else texts[1::-1]
                 bar.write(f"step {step} | prompt: {batch_prompts[0]!r}\n  chosen:   {win[:200]!r}\n"
                           f"  rejected: {lose[:200]!r}")
         if n_eval and (step % cfg.eval_every == 0 or step == cfg.steps):
             if rank == 0:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp():
-                    torch.manual_seed(cfg.seed)  # the same eval samples at every evaluation: comparable
+                    torch.manual_seed(cfg.seed)  # the same sampling noise at every evaluation: comparable
                     last_eval = dict(step=step, eval=True, **win_rate(
                         policy, ref_model, tokenizer, eval_prompts, eval_annotator, cfg.max_new_tokens,
                         cfg.temperature, cfg.batch_size))
@@ -888,28 +897,31 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
                           f"({last_eval['n']} judged, {last_eval['ties']} ties, {last_eval['no_verdict']} no verdict)")
             barrier(world)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(cfg.output_dir, step, policy, tokenizer, optimizer, rank, world,
-                            cfg.keep_checkpoints)
+            save_checkpoint(cfg.output_dir, step, policy, tokenizer, optimizer, rank, world, cfg.keep_checkpoints)
     bar.close()
     background.shutdown()
-    if rank == 0:
-        log.close()
-        policy.save_pretrained(cfg.output_dir)
-        tokenizer.save_pretrained(cfg.output_dir)
-        with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
-            json.dump(dict(dataclasses.asdict(cfg), beta=beta, annotator=spec), f, indent=2)
     summary = dict(totals, steps=cfg.steps, **getattr(annotator, "stats", {}))
     if rank == 0:
-        cost = annotator.cost() if hasattr(annotator, "cost") else None
-        print(f"oaif: {cfg.steps} steps, {summary['pairs']} pairs used, {summary['dropped']} dropped "
-              f"({summary['ties']} ties, {summary['no_verdict']} no verdict)"
-              + (f"; annotator: {summary['annotator_requests']} requests, {summary['annotator_failures']} failed, "
-                 f"{summary['input_tokens']} in / {summary['output_tokens']} out tokens" if "annotator_requests"
-                 in summary else "") + (f", about ${cost:.2f}" if cost else "") + f"; saved to {cfg.output_dir}",
-              file=sys.stderr)
+        log.close()
+        finish(cfg, policy, tokenizer, dict(dataclasses.asdict(cfg), beta=beta, annotator=spec), summary,
+               annotator.cost() if hasattr(annotator, "cost") else None)
     if world > 1:
         torch.distributed.destroy_process_group()
     return dict(last=record, eval=last_eval, summary=summary)
+
+
+def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, cost: Optional[float]) -> None:
+    """Save the policy, tokenizer and run config; print the run's one-line summary."""
+    policy.save_pretrained(cfg.output_dir)
+    tokenizer.save_pretrained(cfg.output_dir)
+    with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    line = (f"oaif: {cfg.steps} steps, {summary['pairs']} pairs used, {summary['dropped']} dropped "
+            f"({summary['ties']} ties, {summary['no_verdict']} no verdict)")
+    if "annotator_requests" in summary:
+        line += (f"; annotator: {summary['annotator_requests']} requests, {summary['annotator_failures']} "
+                 f"without verdict, {summary['input_tokens']} in / {summary['output_tokens']} out tokens")
+    print(line + (f", about ${cost:.2f}" if cost else "") + f"; saved to {cfg.output_dir}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,9 +9,7 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -20,32 +18,13 @@ import torch.nn.functional as F
 import oaif
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "examples"))
+from standin_messages_api import StandInMessagesAPI  # noqa: E402  (POST /v1/messages on 127.0.0.1)
+from tiny_model import build_tiny_model  # noqa: E402  (a random GPT-2 + BPE tokenizer, built offline)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fixtures: a tiny GPT-2 and its byte-level BPE tokenizer, built offline
-
-
-def build_tiny_model(path: str, vocab_size: int = 400, n_positions: int = 1024, seed: int = 0) -> str:
-    """A random 2-layer GPT-2 and a byte-level BPE tokenizer trained on the built-in prompts, saved to
-    `path` so that from_pretrained(path) loads them like any hub model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(oaif.DEFAULT_PROMPTS * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=eos, eos_token_id=eos)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    return path
+# Fixtures
 
 
 @pytest.fixture(scope="session")
@@ -346,68 +325,6 @@ def test_prompts_files(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # Claude annotator: the real anthropic SDK against a stand-in Messages API on 127.0.0.1
-
-
-class StandInMessagesAPI:
-    """A small stand-in for POST /v1/messages with the API's JSON shapes. Its judge prefers the shorter
-    response; `faults` (status codes) are answered first, in order; `always` answers every request with a
-    status; `reply` overrides the judge's text; `delay` sleeps before each answer. It counts requests and
-    the most that were in flight at once, and keeps the API keys it was sent."""
-
-    def __init__(self, delay=0.0, faults=(), always=None, reply=None):
-        self.delay, self.faults, self.always, self.reply = delay, list(faults), always, reply
-        self.requests = self.in_flight = self.peak = 0
-        self.keys, self.lock = set(), threading.Lock()
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                with api.lock:
-                    api.requests += 1
-                    api.in_flight += 1
-                    api.peak = max(api.peak, api.in_flight)
-                    api.keys.add(self.headers.get("x-api-key") or self.headers.get("authorization"))
-                    status = api.always or (api.faults.pop(0) if api.faults else 200)
-                time.sleep(api.delay)
-                if status == 200:
-                    text = body["messages"][0]["content"]
-                    a, b = re.search(r" 1:\n(.*)\n\n\w+ 2:\n(.*)\n\nWhich", text, re.S).groups()
-                    reply = api.reply(a, b) if api.reply else f"One is shorter.\nPreferred Response={1 if len(a) < len(b) else 2}"
-                    payload = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
-                               "content": [{"type": "text", "text": reply}], "stop_reason": "end_turn",
-                               "stop_sequence": None, "usage": {"input_tokens": len(text) // 4, "output_tokens": 9}}
-                else:
-                    kinds = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-                             529: "overloaded_error"}
-                    payload = {"type": "error", "error": {"type": kinds.get(status, "api_error"),
-                                                          "message": f"stand-in says {status}"}}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                if status in (429, 529, 500):
-                    self.send_header("retry-after-ms", "20")  # the SDK honours it: keeps the tests fast
-                self.end_headers()
-                self.wfile.write(data)
-                with api.lock:
-                    api.in_flight -= 1
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def client(self, max_retries=2):
-        import anthropic
-
-        return anthropic.Anthropic(base_url=self.url, api_key="test-key", max_retries=max_retries, timeout=10)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

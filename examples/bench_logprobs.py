@@ -1,0 +1,168 @@
+"""Benchmark per-token log-probs, forward + backward, at GPT-2 sizes (H = 768, V = 50257):
+
+  naive      log_softmax(hidden @ W.T).gather(...)             (TRL's online DPO)
+  selective  logits materialised, then per-sequence logsumexp minus the gathered logit (TRL's
+             selective_log_softmax idea; one loop iteration per 512-token sequence)
+  fused      oaif.fused_logprobs, default chunk size, then a sweep of chunk sizes
+
+Time is the median of --repeats runs; extra peak memory is measured on CPU in a subprocess per variant
+(peak RSS minus that process's RSS with its inputs allocated), on CUDA with max_memory_allocated after a
+reset; the error is the max absolute difference from float64 on the first 256 rows (log-probs and the hidden
+states' gradient). float32 on CPU, bfloat16 on CUDA (logsumexp in float32 for every variant).
+
+    python examples/bench_logprobs.py                  # CPU, N = 1024 and 4096
+    python examples/bench_logprobs.py --device cuda    # N = 1024, 4096, 16384
+    python examples/bench_logprobs.py --quick          # small shapes, seconds
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import oaif  # noqa: E402
+
+
+def naive(h, W, labels, chunk):
+    return torch.log_softmax((h @ W.T).float(), -1).gather(1, labels[:, None]).squeeze(1)
+
+
+def selective(h, W, labels, chunk, seq=512):
+    logits = h @ W.T  # (N, V) materialised, in the input dtype
+    picked = logits.gather(1, labels[:, None]).squeeze(1).float()
+    lse = torch.cat([torch.logsumexp(logits[i:i + seq].float(), -1) for i in range(0, len(logits), seq)])
+    return picked - lse
+
+
+def fused(h, W, labels, chunk):
+    return oaif.fused_logprobs(h, W, labels, chunk_size=chunk)
+
+
+VARIANTS = {"naive": naive, "selective": selective, "fused": fused}
+
+
+def inputs(N, H, V, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
+    W = (torch.randn(V, H, generator=g) * 0.02).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g).to(device)
+    upstream = torch.randn(N, generator=g).to(device)
+    return h, W, labels, upstream
+
+
+def rss_peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(variant, N, H, V, chunk, device, repeats):
+    """One variant at one size: median time, extra peak memory, max error against float64."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    h, W, labels, upstream = inputs(N, H, V, device, dtype)
+    fn = VARIANTS[variant]
+
+    def run():
+        h.grad = W.grad = None
+        (fn(h, W, labels, chunk) * upstream).sum().backward()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        sync()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        base = rss_peak_mb()
+        run()
+        extra = rss_peak_mb() - base
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t)
+    # error on the first 256 rows: a row's log-prob and hidden-state gradient depend on that row alone
+    k = min(256, N)
+    h64, W64 = h.detach()[:k].double().requires_grad_(), W.detach().double()
+    ref = torch.log_softmax(h64 @ W64.T, -1).gather(1, labels[:k, None]).squeeze(1)
+    (ref * upstream[:k].double()).sum().backward()
+    out = fn(h.detach()[:k].clone().requires_grad_(), W.detach(), labels[:k], chunk)
+    h_k = h.grad[:k].double()
+    err = max((out.double() - ref).abs().max().item(), (h_k - h64.grad).abs().max().item())
+    return dict(variant=variant, N=N, chunk=chunk, time_s=statistics.median(times), extra_mb=extra, max_err=err)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--sizes", default="", help="comma-separated N (default: 1024,4096 on CPU; +16384 on CUDA)")
+    p.add_argument("--chunks", default="128,256,512,1024,2048", help="chunk sizes to sweep for fused")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--quick", action="store_true", help="small shapes (N=256, H=64, V=2048), one repeat, one "
+                   "process (so CPU memory numbers are not isolated): a smoke test")
+    p.add_argument("--json", default="", help="also write the rows to this file")
+    p.add_argument("--worker", nargs=3, metavar=("VARIANT", "N", "CHUNK"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.sizes, a.hidden, a.vocab, a.repeats, a.chunks = a.sizes or "256", 64, 2048, 1, "64,100"
+    if a.worker:  # one measurement in this fresh process, printed as JSON
+        v, N, chunk = a.worker
+        print(json.dumps(measure(v, int(N), a.hidden, a.vocab, int(chunk) or None, a.device, a.repeats)))
+        return
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_logprobs: --device cuda but no CUDA device is available")
+    sizes = [int(s) for s in (a.sizes or ("1024,4096,16384" if a.device == "cuda" else "1024,4096")).split(",")]
+    runs = [("naive", 0), ("selective", 0), ("fused", 0)] + [("fused", int(c)) for c in a.chunks.split(",")]
+    rows = []
+    print(f"device={a.device} dtype={'float32' if a.device == 'cpu' else 'bfloat16'} H={a.hidden} V={a.vocab} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
+    print(f"{'N':>6} {'variant':>10} {'chunk':>7} {'time s':>9} {'x naive':>8} {'extra MiB':>10} {'x naive':>8} "
+          f"{'max err':>9}  TFLOP/s", flush=True)
+    for N in sizes:
+        for variant, chunk in runs:
+            if a.device == "cpu" and not a.quick:  # a fresh process per variant: its peak RSS is its own
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(N), str(chunk),
+                       "--repeats", str(a.repeats), "--hidden", str(a.hidden), "--vocab", str(a.vocab)]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode:
+                    print(f"{N:>6} {variant:>10} failed: {r.stderr.strip().splitlines()[-1:]}")
+                    continue
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+            else:
+                try:
+                    row = measure(variant, N, a.hidden, a.vocab, chunk or None, a.device, a.repeats)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{N:>6} {variant:>10} out of memory")
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
+            if chunk == 0 and variant == "fused":
+                row["chunk"] = oaif.default_chunk_size(N, a.vocab, torch.device(a.device))
+                row["default"] = True
+            base = next((r for r in rows if r["N"] == N and r["variant"] == "naive"), row)
+            flops = (8 if variant == "fused" else 6) * N * a.hidden * a.vocab  # fused recomputes the logits
+            row.update(time_ratio=row["time_s"] / base["time_s"], mem_ratio=row["extra_mb"] / max(base["extra_mb"], 1e-9),
+                       tflops=flops / row["time_s"] / 1e12)
+            rows.append(row)
+            name = variant + ("*" if row.get("default") else "")
+            print(f"{N:>6} {name:>10} {row['chunk'] or '-':>7} {row['time_s']:>9.3f} {row['time_ratio']:>8.2f} "
+                  f"{row['extra_mb']:>10.0f} {row['mem_ratio']:>8.3f} {row['max_err']:>9.1e}  {row['tflops']:.2f}",
+                  flush=True)
+    print("fused* = the default chunk size; TFLOP/s counts 6NHV for naive/selective, 8NHV for fused (recompute)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
