@@ -579,3 +579,47 @@ def test_two_gloo_ranks_match_one_process(tiny, tmp_path):
     rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["pairs"] for r in rows_two] == [r["pairs"] for r in rows_one] == [4, 4, 4]  # reduced over ranks
     assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Examples run
+
+
+EXAMPLES = ["bench_logprobs.py", "bench_step.py", "bench_vs_trl.py", "custom_annotator.py", "length_control.py",
+            "online_vs_offline.py", "plot_metrics.py", "standin_messages_api.py", "tiny_model.py"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_help(name):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "examples", name), "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and len(r.stdout) > 100, r.stderr  # its usage or docstring
+
+
+def test_online_vs_offline_tiny_two_steps(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import online_vs_offline
+
+    arms = online_vs_offline.main(["--tiny", "--steps", "2", "--eval-every", "2", "--eval-prompts", "4",
+                                   "--batch-size", "4", "--max-new-tokens", "8", "--out", str(tmp_path)])
+    assert [len(arms[a][0]) for a in ("online", "offline")] == [2, 2]
+    assert all(arms[a][1][-1]["step"] == 2 for a in arms)
+    assert "win rate against the initial policy" in capsys.readouterr().out
+
+
+def test_bench_logprobs_quick(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "examples", "bench_logprobs.py"), "--quick", "--json",
+                        str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(tmp_path / "b.json"))
+    assert {r["variant"] for r in rows} == {"naive", "selective", "fused"}
+    assert all(r["max_err"] < 1e-4 for r in rows)  # every variant computes the same log-probs
+
+
+def test_plot_metrics_table(tiny, tmp_path):
+    oaif.main(run_args(tiny, tmp_path, "--eval-every", "2", "--eval-prompts", "4"))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "examples", "plot_metrics.py"),
+                        str(tmp_path / "metrics.jsonl"), "--png", str(tmp_path / "c.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c.png").exists() or "win rate" in r.stdout  # a plot with matplotlib, a table without

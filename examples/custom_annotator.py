@@ -32,7 +32,8 @@ def annotator(prompts, first, second):
 
 if __name__ == "__main__":
     if "-h" in sys.argv or "--help" in sys.argv:
-        sys.exit(__doc__)
+        print(__doc__)
+        sys.exit(0)
     out = tempfile.mkdtemp()
     model = build_tiny_model(os.path.join(out, "tiny"))
     cfg = oaif.Config(model=model, output_dir=os.path.join(out, "run"), steps=30, batch_size=8, lr=3e-3,
