@@ -29,7 +29,6 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
@@ -55,7 +54,7 @@ class Config:
     output_dir: str = "oaif-out"  # metrics.jsonl, checkpoints and the final policy go here
     seed: int = 0  # seeds python, numpy and torch (rank r uses seed + r)
     device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda
-    dtype: str = "float32"  # float32 or bfloat16 (bf16 autocast; weights, loss and optimiser stay float32)
+    dtype: str = "float32"  # float32 or bfloat16 (log-prob passes under bf16 autocast; the reference stored in bf16)
     # optimisation
     steps: int = 100  # optimiser steps, one batch of prompts each
     batch_size: int = 8  # prompts per step, across all ranks; each prompt yields one pair
@@ -189,13 +188,16 @@ class _FusedLogprobs(torch.autograd.Function):
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
     """Rows per chunk for fused_logprobs, from a memory budget for one chunk of float32 logits.
 
-    CPU: 64 MiB (333 rows at V = 50257): examples/bench_logprobs.py's sweep measured 256-512 rows as fast as
-    the naive full-logits version with 1/16-1/9 of its extra memory; 166 rows ran 1.17x slower, 2048 no faster.
-    CUDA: 256 MiB, or 1/16 of free memory if less (bigger chunks keep the matrix units busy)."""
+    Measured with examples/bench_logprobs.py at GPT-2 sizes (H = 768, V = 50257, N = 4096-16384 tokens):
+    CPU float32, 64 MiB (256 rows): 0.98-1.18x the naive full-logits version's time over two runs, with 1/16
+    of its extra memory; 2048 rows no faster and 6x the memory.
+    CUDA bf16, 256 MiB or 1/16 of free memory (1335 rows measured, now 1280): 0.49x naive's time and 0.08x
+    its extra memory on an H200; 8192 rows gained 25% more speed for 5x the memory."""
     budget = 64 << 20
     if device.type == "cuda":
         budget = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20)
-    return max(1, min(n_rows, budget // (4 * vocab)))
+    rows = budget // (4 * vocab)
+    return max(1, min(n_rows, rows // 128 * 128 or rows))  # GEMM-friendly: 256 rows on CPU, 1280 on CUDA
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
@@ -554,12 +556,14 @@ def make_annotator(spec: str, cfg: Config, models: dict) -> Callable:
 def win_rate(policy, reference, tokenizer, prompts: list, annotator: Callable, max_new_tokens: int = 64,
              temperature: float = 0.9, batch_size: int = 8) -> dict:
     """One response from each model per prompt; annotator(prompts, policy's, reference's).
-    Ties (p = 0.5) count 1/2; prompts with no verdict are left out and counted."""
-    wins = ties = losses = none = 0
+    Ties (p = 0.5) count 1/2; prompts with no verdict are left out and counted. Also returns the mean
+    response length (characters) of each side."""
+    wins = ties = losses = none = chars_a = chars_b = 0
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         a = sample_pairs(policy, tokenizer, chunk, 1, max_new_tokens, temperature)["texts"]
         b = sample_pairs(reference, tokenizer, chunk, 1, max_new_tokens, temperature)["texts"]
+        chars_a, chars_b = chars_a + sum(map(len, a)), chars_b + sum(map(len, b))
         for p in annotator(chunk, a, b):
             none += p is None
             ties += p == 0.5
@@ -567,7 +571,8 @@ def win_rate(policy, reference, tokenizer, prompts: list, annotator: Callable, m
             losses += p is not None and p < 0.5
     n = wins + ties + losses
     return dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties,
-                losses=losses, no_verdict=none)
+                losses=losses, no_verdict=none, policy_chars=chars_a / len(prompts),
+                reference_chars=chars_b / len(prompts))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -751,7 +756,7 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
     return rank, world, device, spec
 
 
-def offline_pairs(cfg: Config, ref_model, tokenizer, prompts: list, annotator: Callable, amp) -> list:
+def offline_pairs(cfg: Config, ref_model, tokenizer, prompts: list, annotator: Callable) -> list:
     """The offline baseline's fixed set: [(prompt, prompt_ids, first_ids, second_ids, P(first better), texts)].
     From --offline-data, or the paper's way: two samples per prompt from the *initial* policy (the
     reference), labelled once by the same annotator."""
@@ -760,8 +765,7 @@ def offline_pairs(cfg: Config, ref_model, tokenizer, prompts: list, annotator: C
     pairs = []
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i:i + cfg.batch_size]
-        with amp():
-            s = sample_pairs(ref_model, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
+        s = sample_pairs(ref_model, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
         rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
         probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
         pairs += [(x, ids, rows[2 * j], rows[2 * j + 1], probs[j], s["texts"][2 * j:2 * j + 2])
@@ -835,7 +839,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if rank == 0 and not resume_from and os.path.exists(metrics_path):
         os.remove(metrics_path)
-    fixed = offline_pairs(cfg, ref_model, tokenizer, train_prompts, annotator, amp) \
+    fixed = offline_pairs(cfg, ref_model, tokenizer, train_prompts, annotator) \
         if cfg.offline or cfg.offline_data else None
     start = restore(resume_from, optimizer, rank, metrics_path) if resume_from else 0  # after the fixed set
     background = concurrent.futures.ThreadPoolExecutor(1)  # runs the annotator while we compute log-probs
@@ -847,8 +851,9 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         # 1) sample two responses per prompt from the current policy (offline: this step's fixed pairs)
         if fixed is None:
             batch_prompts = step_slice(train_prompts, step, cfg.batch_size, rank, world)
-            with amp():
-                batch = sample_pairs(policy, tokenizer, batch_prompts, 2, cfg.max_new_tokens, cfg.temperature)
+            # no autocast here: decoding re-reads every weight per token, and autocast would re-cast each
+            # float32 weight to bf16 at every step (measured: minutes per step on CPU instead of seconds)
+            batch = sample_pairs(policy, tokenizer, batch_prompts, 2, cfg.max_new_tokens, cfg.temperature)
         else:
             rows = step_slice(fixed, step, cfg.batch_size, rank, world)
             batch = pair_batch([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
@@ -912,7 +917,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
                           f"  rejected: {lose[:200]!r}")
         if n_eval and (step % cfg.eval_every == 0 or step == cfg.steps):
             if rank == 0:
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp():
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(cfg.seed)  # the same sampling noise at every evaluation: comparable
                     last_eval = dict(step=step, eval=True, **win_rate(
                         policy, ref_model, tokenizer, eval_prompts, eval_annotator, cfg.max_new_tokens,

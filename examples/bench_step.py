@@ -63,7 +63,7 @@ def main(argv=None):
     print(f"\nmodel {a.model}, {a.batch_size} prompts/step, {a.max_new_tokens} new tokens, {a.dtype}, "
           f"median of steps 2..{a.steps}")
     print(f"{'annotator':>24} " + " ".join(f"{k:>16}" for k in KEYS))
-    for name, r in ((f"shorter (0 s)", rule), (f"stand-in Claude ({a.latency:g} s)", slow)):
+    for name, r in (("shorter (0 s)", rule), (f"stand-in Claude ({a.latency:g} s)", slow)):
         print(f"{name:>24} " + " ".join(f"{r[k]:>16.3f}" for k in KEYS))
     print(f"slow annotator / rule: {slow['seconds'] / rule['seconds']:.3f}x step time")
     return rule, slow

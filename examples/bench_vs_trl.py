@@ -49,7 +49,8 @@ def run_trl(model, prompts, a):
     cfg = OnlineDPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size,
                           max_new_tokens=a.max_new_tokens, temperature=0.9, learning_rate=1e-5, max_steps=a.steps,
                           logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-                          gradient_checkpointing=a.trl_gradient_checkpointing, seed=a.seed)
+                          gradient_checkpointing=a.trl_gradient_checkpointing, seed=a.seed,
+                          bf16=False)  # TRL's config defaults to bf16; both sides run float32 here
     trainer = OnlineDPOTrainer(model=AutoModelForCausalLM.from_pretrained(model),
                                ref_model=AutoModelForCausalLM.from_pretrained(model),
                                reward_funcs=shorter_rewards(a.latency), args=cfg, processing_class=tok,

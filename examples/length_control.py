@@ -30,7 +30,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="build the tests' tiny random GPT-2 offline and use it")
     p.add_argument("--judge", default="", help="hf:MODEL, a local LLM judge, when no ANTHROPIC_API_KEY is set")
     p.add_argument("--out", default="", help="output folder (default: a temporary one)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 with --tiny, else 1e-5")

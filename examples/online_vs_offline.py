@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--out", default="", help="output folder (default: a temporary one)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-prompts", type=int, default=8)
+    p.add_argument("--eval-prompts", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 with --tiny, else 1e-5")
@@ -60,13 +60,11 @@ def main(argv=None):
         oaif.main(common + ["--output-dir", os.path.join(out, arm)] + (["--offline"] if arm == "offline" else []))
         arms[arm] = read(os.path.join(out, arm))
     print(f"\nwin rate against the initial policy ({a.eval_prompts} held-out prompts, judge: "
-          f"{a.eval_annotator or a.annotator}), and mean response tokens of the step's samples")
-    print(f"{'step':>5} {'online':>8} {'offline':>8} {'online len':>11} {'offline len':>12}")
-    steps = {r["step"]: r for r in arms["online"][0]}, {r["step"]: r for r in arms["offline"][0]}
+          f"{a.eval_annotator or a.annotator}), and the mean length (characters) of the evaluated responses")
+    print(f"{'step':>5} {'online':>8} {'offline':>8} {'online len':>11} {'offline len':>12} {'initial len':>12}")
     for e_on, e_off in zip(arms["online"][1], arms["offline"][1]):
-        s = e_on["step"]
-        print(f"{s:>5} {e_on['win_rate']:>8.3f} {e_off['win_rate']:>8.3f} {steps[0][s]['response_tokens']:>11.1f} "
-              f"{steps[1][s]['response_tokens']:>12.1f}")
+        print(f"{e_on['step']:>5} {e_on['win_rate']:>8.3f} {e_off['win_rate']:>8.3f} {e_on['policy_chars']:>11.1f} "
+              f"{e_off['policy_chars']:>12.1f} {e_on['reference_chars']:>12.1f}")
     try:
         import matplotlib
 
@@ -77,11 +75,11 @@ def main(argv=None):
         return arms
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for arm, style in (("online", "-o"), ("offline", "--s")):
-        train_rows, evals = arms[arm]
+        evals = arms[arm][1]
         ax[0].plot([e["step"] for e in evals], [e["win_rate"] for e in evals], style, label=arm)
-        ax[1].plot([r["step"] for r in train_rows], [r["response_tokens"] for r in train_rows], style[:-1], label=arm)
+        ax[1].plot([e["step"] for e in evals], [e["policy_chars"] for e in evals], style, label=arm)
     ax[0].set(xlabel="step", ylabel="win rate vs initial policy", ylim=(0, 1))
-    ax[1].set(xlabel="step", ylabel="response tokens (training samples)")
+    ax[1].set(xlabel="step", ylabel="response characters (evaluation)")
     for x in ax:
         x.legend()
     fig.tight_layout()
