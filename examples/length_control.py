@@ -13,12 +13,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 import oaif  # noqa: E402
+from tiny_model import resolve  # noqa: E402
 
 INSTRUCTIONS = {"detailed": ("Prefer the more detailed response.", "longer"),
                 "concise": ("Prefer the more concise response.", "shorter")}
@@ -37,16 +37,9 @@ def main(argv=None):
     p.add_argument("--eval-prompts", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if not a.model and not a.tiny:
-        p.error("give --model or --tiny")
-    out = a.out or tempfile.mkdtemp(prefix="oaif-length-")
-    if a.tiny:
-        from tiny_model import build_tiny_model
-
-        a.model = build_tiny_model(os.path.join(out, "tiny"))
+    a.model, out, lr = resolve(p, a, "oaif-length-")
     judge = "claude" if os.environ.get("ANTHROPIC_API_KEY") else a.judge
     print(f"annotator: {judge or 'rule annotators longer / shorter (no ANTHROPIC_API_KEY, no --judge)'}")
-    lr = a.lr if a.lr is not None else 3e-3 if a.tiny else 1e-5
     runs = {}
     for name, (instruction, rule) in INSTRUCTIONS.items():
         print(f"--- {name}: {instruction!r} ---", flush=True)

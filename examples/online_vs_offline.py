@@ -11,12 +11,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 import oaif  # noqa: E402
+from tiny_model import resolve  # noqa: E402
 
 
 def read(path):
@@ -42,14 +42,7 @@ def main(argv=None):
     p.add_argument("--prompts", default="")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if not a.model and not a.tiny:
-        p.error("give --model or --tiny")
-    out = a.out or tempfile.mkdtemp(prefix="oaif-ovo-")
-    if a.tiny:
-        from tiny_model import build_tiny_model
-
-        a.model = build_tiny_model(os.path.join(out, "tiny"))
-    lr = a.lr if a.lr is not None else 3e-3 if a.tiny else 1e-5
+    a.model, out, lr = resolve(p, a, "oaif-ovo-")
     common = ["--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--eval-prompts",
               str(a.eval_prompts), "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens),
               "--lr", str(lr), "--loss", a.loss, "--annotator", a.annotator, "--seed", str(a.seed),

@@ -6,6 +6,7 @@ prompts, offline, into a folder that `from_pretrained` loads like any hub model.
 """
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -34,6 +35,15 @@ def build_tiny_model(path: str, vocab_size: int = 400, n_positions: int = 1024, 
                         n_head=n_head, bos_token_id=eos, eos_token_id=eos)
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
+
+
+def resolve(parser, args, prefix: str) -> tuple:
+    """The examples' --model / --tiny / --out / --lr -> (model path, output folder, learning rate)."""
+    if not args.model and not args.tiny:
+        parser.error("give --model or --tiny")
+    out = args.out or tempfile.mkdtemp(prefix=prefix)
+    model = build_tiny_model(os.path.join(out, "tiny")) if args.tiny else args.model
+    return model, out, args.lr if args.lr is not None else 3e-3 if args.tiny else 1e-5
 
 
 def build_gpt2_small(path: str, seed: int = 0) -> str:
