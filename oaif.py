@@ -581,8 +581,10 @@ def win_rate(policy, reference, tokenizer, prompts: list, annotator: Callable, m
 
 def load_model(name: str, device: torch.device) -> tuple:
     """(model, tokenizer) from a hub id or folder, ready to sample: pad token set, left padding, eval mode."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()  # one bar per run is enough: ours
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name).to(device)
@@ -808,10 +810,8 @@ ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "
 def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     """Run OAIF (or, with --offline, the offline baseline) as `cfg` says; returns the last metrics and a
     summary. `annotator` overrides --annotator with any callable of the annotator interface."""
-    import transformers
     from tqdm import tqdm
 
-    transformers.utils.logging.disable_progress_bar()
     rank, world, device, spec = setup_run(cfg, annotator)
     beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss]
     prompts = load_prompts(cfg.prompts)
@@ -905,16 +905,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         totals = {k: v + record[k] for k, v in totals.items()}
         if rank == 0:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['reward_margin']:.2f}",
-                            len=f"{record['response_tokens']:.1f}", pairs=record["pairs"])
-            if n_used == 0:
-                bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
-            if cfg.sample_every and step % cfg.sample_every == 0 and probs[0] not in (None, 0.5):
-                win, lose = texts[:2] if probs[0] > 0.5 else texts[1::-1]
-                bar.write(f"step {step} | prompt: {batch_prompts[0]!r}\n  chosen:   {win[:200]!r}\n"
-                          f"  rejected: {lose[:200]!r}")
+            report(record, log, bar, cfg.sample_every, batch_prompts[0], texts[:2], probs[0])
         if n_eval and (step % cfg.eval_every == 0 or step == cfg.steps):
             if rank == 0:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -922,10 +913,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
                     last_eval = dict(step=step, eval=True, **win_rate(
                         policy, ref_model, tokenizer, eval_prompts, eval_annotator, cfg.max_new_tokens,
                         cfg.temperature, cfg.batch_size))
-                log.write(json.dumps(last_eval) + "\n")
-                log.flush()
-                bar.write(f"step {step} | win rate vs initial policy: {last_eval['win_rate']:.3f} "
-                          f"({last_eval['n']} judged, {last_eval['ties']} ties, {last_eval['no_verdict']} no verdict)")
+                report(last_eval, log, bar)
             barrier(world)
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(cfg.output_dir, step, policy, tokenizer, optimizer, rank, world, cfg.keep_checkpoints)
@@ -939,6 +927,24 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     if world > 1:
         torch.distributed.destroy_process_group()
     return dict(last=record, eval=last_eval, summary=summary)
+
+
+def report(record: dict, log, bar, sample_every: int = 0, prompt: str = "", pair: list = (), p=None) -> None:
+    """One metrics.jsonl line, the progress bar, and now and then a judged pair or a win rate on the console."""
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    step = record["step"]
+    if record.get("eval"):
+        bar.write(f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({record['n']} judged, "
+                  f"{record['ties']} ties, {record['no_verdict']} no verdict)")
+        return
+    bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['reward_margin']:.2f}",
+                    len=f"{record['response_tokens']:.1f}", pairs=record["pairs"])
+    if not record["updated"]:
+        bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
+    if sample_every and step % sample_every == 0 and p not in (None, 0.5):
+        win, lose = pair if p > 0.5 else pair[::-1]
+        bar.write(f"step {step} | prompt: {prompt!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}")
 
 
 def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, cost: Optional[float]) -> None:
