@@ -17,6 +17,7 @@ Test:   python -m pytest -q test_oaif.py
 """
 import argparse
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -54,7 +55,7 @@ class Config:
     output_dir: str = "oaif-out"  # metrics.jsonl, checkpoints and the final policy go here
     seed: int = 0  # seeds python, numpy and torch (rank r uses seed + r)
     device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda
-    dtype: str = "float32"  # float32 or bfloat16 (log-prob passes under bf16 autocast; the reference stored in bf16)
+    dtype: str = "float32"  # float32 or bfloat16 (the log-prob passes under bf16 autocast; weights stay float32)
     # optimisation
     steps: int = 100  # optimiser steps, one batch of prompts each
     batch_size: int = 8  # prompts per step, across all ranks; each prompt yields one pair
@@ -75,10 +76,13 @@ class Config:
     task: str = "helpful"  # annotator template: tldr, helpful or harmless
     instruction: str = ""  # extra criterion that decides "better", e.g. "Prefer the more concise response."
     annotator_workers: int = 16  # concurrent annotator requests
+    labels: str = "hard"  # hard: the loss takes the preferred response as certain (the paper); soft: P(it is better)
+    min_confidence: float = 0.05  # drop a pair whose verdict p has |p - 0.5| below this (a judge that hedges)
     # evaluation and the offline baseline
     eval_every: int = 0  # win rate against the reference every N steps and at the end (0: off)
     eval_prompts: int = 16  # held-out prompts for the win rate, never trained on
     eval_annotator: str = ""  # annotator that judges the win rate; empty: the training annotator
+    eval_annotator_model: str = ""  # Claude model for --eval-annotator claude; empty: --annotator-model
     offline: bool = False  # offline DAP baseline: one labelled pair per prompt from the initial policy, reused
     offline_data: str = ""  # .jsonl of prompt/chosen/rejected pairs to train on offline instead
     # logging and checkpoints
@@ -86,6 +90,12 @@ class Config:
     save_every: int = 0  # write OUTPUT_DIR/checkpoint-STEP every N steps (0: only the final model)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the newest complete checkpoint in OUTPUT_DIR
+    # models past one GPU
+    lora_rank: int = 0  # train a LoRA adapter of this rank instead of every weight (0: off); pip install peft
+    lora_alpha: float = 16.0  # LoRA scale: the adapter's update is multiplied by alpha / rank
+    lora_dropout: float = 0.0  # dropout on the adapter's input, in the loss pass only
+    lora_targets: str = "all-linear"  # modules that get adapters: comma-separated names, or every linear layer
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state across ranks (FSDP2)
 
 
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
@@ -241,7 +251,8 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     assert input_ids.shape == attention_mask.shape == response_mask.shape
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
-        raise OAIFError("the model's LM head has a bias or logit soft-capping; sequence_logprobs needs a plain one")
+        raise OAIFError(f"{type(model).__name__}: its LM head has a bias or logit soft-capping; sequence_logprobs "
+                        "needs a plain linear head")
     # Left padding shifts every token: position ids must come from the mask, not from the column index.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -249,7 +260,30 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
     labels = input_ids[:, 1:].masked_fill(~response_mask[:, 1:].bool(), -100)  # position t predicts t+1
-    return fused_logprobs(hidden[:, :-1].to(dtype), head.weight, labels).sum(-1)
+    return fused_logprobs(hidden[:, :-1].to(dtype), head.weight, labels, head_temperature(model.config)).sum(-1)
+
+
+def head_temperature(config) -> float:
+    """What a model divides its head's logits by before the softmax: Granite divides them by
+    `logits_scaling`, Cohere multiplies them by `logit_scale`; 1.0 for Llama, Qwen, GPT-2 and most others."""
+    return (getattr(config, "logits_scaling", None) or 1.0) / (getattr(config, "logit_scale", None) or 1.0)
+
+
+@torch.no_grad()
+def check_logprobs(model, tolerance: float = 1e-3) -> None:
+    """Refuse a model whose own log_softmax(logits) sequence_logprobs does not reproduce (a head transform
+    we do not know of) rather than train on wrong numbers: a probe of 2 x 8 tokens, |error| in nats per token."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.get_output_embeddings().weight.shape[0], (2, 8), generator=g).to(model.device)
+    ones = torch.ones_like(ids)
+    own = model(input_ids=ids, attention_mask=ones).logits[:, :-1].float().log_softmax(-1)
+    own = own.gather(-1, ids[:, 1:, None]).sum((1, 2))
+    err = float((sequence_logprobs(model, ids, ones, ones) - own).abs().max()) / 7
+    if not math.isfinite(err):
+        raise OAIFError(f"{type(model).__name__}: its logits are not finite (inf or nan): the weights are broken")
+    if err > tolerance:
+        raise OAIFError(f"{type(model).__name__}: log-probs from its LM head differ from its own logits by {err:.3g} "
+                        "nats per token (a transform after the head that oaif does not know); not training on them")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,26 +297,32 @@ def _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejecte
     return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
-    """DPO: -log sigmoid(beta * h). beta ~0.1 (0.1-0.5 usual); log 2 at h = 0."""
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
+             label_p=1.0):
+    """DPO: -log sigmoid(beta h). beta ~0.1 (0.1-0.5 usual); log 2 at h = 0. label_p = P(chosen is better),
+    a float or (B,): -p log s(beta h) - (1-p) log s(-beta h) (conservative DPO); p = 1 is plain DPO."""
     h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return -F.logsigmoid(beta * h)  # DPO Eq. 7
+    return -label_p * F.logsigmoid(beta * h) - (1 - label_p) * F.logsigmoid(-beta * h)  # DPO Eq. 7
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=1.0):
-    """IPO: (h - 1/(2 beta))^2, minimal at h = 1/(2 beta) (0.5 nats at the paper's beta = 1.0).
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=1.0,
+             label_p=1.0):
+    """IPO: (h - (2p - 1)/(2 beta))^2, minimal at a target margin of 1/(2 beta) (0.5 nats at the paper's
+    beta = 1.0) for a hard label p = 1, shrinking to 0 as p -> 1/2.
 
     On summed log-probs (the IPO paper's definition, and ours by default) that target margin is per
     sequence, whatever the length; on length-averaged log-probs (TRL's choice, --average-logps) it is per
     token, i.e. a sequence margin of 0.5 * length: the same beta means a much stronger pull."""
     h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return (h - 1 / (2 * beta)) ** 2  # IPO Eq. 17
+    return (h - (2 * label_p - 1) / (2 * beta)) ** 2  # IPO Eq. 17; soft labels: Azar et al. Sec. 5.1
 
 
-def slic_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.002):
-    """SLiC as OAIF uses it: max(0, 1 - beta * h), the reference-normalised hinge; zero once h >= 1/beta."""
+def slic_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.002,
+              label_p=1.0):
+    """SLiC as OAIF uses it: max(0, 1 - beta h), the reference-normalised hinge; zero once h >= 1/beta.
+    Soft label p: p hinge(h) + (1 - p) hinge(-h)."""
     h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return torch.relu(1 - beta * h)  # SLiC-HF Eq. 3 with the reference ratio of RSO; no SFT term
+    return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)  # SLiC-HF Eq. 3, RSO
 
 
 LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
@@ -322,9 +362,52 @@ def eos_token_ids(model, tokenizer) -> list:
 
 
 @torch.no_grad()
+def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float,
+                  eos_ids: list, pad_id: int) -> torch.Tensor:
+    """Continue each left-padded row of (B, P) `ids` by up to max_new_tokens tokens drawn from
+    softmax(logits / temperature) over the full vocabulary (temperature 0: greedy), with a KV cache.
+    Returns (B, R) ids; a row stops at its first EOS and is padded after it.
+
+    A loop of our own rather than `generate`: `generate` applies whatever the checkpoint's generation_config
+    asks for (Qwen2.5-Instruct ships repetition_penalty 1.05, others no_repeat_ngram_size, min_p, ...), and
+    then the pairs are not the policy's own samples. The draw is by inverse CDF (a float64 cumulative sum and
+    one uniform per row: exact, and 0.4 ms for 16 x 50257 on CPU where multinomial took 17). The cache is
+    preallocated: a growing one copies itself at every token. Non-finite probabilities (a diverged policy)
+    raise OAIFError instead of sampling garbage."""
+    from transformers import StaticCache
+
+    B, P = ids.shape
+    kv = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values":
+          StaticCache(config=model.config, max_cache_len=P + max_new_tokens)}
+    eos = torch.tensor(eos_ids, device=ids.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions from the mask, as in scoring
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                cache_position=torch.arange(P, device=ids.device), **kv)
+    done, finite, tokens = torch.zeros(B, dtype=torch.bool, device=ids.device), True, []
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B, V)
+        finite = finite & torch.isfinite(logits).all()
+        if temperature > 0:
+            cdf = torch.softmax(logits / temperature, -1).double().cumsum(-1)
+            u = torch.rand(B, 1, device=ids.device, dtype=torch.float64) * cdf[:, -1:]
+            nxt = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+        else:
+            nxt = logits.argmax(-1)
+        tokens.append(nxt.masked_fill(done, pad_id))
+        done = done | torch.isin(nxt, eos)
+        if t == max_new_tokens - 1 or done.all():  # one host sync per token
+            break
+        mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos[:, -1:] + 1
+        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                    cache_position=torch.tensor([P + t], device=ids.device), **kv)
+    if not finite:
+        raise OAIFError("the policy's sampling probabilities are not finite (inf or nan): its weights diverged")
+    return torch.stack(tokens, 1)
+
+
 def sample_pairs(model, tokenizer, prompts: list, n: int = 2, max_new_tokens: int = 64,
                  temperature: float = 0.9) -> dict:
-    """n responses per prompt from `model` in one batched, KV-cached generate call.
+    """n responses per prompt from `model`, all in one batch (sample_tokens).
 
     Returns a batch of n*B rows, the samples of prompt i in rows i*n .. i*n+n-1:
         input_ids, attention_mask, response_mask: (n*B, P+R); prompt left-padded, response right-padded
@@ -333,20 +416,13 @@ def sample_pairs(model, tokenizer, prompts: list, n: int = 2, max_new_tokens: in
     temperature 0 means greedy decoding."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad, model.device)
-    # top_k=0 / top_p=1 override generation-config defaults: on-policy means sampling the model's own
-    # distribution (at `temperature`), not a truncated one.
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
-        else dict(do_sample=False)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                         pad_token_id=pad, use_cache=True, **sampling)
-    resp = out[:, ids.shape[1]:]  # (n*B, R)
-    resp_mask = response_mask_after_eos(resp, eos_token_ids(model, tokenizer))
-    resp = resp.masked_fill(~resp_mask, pad)
+    ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+    eos = eos_token_ids(model, tokenizer)
+    resp = sample_tokens(model, ids, mask, max_new_tokens, temperature, eos, pad)  # (n*B, R)
+    resp_mask = response_mask_after_eos(resp, eos)
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, resp_mask)]
-    prompt_mask = mask.repeat_interleave(n, dim=0)
-    return dict(input_ids=torch.cat([ids.repeat_interleave(n, dim=0), resp], 1),
-                attention_mask=torch.cat([prompt_mask, resp_mask.long()], 1),
-                response_mask=torch.cat([torch.zeros_like(prompt_mask), resp_mask.long()], 1),
+    return dict(input_ids=torch.cat([ids, resp], 1), attention_mask=torch.cat([mask, resp_mask.long()], 1),
+                response_mask=torch.cat([torch.zeros_like(mask), resp_mask.long()], 1),
                 texts=texts, response_tokens=resp_mask.sum(1))
 
 
@@ -412,13 +488,18 @@ def render_judge_prompt(task: str, instruction: str, prompt: str, first: str, se
             f"\"Preferred {item}=1\" or \"Preferred {item}=2\".")
 
 
-VERDICT = re.compile(r"(?:^|[^0-9A-Za-z])([12])[\s.!?*)\]\"'`]*$")
+ANCHOR = re.compile(r"preferred\W+(?:response|summary)\W*(\w*)", re.I)  # "**Preferred Response** = 1"
+BARE = re.compile(r"(?:^|[^0-9A-Za-z])([12])[\s.!?*)\]\"'`]*$")  # a reply that is just "... 2."
 
 
 def parse_verdict(reply: str) -> Optional[float]:
-    """1.0 if the reply ends with the digit 1, 0.0 if with 2 (after whitespace/punctuation), else None."""
-    m = VERDICT.search(reply.strip())
-    return None if m is None else float(m.group(1) == "1")
+    """1.0 for "Preferred Response=1", 0.0 for "=2" (the last such phrase; markdown and spacing tolerated),
+    else None. Only a reply with no such phrase at all may end with a bare 1 or 2. Never the last digit
+    anywhere: "Preferred Response=1 (over Response 2)" is a 1."""
+    anchors = ANCHOR.findall(reply)
+    m = BARE.search(reply.strip()) if not anchors else None
+    v = anchors[-1] if anchors else m and m.group(1)
+    return {"1": 1.0, "2": 0.0}.get(v)
 
 
 class ClaudeAnnotator:
@@ -466,7 +547,7 @@ class ClaudeAnnotator:
                 self.stats["annotator_failures"] += 1
             return None
         reply = "".join(getattr(block, "text", "") for block in msg.content)
-        verdict = parse_verdict(reply)
+        verdict = None if msg.stop_reason == "max_tokens" else parse_verdict(reply)  # cut off: no verdict
         with self.lock:
             self.stats["annotator_requests"] += 1
             self.stats["annotator_failures"] += verdict is None
@@ -524,7 +605,8 @@ class LocalJudgeAnnotator:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                       use_cache=False).last_hidden_state[:, -1]  # (b, H), left padding
-            out += torch.softmax((h @ W.T.to(h.dtype)).float(), -1)[:, 0].tolist()
+            logits = (h @ W.T.to(h.dtype)).float() / head_temperature(self.model.config)
+            out += torch.softmax(logits, -1)[:, 0].tolist()
             self.stats["annotator_requests"] += len(ids)
             self.stats["input_tokens"] += int(mask.sum())
         return out
@@ -533,13 +615,13 @@ class LocalJudgeAnnotator:
         return both_orders(self.judge, prompts, first, second)
 
 
-def make_annotator(spec: str, cfg: Config, models: dict) -> Callable:
+def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
     """--annotator NAME -> callable. `models` caches loaded (model, tokenizer) pairs: a judge that is the
     policy's own starting checkpoint reuses the frozen reference model instead of loading a third copy."""
     if spec in ("shorter", "longer"):
         return {"shorter": shorter, "longer": longer}[spec]
     if spec == "claude":
-        return ClaudeAnnotator(cfg.annotator_model, cfg.task, cfg.instruction, max_workers=cfg.annotator_workers)
+        return ClaudeAnnotator(claude_model, cfg.task, cfg.instruction, max_workers=cfg.annotator_workers)
     if spec.startswith("hf:"):
         name = spec[3:]
         if name not in models:
@@ -553,26 +635,28 @@ def make_annotator(spec: str, cfg: Config, models: dict) -> Callable:
 # Evaluation: win rate of the policy against the initial model, judged by an annotator
 
 
-def win_rate(policy, reference, tokenizer, prompts: list, annotator: Callable, max_new_tokens: int = 64,
-             temperature: float = 0.9, batch_size: int = 8) -> dict:
-    """One response from each model per prompt; annotator(prompts, policy's, reference's).
-    Ties (p = 0.5) count 1/2; prompts with no verdict are left out and counted. Also returns the mean
-    response length (characters) of each side."""
-    wins = ties = losses = none = chars_a = chars_b = 0
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        a = sample_pairs(policy, tokenizer, chunk, 1, max_new_tokens, temperature)["texts"]
-        b = sample_pairs(reference, tokenizer, chunk, 1, max_new_tokens, temperature)["texts"]
-        chars_a, chars_b = chars_a + sum(map(len, a)), chars_b + sum(map(len, b))
-        for p in annotator(chunk, a, b):
-            none += p is None
-            ties += p == 0.5
-            wins += p is not None and p > 0.5
-            losses += p is not None and p < 0.5
+def sample_answers(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature: float = 0.9,
+                   batch_size: int = 8, seed: Optional[int] = None) -> list:
+    """One response per prompt, batch by batch. With a seed, the draws are the same for any model (common
+    random numbers: two models that agree give the same answer) and the global RNG is left untouched."""
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else [],
+                               enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return [t for i in range(0, len(prompts), batch_size) for t in sample_pairs(
+            model, tokenizer, prompts[i:i + batch_size], 1, max_new_tokens, temperature)["texts"]]
+
+
+def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator: Callable) -> dict:
+    """The paper's evaluation: annotator(prompts, policy's answers, reference's answers). Ties (p = 0.5) count
+    1/2; prompts with no verdict are left out and counted. Also the mean answer length (characters) of each."""
+    probs = annotator(prompts, policy_texts, reference_texts)
+    none, ties = sum(p is None for p in probs), sum(p == 0.5 for p in probs)
+    wins, losses = sum(p is not None and p > 0.5 for p in probs), sum(p is not None and p < 0.5 for p in probs)
     n = wins + ties + losses
     return dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties,
-                losses=losses, no_verdict=none, policy_chars=chars_a / len(prompts),
-                reference_chars=chars_b / len(prompts))
+                losses=losses, no_verdict=none, policy_chars=sum(map(len, policy_texts)) / len(prompts),
+                reference_chars=sum(map(len, reference_texts)) / len(prompts))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -587,14 +671,17 @@ def load_model(name: str, device: torch.device) -> tuple:
     transformers.utils.logging.disable_progress_bar()  # one bar per run is enough: ours
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name).to(device)
+        # float32 whatever the file holds: most chat checkpoints are stored in bf16, where AdamW's small
+        # updates would round away (with LoRA the frozen base alone is cast to the compute dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device)
     except (OSError, ValueError, KeyError) as e:
         raise OAIFError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # GPT-2 has none; EOS is safe because masks, not ids, mark padding
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation continues from the right edge
     # eval() only switches dropout off: policy and reference must score the same tokens the same way.
-    return model.eval(), tokenizer
+    check_logprobs(model.eval())
+    return model, tokenizer
 
 
 def load_prompts(path: str) -> list:
@@ -648,15 +735,41 @@ def step_slice(items: list, step: int, batch_size: int, rank: int = 0, world: in
     return [items[(start + j) % len(items)] for j in range(batch_size)][rank::world]
 
 
+def save_model(model, tokenizer, path: str, state_dict: Optional[dict] = None) -> None:
+    """save_pretrained of the policy (a peft model: its adapter) and tokenizer; never weights that are inf or
+    nan. state_dict: the full weights gathered from FSDP shards."""
+    if not (finite_weights(model) if state_dict is None else finite_weights(state_dict.values())):
+        raise OAIFError(f"refusing to save non-finite (inf/nan) weights to {path}")
+    model.save_pretrained(path, state_dict=state_dict)
+    tokenizer.save_pretrained(path)
+
+
+def finite_weights(model_or_tensors) -> bool:
+    """No inf or nan in the weights (of this rank's shards, under FSDP)."""
+    ts = model_or_tensors.parameters() if hasattr(model_or_tensors, "parameters") else model_or_tensors
+    ts = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in ts]
+    return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+
+
+def gathered_state(policy, root, optimizer, fsdp: bool) -> tuple:
+    """(full model state dict or None, optimizer state dict): under FSDP gathered from every rank's shards,
+    so a checkpoint is the same files for any number of ranks. A collective: every rank calls it."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(policy, options=full), get_optimizer_state_dict(root, optimizer, options=full)
+
+
 def save_checkpoint(out_dir: str, step: int, policy, tokenizer, optimizer, rank: int, world: int,
-                    keep: int) -> None:
+                    keep: int, root=None, fsdp: bool = False) -> None:
     """OUTPUT_DIR/checkpoint-STEP, written under a temporary name and renamed: never half a checkpoint.
     trainer_state.pt is written last; a folder without it is incomplete and ignored by --resume."""
     final, tmp = os.path.join(out_dir, f"checkpoint-{step}"), os.path.join(out_dir, f".tmp-checkpoint-{step}")
+    model_state, optimizer_state = gathered_state(policy, root, optimizer, fsdp)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_model(policy, tokenizer, tmp, model_state)
     barrier(world)
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -664,7 +777,7 @@ def save_checkpoint(out_dir: str, step: int, policy, tokenizer, optimizer, rank:
     barrier(world)
     if rank == 0:
         # the data position and the learning rate are functions of the step: the step is all there is to save
-        torch.save(dict(step=step, optimizer=optimizer.state_dict()), os.path.join(tmp, "trainer_state.pt"))
+        torch.save(dict(step=step, optimizer=optimizer_state), os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
@@ -688,32 +801,82 @@ def barrier(world: int) -> None:
 
 
 class _Scorer(torch.nn.Module):
-    """DistributedDataParallel synchronises gradients of what runs inside a module's forward: this makes
-    sequence_logprobs that forward."""
+    """Runs fn(model, *args) as its forward. DistributedDataParallel synchronises the gradients of what runs
+    inside a module's forward, and FSDP gathers a module's shards around it: this makes sequence_logprobs
+    (or, under FSDP, the whole sampling loop) that forward."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, response_mask):
-        return sequence_logprobs(self.model, input_ids, attention_mask, response_mask)
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def add_lora(model, cfg: Config, resume_from: Optional[str]):
+    """`model` (frozen) with a trainable LoRA adapter, through peft; resume_from: the adapter of a checkpoint."""
+    try:
+        import peft
+    except ImportError:
+        raise OAIFError("--lora-rank needs peft: pip install peft") from None
+    try:
+        if resume_from:
+            return peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, task_type=
+                                                          "CAUSAL_LM", lora_dropout=cfg.lora_dropout, target_modules=targets))
+    except ValueError as e:
+        raise OAIFError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
+    if any(hasattr(m, "lora_A") for m in (model.get_output_embeddings(), model.get_input_embeddings())):
+        raise OAIFError("--lora-targets: not the embeddings or LM head (sequence_logprobs reads the head's weight)")
+    return lora
+
+
+def shard(root, world: int) -> None:
+    """FSDP2: every transformer block its own unit (gathered just for its forward and backward), the rest
+    (embeddings, final norm, LM head) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in root.modules():
+        if type(m).__name__ in (getattr(root.model, "_no_split_modules", None) or []):
+            fully_shard(m)
+    fully_shard(root)
+
+
+@torch.no_grad()
+def run_gathered(root, fn: Callable):
+    """fn(model) inside the FSDP root's forward, each unit gathered once for the whole call (sampling decodes
+    token by token: not an all-gather per layer per token), then sharded again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        return root(fn)
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The online loop (Algorithm 1)
 
 
-def preference_batch(logps, ref_logps, probs: list, loss_fn: Callable, beta: float, n_global: int, world: int):
+def preference_batch(logps, ref_logps, probs: list, loss_fn: Callable, beta: float, n_global: int, world: int,
+                     soft: bool = False):
     """Loss over the usable pairs of one step, from the (2B,) policy and reference log-probs (rows 2i, 2i+1 =
-    first, second) and the annotator's P(first is better). The loss is scaled so that DDP's gradient average
-    is the mean over all ranks' usable pairs. Returns (loss, sums of margin and accuracy over usable pairs)."""
-    p = torch.tensor([0.5 if v is None else v for v in probs], device=logps.device)
+    first, second) and the annotator's P(first is better) (None or 0.5: unusable). soft: the loss takes
+    max(p, 1 - p) as P(chosen is better); hard: 1. The loss is scaled so that DDP's gradient average is the
+    mean over all ranks' usable pairs. Returns (loss, sums of loss, margin and accuracy over usable pairs)."""
+    p = torch.tensor([0.5 if v is None else v for v in probs], dtype=torch.float32, device=logps.device)
     usable = (p != 0.5).float()  # no verdict and ties contribute nothing
     first_wins = p > 0.5
     pc, pr = torch.where(first_wins, logps[0::2], logps[1::2]), torch.where(first_wins, logps[1::2], logps[0::2])
     rc, rr = torch.where(first_wins, ref_logps[0::2], ref_logps[1::2]), \
         torch.where(first_wins, ref_logps[1::2], ref_logps[0::2])
-    losses = loss_fn(pc, pr, rc, rr, beta)
+    losses = loss_fn(pc, pr, rc, rr, beta, label_p=torch.maximum(p, 1 - p) if soft else 1.0)
     h = ((pc - rc) - (pr - rr)).detach()
     loss = (losses * usable).sum() * world / max(n_global, 1)
     return loss, losses.detach().mul(usable).sum(), (beta * h * usable).sum(), ((h > 0).float() * usable).sum()
@@ -727,12 +890,28 @@ def all_sum(values: dict, world: int, device) -> dict:
     return dict(zip(values, t.tolist()))
 
 
+def check_numbers(cfg: Config) -> None:
+    """Every number in range before anything loads: one clear line, not a traceback or a run that does nothing."""
+    positive = {"steps", "batch_size", "max_new_tokens", "annotator_workers", "max_grad_norm", "beta"}
+    positive |= {"eval_prompts"} if cfg.eval_every > 0 else set()
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        if f.type in (int, float, Optional[float]) and v is not None and not (
+                math.isfinite(v) and (v > 0 if f.name in positive else v >= 0)):
+            raise OAIFError(f"--{f.name.replace('_', '-')} must be {'positive' if f.name in positive else '0 or more'}"
+                            f" (and finite), not {v}")
+    if cfg.min_confidence > 0.5:
+        raise OAIFError(f"--min-confidence is a distance from 1/2: at most 0.5, not {cfg.min_confidence}")
+    if cfg.lora_dropout >= 1 or (cfg.lora_rank and cfg.fsdp):
+        raise OAIFError("--lora-dropout must be below 1, and --lora-rank and --fsdp do not go together")
+    for name, allowed in (("loss", LOSSES), ("dtype", ("float32", "bfloat16")), ("labels", ("hard", "soft"))):
+        if getattr(cfg, name) not in allowed:
+            raise OAIFError(f"unknown --{name} {getattr(cfg, name)!r}; choose {', '.join(allowed)}")
+
+
 def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
     """Checks that need no model, then ranks, device and seeds. Returns (rank, world, device, annotator name)."""
-    if cfg.loss not in LOSSES:
-        raise OAIFError(f"unknown --loss {cfg.loss!r}; choose dpo, ipo or slic")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise OAIFError(f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}")
+    check_numbers(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
     spec = getattr(custom_annotator, "__name__", "custom") if custom_annotator is not None else spec
@@ -745,6 +924,8 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
         print(f"oaif: annotator: {spec}" + ("" if spec == "claude" else " (no ANTHROPIC_API_KEY set; "
               "--annotator claude or hf:MODEL for an LLM judge)"), file=sys.stderr)
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.fsdp and world == 1:
+        raise OAIFError("--fsdp shards across ranks: launch with torchrun --nproc_per_node N (N >= 2)")
     if world > 1:
         if cfg.batch_size % world:
             raise OAIFError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
@@ -758,53 +939,83 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
     return rank, world, device, spec
 
 
-def offline_pairs(cfg: Config, ref_model, tokenizer, prompts: list, annotator: Callable) -> list:
-    """The offline baseline's fixed set: [(prompt, prompt_ids, first_ids, second_ids, P(first better), texts)].
-    From --offline-data, or the paper's way: two samples per prompt from the *initial* policy (the
-    reference), labelled once by the same annotator."""
+def check_context(tokenizer, prompts: list, max_new_tokens: int, context: Optional[int], source: str) -> None:
+    """Refuse (never truncate) a prompt that does not fit the model's context with its response."""
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
+    i = max(range(len(prompts)), key=lengths.__getitem__)
+    if context and lengths[i] + max_new_tokens > context:
+        words = " ".join(prompts[i].split()[:8])
+        raise OAIFError(f"{source}: the prompt \"{words[:60]}...\" has {lengths[i]} tokens; with --max-new-tokens "
+                        f"{max_new_tokens} that is {lengths[i] + max_new_tokens - context} over the model's context "
+                        f"of {context}: shorten it or lower --max-new-tokens")
+
+
+def offline_pairs(cfg: Config, initial, tokenizer, prompts: list, eval_prompts: list, annotator: Callable) -> tuple:
+    """The offline baseline's fixed set: [(prompt, prompt_ids, first_ids, second_ids, P(first better), texts)],
+    and how many pairs of --offline-data were left out because their prompt is held out for evaluation.
+    From --offline-data, or the paper's way: two samples per prompt from the *initial* policy, labelled once
+    by the same annotator."""
     if cfg.offline_data:
-        return load_offline_pairs(cfg.offline_data, tokenizer)
+        pairs = load_offline_pairs(cfg.offline_data, tokenizer)
+        kept = [r for r in pairs if r[0] not in set(eval_prompts)]
+        if not kept:
+            raise OAIFError(f"{cfg.offline_data}: every pair's prompt is held out for evaluation (--eval-prompts)")
+        return kept, len(pairs) - len(kept)
     pairs = []
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i:i + cfg.batch_size]
-        s = sample_pairs(ref_model, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
+        s = sample_pairs(initial, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
         rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
         probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
         pairs += [(x, ids, rows[2 * j], rows[2 * j + 1], probs[j], s["texts"][2 * j:2 * j + 2])
                   for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk)))]
-    return pairs
+    return pairs, 0
 
 
-def restore(checkpoint: str, optimizer, rank: int, metrics_path: str) -> int:
-    """Optimizer and RNG states of a checkpoint; metrics.jsonl cut back to its steps. Returns its step."""
+def restore(checkpoint: str, optimizer, rank: int, metrics_path: str, root=None, fsdp: bool = False) -> tuple:
+    """Optimizer and RNG states of a checkpoint; metrics.jsonl cut back to its steps.
+    Returns (its step, the kept step records: the summary counts them too)."""
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if fsdp:  # the gathered state, cut into this rank's shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(root, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     rng = torch.load(os.path.join(checkpoint, f"rng-{rank}.pt"), weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    if rank == 0 and os.path.exists(metrics_path):  # each step once, also after a crash past the checkpoint
+    kept = []
+    if os.path.exists(metrics_path):  # each step once, also after a crash past the checkpoint
         with open(metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-    return state["step"]
+        barrier(int(os.environ.get("WORLD_SIZE", 1)))  # every rank has read it before rank 0 rewrites it
+        if rank == 0:
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+    return state["step"], [r for r in map(json.loads, kept) if not r.get("eval")]
 
 
 def step_record(step: int, sums: dict, **extra) -> dict:
     """One metrics.jsonl line from the step's sums over ranks."""
     used, seqs = max(sums["pairs"], 1), sums["seqs"]
     return dict(step=step, loss=sums["loss"] / used, pairs=int(sums["pairs"]),
-                dropped=int(sums["ties"] + sums["no_verdict"]), ties=int(sums["ties"]),
-                no_verdict=int(sums["no_verdict"]), reward_margin=sums["margin"] / used,
-                reward_accuracy=sums["acc"] / used, kl=sums["kl"] / seqs, response_tokens=sums["tokens"] / seqs,
-                response_chars=sums["chars"] / seqs, **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums},
-                **extra)
+                dropped=int(sums["ties"] + sums["no_verdict"] + sums["low_confidence"]), ties=int(sums["ties"]),
+                no_verdict=int(sums["no_verdict"]), low_confidence=int(sums["low_confidence"]),
+                reward_margin=sums["margin"] / used, reward_accuracy=sums["acc"] / used, kl=sums["kl"] / seqs,
+                response_tokens=sums["tokens"] / seqs, response_chars=sums["chars"] / seqs,
+                **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums}, **extra)
 
 
 ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
+TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")
+
+
+def diverged(step: int, what: str, cfg: Config) -> OAIFError:
+    last = (complete_checkpoints(cfg.output_dir) or ["none (--save-every N keeps some)"])[-1]
+    return OAIFError(f"step {step}: {what}: the run diverged (--lr {cfg.lr} too high?); last good checkpoint: {last}")
 
 
 def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
@@ -819,33 +1030,60 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
     eval_prompts, train_prompts = prompts[:n_eval], prompts[n_eval:]
     resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
+    compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     amp = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    # The reference is the frozen initial model, also on resume; the policy keeps float32 master weights.
+    # The reference is the frozen initial model, also on resume. It is float32 like the policy's master
+    # weights and runs under the same autocast: a bf16 copy (its norms and residual adds in bf16 too) scored
+    # SmolLM2's own samples 0.47 nats per sequence away from the identical float32 policy, so step 1 showed a
+    # KL and margins that were only rounding. With LoRA the frozen base (in the compute dtype) is both: the
+    # reference is the policy with its adapter disabled.
     ref_model, tokenizer = load_model(cfg.model, device)
-    policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(ref_model)
-    ref_model.requires_grad_(False).to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
-    ctx_len = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", None)
-    longest = max(map(len, encode_prompts(tokenizer, prompts)))
-    if ctx_len and longest + cfg.max_new_tokens > ctx_len:  # refuse rather than truncate silently
-        raise OAIFError(f"a prompt has {longest} tokens; with --max-new-tokens {cfg.max_new_tokens} it exceeds the "
-                        f"model's context of {ctx_len}: shorten it or lower --max-new-tokens")
-    models = {"device": device, cfg.model: (ref_model, tokenizer)}
-    annotator = annotator or make_annotator(spec, cfg, models)
-    eval_annotator = make_annotator(cfg.eval_annotator, cfg, models) if cfg.eval_annotator else annotator
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    score = partial(sequence_logprobs, policy) if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        _Scorer(policy), device_ids=[device] if device.type == "cuda" else None)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    saved, reference = None, contextlib.nullcontext
+    if cfg.lora_rank:
+        saved = add_lora(ref_model.requires_grad_(False).to(compute), cfg, resume_from)  # what is saved: the adapter
+        policy, reference = saved.get_base_model(), saved.disable_adapter
+    else:
+        policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(ref_model)
+    check_context(tokenizer, prompts, cfg.max_new_tokens, getattr(policy.config, "max_position_embeddings", None)
+                  or getattr(policy.config, "n_positions", None), cfg.prompts or "the built-in prompts")
+    models = {"device": device, **({} if cfg.lora_rank else {cfg.model: (ref_model.requires_grad_(False), tokenizer)})}
+    annotator = annotator or make_annotator(spec, cfg, models, cfg.annotator_model)
+    eval_annotator = make_annotator(cfg.eval_annotator, cfg, models, cfg.eval_annotator_model or cfg.annotator_model) \
+        if cfg.eval_annotator else annotator
+    fixed, held_out = None, 0
+    if cfg.offline or cfg.offline_data:  # --offline: sampled once, on rank 0, and shared with every rank
+        with reference():
+            box = [offline_pairs(cfg, ref_model, tokenizer, train_prompts, eval_prompts, annotator)
+                   if rank == 0 or cfg.offline_data else None]
+        if cfg.offline and world > 1:
+            torch.distributed.broadcast_object_list(box, 0)
+        fixed, held_out = box[0]
+    with reference():
+        ref_answers = sample_answers(ref_model, tokenizer, eval_prompts, cfg.max_new_tokens, cfg.temperature,
+                                     cfg.batch_size, cfg.seed) if n_eval and (rank == 0 or cfg.fsdp) else None
+    score, ref_score = _Scorer(policy), _Scorer(ref_model)  # LoRA: the same model, ref_score under reference()
+    if cfg.fsdp:
+        shard(score, world)
+        shard(ref_score, world)
+    elif world > 1:
+        score = torch.nn.parallel.DistributedDataParallel(score, device_ids=[device] if device.type == "cuda" else None)
+    sample = partial(run_gathered, score) if cfg.fsdp else lambda fn: fn(policy)  # fn(policy) -> samples
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dropouts = [m for name, m in policy.named_modules() if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)]
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if rank == 0 and not resume_from and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    fixed = offline_pairs(cfg, ref_model, tokenizer, train_prompts, annotator) \
-        if cfg.offline or cfg.offline_data else None
-    start = restore(resume_from, optimizer, rank, metrics_path) if resume_from else 0  # after the fixed set
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if not resume_from and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        if held_out:
+            print(f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are held out for "
+                  "evaluation", file=sys.stderr)
+    start, done = restore(resume_from, optimizer, rank, metrics_path, score, cfg.fsdp) if resume_from else (0, [])
     background = concurrent.futures.ThreadPoolExecutor(1)  # runs the annotator while we compute log-probs
     log = open(metrics_path, "a") if rank == 0 else None
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
-    totals, record, last_eval = dict(pairs=0, dropped=0, ties=0, no_verdict=0), {}, None
+    totals, record, last_eval = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}, {}, None
     for step in bar:
         t0, stats0 = time.perf_counter(), dict(getattr(annotator, "stats", {}))
         # 1) sample two responses per prompt from the current policy (offline: this step's fixed pairs)
@@ -853,7 +1091,10 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             batch_prompts = step_slice(train_prompts, step, cfg.batch_size, rank, world)
             # no autocast here: decoding re-reads every weight per token, and autocast would re-cast each
             # float32 weight to bf16 at every step (measured: minutes per step on CPU instead of seconds)
-            batch = sample_pairs(policy, tokenizer, batch_prompts, 2, cfg.max_new_tokens, cfg.temperature)
+            try:
+                batch = sample(lambda m: sample_pairs(m, tokenizer, batch_prompts, 2, cfg.max_new_tokens, cfg.temperature))
+            except OAIFError as e:
+                raise diverged(step, str(e), cfg) from None
         else:
             rows = step_slice(fixed, step, cfg.batch_size, rank, world)
             batch = pair_batch([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
@@ -865,12 +1106,15 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             pending = background.submit(lambda: (annotator(batch_prompts, texts[0::2], texts[1::2]),
                                                  time.perf_counter() - t1))
         # 3) policy (with grad) and reference (frozen) log-probs of all 2B responses, one pass each
+        ids_masks = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         with amp():
-            logps = score(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-            with torch.inference_mode():
-                ref_logps = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"],
-                                              batch["response_mask"])
-        ref_logps = ref_logps.clone()  # an inference tensor cannot join autograd outside inference mode
+            for m in dropouts:  # LoRA dropout, if any, acts in the loss pass only: sampling stays on-policy
+                m.train()
+            logps = score(sequence_logprobs, *ids_masks)
+            for m in dropouts:
+                m.eval()
+            with torch.no_grad(), reference():
+                ref_logps = ref_score(sequence_logprobs, *ids_masks)
         kl_sum = float((logps.detach() - ref_logps).sum())  # summed log-ratios of the sampled responses
         if cfg.average_logps:
             n_tok = batch["response_tokens"].clamp(min=1)
@@ -878,27 +1122,35 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         t2 = time.perf_counter()
         probs, annotate_s = pending.result() if fixed is None else ([r[4] for r in rows], 0.0)
         wait_s = time.perf_counter() - t2
-        # 4) loss over the usable pairs, AdamW step with clipping; a step with none anywhere skips the update
+        # 4) loss over the usable pairs (a verdict within --min-confidence of 1/2 is a hedge: dropped), AdamW
+        # step with clipping; no usable pair anywhere, or a loss or gradient that is not finite: no update
         for group in optimizer.param_groups:  # linear warm-up; a function of the step, so nothing to checkpoint
             group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-        n_local = sum(p is not None and p != 0.5 for p in probs)
+        low = sum(p is not None and p != 0.5 and abs(p - 0.5) < cfg.min_confidence for p in probs)
+        used = [None if p is None or abs(p - 0.5) < cfg.min_confidence else p for p in probs]
+        n_local = sum(p is not None and p != 0.5 for p in used)
         n_used = all_sum(dict(n=n_local), world, device)["n"]
-        loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps, probs, LOSSES[cfg.loss], beta,
-                                                               int(n_used), world)
-        grad_norm = 0.0
+        loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps, used, LOSSES[cfg.loss], beta,
+                                                               int(n_used), world, cfg.labels == "soft")
+        grad_norm, nonfinite = 0.0, False
         if n_used > 0:
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-            optimizer.step()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            nonfinite = all_sum(dict(bad=not math.isfinite(grad_norm + float(loss.detach()))), world, device)["bad"] > 0
+            if not nonfinite:
+                optimizer.step()
+                if all_sum(dict(bad=not finite_weights(policy)), world, device)["bad"]:
+                    raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         # 5) log: sums over ranks, then means
         stats = {k: v - stats0.get(k, 0) for k, v in getattr(annotator, "stats", {}).items()}
         sums = all_sum(dict(pairs=n_local, ties=sum(p == 0.5 for p in probs), no_verdict=sum(p is None for p in probs),
-                            loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum), kl=kl_sum,
-                            tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)),
+                            low_confidence=low, loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum),
+                            kl=kl_sum, tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)),
                             seqs=len(texts), **stats), world, device)
-        record = step_record(step, sums, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], updated=n_used > 0,
+        record = step_record(step, sums, nonfinite=int(nonfinite), grad_norm=grad_norm,
+                             lr=optimizer.param_groups[0]["lr"], updated=n_used > 0 and not nonfinite,
                              seconds=t3 - t0, sample_s=t1 - t0, annotate_s=annotate_s, annotate_wait_s=wait_s,
                              train_s=(t2 - t1) + (t3 - t2 - wait_s))
         if device.type == "cuda":
@@ -907,24 +1159,26 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         if rank == 0:
             report(record, log, bar, cfg.sample_every, batch_prompts[0], texts[:2], probs[0])
         if n_eval and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if rank == 0 or cfg.fsdp:  # the same seed as the reference answers: the same draws, compared
+                answers = sample(lambda m: sample_answers(m, tokenizer, eval_prompts, cfg.max_new_tokens,
+                                                          cfg.temperature, cfg.batch_size, cfg.seed))
             if rank == 0:
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(cfg.seed)  # the same sampling noise at every evaluation: comparable
-                    last_eval = dict(step=step, eval=True, **win_rate(
-                        policy, ref_model, tokenizer, eval_prompts, eval_annotator, cfg.max_new_tokens,
-                        cfg.temperature, cfg.batch_size))
+                last_eval = dict(step=step, eval=True, **win_rate(eval_prompts, answers, ref_answers, eval_annotator))
                 report(last_eval, log, bar)
             barrier(world)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(cfg.output_dir, step, policy, tokenizer, optimizer, rank, world, cfg.keep_checkpoints)
+            save_checkpoint(cfg.output_dir, step, saved or policy, tokenizer, optimizer, rank, world,
+                            cfg.keep_checkpoints, score, cfg.fsdp)
     bar.close()
     background.shutdown()
-    summary = dict(totals, steps=cfg.steps, **getattr(annotator, "stats", {}))
+    summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **getattr(annotator, "stats", {}))
+    model_state = gathered_state(policy, score, optimizer, cfg.fsdp)[0] if cfg.fsdp else None
     if rank == 0:
         log.close()
-        finish(cfg, policy, tokenizer, dict(dataclasses.asdict(cfg), beta=beta, annotator=spec), summary,
-               annotator.cost() if hasattr(annotator, "cost") else None)
+        finish(cfg, saved or policy, tokenizer, dict(dataclasses.asdict(cfg), beta=beta, annotator=spec), summary,
+               annotator.cost() if hasattr(annotator, "cost") else None, model_state)
     if world > 1:
+        barrier(world)  # every rank done before any tears down its process group
         torch.distributed.destroy_process_group()
     return dict(last=record, eval=last_eval, summary=summary)
 
@@ -940,21 +1194,24 @@ def report(record: dict, log, bar, sample_every: int = 0, prompt: str = "", pair
         return
     bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['reward_margin']:.2f}",
                     len=f"{record['response_tokens']:.1f}", pairs=record["pairs"])
-    if not record["updated"]:
+    if record["nonfinite"]:
+        bar.write(f"step {step}: the loss or gradient is not finite (inf or nan): update skipped")
+    elif not record["updated"]:
         bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
     if sample_every and step % sample_every == 0 and p not in (None, 0.5):
         win, lose = pair if p > 0.5 else pair[::-1]
         bar.write(f"step {step} | prompt: {prompt!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}")
 
 
-def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, cost: Optional[float]) -> None:
+def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, cost: Optional[float],
+           model_state: Optional[dict] = None) -> None:
     """Save the policy, tokenizer and run config; print the run's one-line summary."""
-    policy.save_pretrained(cfg.output_dir)
-    tokenizer.save_pretrained(cfg.output_dir)
+    save_model(policy, tokenizer, cfg.output_dir, model_state)
     with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     line = (f"oaif: {cfg.steps} steps, {summary['pairs']} pairs used, {summary['dropped']} dropped "
-            f"({summary['ties']} ties, {summary['no_verdict']} no verdict)")
+            f"({summary['ties']} ties, {summary['no_verdict']} no verdict, {summary['low_confidence']} low "
+            f"confidence), {summary['nonfinite']} updates skipped as not finite")
     if "annotator_requests" in summary:
         line += (f"; annotator: {summary['annotator_requests']} requests, {summary['annotator_failures']} "
                  f"without verdict, {summary['input_tokens']} in / {summary['output_tokens']} out tokens")

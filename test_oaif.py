@@ -87,6 +87,25 @@ def test_loss_gradient_signs(name):
     assert pc.grad.item() < 0 < pr.grad.item()  # descent raises the chosen log-prob, lowers the rejected
 
 
+@pytest.mark.parametrize("h,p", [(0.0, 0.7), (2.0, 0.9), (-3.0, 0.6)])
+def test_soft_label_losses_at_hand_points(h, p):
+    s = lambda x: 1 / (1 + math.exp(-x))
+    b = 0.5
+    assert oaif.dpo_loss(*logps(h), beta=b, label_p=p).item() == pytest.approx(
+        -p * math.log(s(b * h)) - (1 - p) * math.log(s(-b * h)))
+    assert oaif.ipo_loss(*logps(h), beta=b, label_p=p).item() == pytest.approx((h - (2 * p - 1) / (2 * b)) ** 2)
+    assert oaif.slic_loss(*logps(h), beta=0.2, label_p=p).item() == pytest.approx(
+        p * max(0, 1 - 0.2 * h) + (1 - p) * max(0, 1 + 0.2 * h))
+    # a (B,) tensor of labels; p = 1 is the hard loss exactly, p = 1/2 has its minimum at h = 0
+    x = [torch.tensor([h, h]) for h in (1.0, -2.0, 0.5, 0.25)]
+    for name in ("dpo", "ipo", "slic"):
+        loss = oaif.LOSSES[name]
+        assert torch.equal(loss(*x, beta=0.3, label_p=torch.tensor([1.0, 1.0])), loss(*x, beta=0.3))
+        pc = torch.tensor([0.0], requires_grad=True)
+        loss(pc, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.3, label_p=0.5).sum().backward()
+        assert pc.grad.item() == pytest.approx(0.0, abs=1e-7) or name == "slic"  # the hinge is flat there
+
+
 def test_losses_reject_bad_shapes():
     with pytest.raises(AssertionError):
         oaif.dpo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(2))
@@ -229,7 +248,10 @@ def test_shorter_and_both_orders():
 @pytest.mark.parametrize("reply,verdict", [
     ("Response 1 is clearer.\nPreferred Response=1", 1.0), ("Preferred Response=2.", 0.0), ("2", 0.0),
     ("**Preferred Summary=1**", 1.0), ("I rate them 10 and 12", None), ("Both are fine.", None), ("", None),
-    ("Preferred Response=3", None), ("1 is better than 2 but I can't decide", None)])
+    ("Preferred Response=3", None), ("1 is better than 2 but I can't decide", None),
+    ("Preferred Response=1, not Response 2.", 1.0), ("Preferred Response=1 (over Response 2)", 1.0),
+    ("**Preferred Response:** 2", 0.0), ("Preferred response = **1**\n\nNote on 2", 1.0),
+    ("Response 2 rambles. Preferred Response=1. Preferred Response=2", 0.0), ("Preferred Response=", None)])
 def test_parse_verdict(reply, verdict):
     assert oaif.parse_verdict(reply) == verdict
 
@@ -352,6 +374,13 @@ def test_claude_labels_whichever_order(api):
     assert claude(["q"], ["same"], ["same"]) == [None] and server.requests == 4  # identical: no call
 
 
+def test_claude_reply_cut_off_at_max_tokens_is_no_verdict(api):
+    server = api(reply=lambda a, b: "Response 1 is short, while Response 2", stop_reason="max_tokens")
+    claude = oaif.ClaudeAnnotator(client=server.client())
+    assert claude(*PAIRS) == [None, None] and claude.stats["annotator_failures"] == 4
+    assert claude(*PAIRS) == [None, None] and server.requests == 8  # not cached: asked again
+
+
 def test_claude_always_answering_1_gives_only_ties(api):
     claude = oaif.ClaudeAnnotator(client=api(reply=lambda a, b: "Preferred Response=1").client())
     assert claude(*PAIRS) == [0.5, 0.5]
@@ -417,12 +446,15 @@ def test_cli_with_claude_end_to_end(api, tiny, tmp_path):
     key = "sk-ant-secret-0123456789"
     out = tmp_path / "run"
     r = run_cli(["--model", tiny, "--output-dir", str(out), "--steps", "3", "--batch-size", "4",
-                 "--max-new-tokens", "8", "--lr", "1e-3", "--instruction", "Prefer the shorter response."],
+                 "--max-new-tokens", "8", "--lr", "1e-3", "--instruction", "Prefer the shorter response.",
+                 "--eval-every", "3", "--eval-prompts", "4", "--eval-annotator", "claude", "--temperature", "1.5",
+                 "--eval-annotator-model", "claude-judge-x"],
                 {"ANTHROPIC_API_KEY": key, "ANTHROPIC_BASE_URL": server.url})
     assert r.returncode == 0, r.stderr
-    rows = read_metrics(out)
+    rows = [r for r in read_metrics(out) if not r.get("eval")]
     assert len(rows) == 3 and server.keys and all(key in k for k in server.keys)  # the SDK sent our key
-    assert sum(row["annotator_requests"] for row in rows) == server.requests > 0
+    assert server.models == {"claude-haiku-4-5", "claude-judge-x"}  # training's judge, and the evaluation's
+    assert sum(row["annotator_requests"] for row in rows) == server.requests - server.by_model["claude-judge-x"]
     assert all(row["pairs"] + row["dropped"] == 4 for row in rows) and sum(row["pairs"] for row in rows) > 0
     assert "requests" in r.stderr and "annotator: claude" in r.stderr
     everything = r.stdout + r.stderr + "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
@@ -460,8 +492,10 @@ def tie_if_equal_else_shorter(prompts, first, second):
 
 def test_win_rate_against_itself_is_one_half_with_ties(model_tok):
     model, tok = model_tok
-    r = oaif.win_rate(model, model, tok, oaif.DEFAULT_PROMPTS[:6], tie_if_equal_else_shorter, max_new_tokens=8,
-                      temperature=0)  # greedy: the same model gives the same responses
+    prompts = oaif.DEFAULT_PROMPTS[:6]
+    a, b = (oaif.sample_answers(model, tok, prompts, 8, 0.9, batch_size=4, seed=3) for _ in range(2))
+    assert a == b  # the same seed: the same draws, whatever the global RNG did in between
+    r = oaif.win_rate(prompts, a, b, tie_if_equal_else_shorter)
     assert r["policy_chars"] == r["reference_chars"]
     assert {k: r[k] for k in ("win_rate", "n", "wins", "ties", "losses", "no_verdict")} == dict(
         win_rate=0.5, n=6, wins=0, ties=6, losses=0, no_verdict=0)
@@ -477,8 +511,9 @@ def test_win_rate_of_a_policy_forced_short_is_one(model_tok):
         short.transformer.ln_f.weight.zero_()
         short.transformer.ln_f.bias.copy_(100 * v)
         short.transformer.wte.weight[tok.eos_token_id] = v
-    torch.manual_seed(0)
-    r = oaif.win_rate(short, model, tok, oaif.DEFAULT_PROMPTS[:6], oaif.shorter, max_new_tokens=8, batch_size=4)
+    prompts = oaif.DEFAULT_PROMPTS[:6]
+    answers = [oaif.sample_answers(m, tok, prompts, 8, batch_size=4, seed=0) for m in (short, model)]
+    r = oaif.win_rate(prompts, *answers, oaif.shorter)
     assert r["win_rate"] == 1.0 and r["wins"] == r["n"] and r["n"] + r["no_verdict"] == 6 and r["n"] >= 5
 
 
@@ -498,7 +533,7 @@ def test_eval_prompts_are_held_out(tiny, tmp_path):
 
     cfg = oaif.parse_args(run_args(tiny, tmp_path, "--steps", "12", "--eval-every", "12", "--eval-prompts", "8"))
     oaif.train(cfg, annotator=recording)
-    train_seen, eval_seen = {p for call in seen[:-2] for p in call}, seen[-2] + seen[-1]  # eval: 2 batches of 4
+    train_seen, eval_seen = {p for call in seen[:-1] for p in call}, seen[-1]  # the evaluation: one call
     assert len(set(eval_seen)) == 8 and not train_seen & set(eval_seen)  # 12 steps x 4 cover all 32 training prompts
     assert len(train_seen) == len(oaif.DEFAULT_PROMPTS) - 8
 
@@ -546,13 +581,14 @@ def test_resume_is_exact(tiny, tmp_path):
     oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "2", "--save-every", "2"))
     assert os.path.isfile(tmp_path / "resumed" / "checkpoint-2" / "trainer_state.pt")
     os.makedirs(tmp_path / "resumed" / "checkpoint-3")  # a checkpoint cut off mid-write: must be ignored
-    oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "4", "--resume"))
+    out = oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "4", "--resume"))
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     straight = read_metrics(tmp_path / "straight")
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight]
+    assert out["summary"]["pairs"] == sum(r["pairs"] for r in rows) > sum(r["pairs"] for r in rows[2:])
 
 
 def test_keep_checkpoints_and_incomplete_ones_ignored(tiny, tmp_path):
@@ -562,12 +598,17 @@ def test_keep_checkpoints_and_incomplete_ones_ignored(tiny, tmp_path):
     assert oaif.complete_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-2")]
 
 
-def test_two_gloo_ranks_match_one_process(tiny, tmp_path):
+@pytest.mark.parametrize("fixed", ["--offline-data", "--offline"])
+def test_two_gloo_ranks_match_one_process(tiny, tmp_path, fixed):
     # Sampling and annotation made deterministic with fixed pairs: the only difference left is the split.
+    # --offline: rank 0 samples and labels the set once and shares it, so it is the one process's set.
     pairs = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i % 3 + 1), "rejected": f"No, {i} times no."}
              for i in range(8)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    args = run_args(tiny, tmp_path / "one", "--steps", "3", "--offline-data", str(tmp_path / "pairs.jsonl"))
+    (tmp_path / "p.txt").write_text("".join(f"{p['prompt']}\n" for p in pairs))
+    extra = ["--offline-data", str(tmp_path / "pairs.jsonl")] if fixed == "--offline-data" else \
+        ["--offline", "--prompts", str(tmp_path / "p.txt")]
+    args = run_args(tiny, tmp_path / "one", "--steps", "3", *extra)
     oaif.main(args)
     two = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in args]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -578,7 +619,8 @@ def test_two_gloo_ranks_match_one_process(tiny, tmp_path):
     assert all(torch.allclose(one[k], dist[k], atol=1e-5) for k in one)
     assert not all(torch.equal(one[k], final_params(tiny)[k]) for k in one)  # and training did move them
     rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["pairs"] for r in rows_two] == [r["pairs"] for r in rows_one] == [4, 4, 4]  # reduced over ranks
+    assert [r["pairs"] for r in rows_two] == [r["pairs"] for r in rows_one]  # reduced over ranks
+    assert fixed == "--offline" or [r["pairs"] for r in rows_one] == [4, 4, 4]
     assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
 
 
@@ -624,3 +666,258 @@ def test_plot_metrics_table(tiny, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "c.png").exists() or "win rate" in r.stdout  # a plot with matplotlib, a table without
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Silent wrong training (issue 12): each of these failed before its fix
+
+
+def test_bf16_checkpoint_trains_with_float32_master_weights(tiny, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tiny).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "bf16")
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+    oaif.main(run_args(str(tmp_path / "bf16"), tmp_path / "out", "--steps", "3", "--lr", "1e-5"))
+    assert read_metrics(tmp_path / "out")[0]["kl"] == 0.0  # step 1: the policy is still exactly the reference
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    start = load_file(tmp_path / "bf16" / "model.safetensors")
+    moved = [(saved[k] != start[k].float()).float().mean().item() for k in start if k in saved]
+    assert sum(moved) / len(moved) > 0.5  # lr 1e-5 updates survive: most weights moved off the bf16 grid
+
+
+def test_sampling_ignores_the_checkpoints_generation_config(model_tok):
+    model, tok = model_tok
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 100.0, 1
+    model.generation_config.min_new_tokens = 10  # none of these is the policy's own distribution
+    s = oaif.sample_pairs(model, tok, ["Why do we dream?", "Hi"], n=1, max_new_tokens=10, temperature=0)
+    with torch.no_grad():
+        pos = (s["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=s["input_ids"], attention_mask=s["attention_mask"], position_ids=pos).logits
+    resp = s["response_mask"][:, 1:].bool()
+    assert torch.equal(logits[:, :-1].argmax(-1)[resp], s["input_ids"][:, 1:][resp])  # greedy = own argmax
+
+
+def test_offline_data_never_trains_on_eval_prompts(tiny, tmp_path, capsys):
+    prompts = [f"Question number {i}?" for i in range(4)]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    rows = [{"prompt": p, "chosen": "Yes.", "rejected": f"No, {i} times no."} for i, p in enumerate(prompts)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = oaif.main(run_args(tiny, tmp_path / "out", "--steps", "6", "--batch-size", "1", "--sample-every", "1",
+                             "--prompts", str(tmp_path / "p.txt"), "--offline-data", str(tmp_path / "pairs.jsonl"),
+                             "--eval-every", "6", "--eval-prompts", "1"))
+    err = "".join(capsys.readouterr())
+    trained = {p for p in prompts if f"prompt: {p!r}" in err}
+    assert out["summary"]["held_out_pairs"] == 1 and len(trained) == 3  # 6 steps cycle through the 3 kept
+    held_out = set(prompts) - trained
+    assert "1 pairs of" in err and len(held_out) == 1
+    assert out["eval"]["n"] + out["eval"]["no_verdict"] == 1  # and that one prompt is the evaluation's
+
+
+def test_bf16_run_samples_the_reference_side_from_the_float32_initial_model(tiny, tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        for mode in ([], ["--offline"]):
+            out = tmp_path / f"{dtype}{len(mode)}"
+            oaif.main(run_args(tiny, out, "--steps", "1", "--dtype", dtype, "--eval-every", "1", "--eval-prompts",
+                               "6", "--temperature", "1.0", *mode))
+            runs[dtype, bool(mode)] = read_metrics(out)
+    assert runs["bfloat16", False][0]["kl"] == 0.0  # policy and reference: the same weights, the same autocast
+    for mode in (False, True):
+        f32, bf16 = runs["float32", mode], runs["bfloat16", mode]
+        assert f32[-1]["reference_chars"] == bf16[-1]["reference_chars"]  # the win rate's reference answers
+    assert runs["float32", True][0]["response_chars"] == runs["bfloat16", True][0]["response_chars"]  # offline set
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels, guards and log-probs that are the model's own (issue 11)
+
+
+def test_hedging_judge_trains_nothing_and_soft_labels_train(tiny, tmp_path):
+    hedge = lambda p, a, b: [0.505] * len(a)  # a coin flip dressed as a verdict
+    cfg = oaif.parse_args(run_args(tiny, tmp_path / "hedge", "--steps", "3"))
+    out = oaif.train(cfg, annotator=hedge)
+    before, after = final_params(tiny), final_params(tmp_path / "hedge")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical
+    rows = read_metrics(tmp_path / "hedge")
+    assert [r["low_confidence"] for r in rows] == [4, 4, 4] and not any(r["updated"] for r in rows)
+    assert out["summary"]["low_confidence"] == 12 and out["summary"]["dropped"] == 12
+    # the same judge with --min-confidence 0 and soft labels trains, and more gently than with hard labels
+    moved = {}
+    for labels in ("hard", "soft"):
+        cfg = oaif.parse_args(run_args(tiny, tmp_path / labels, "--steps", "1", "--min-confidence", "0",
+                                       "--labels", labels, "--loss", "ipo"))
+        oaif.train(cfg, annotator=hedge)
+        assert read_metrics(tmp_path / labels)[0]["pairs"] == 4
+        moved[labels] = read_metrics(tmp_path / labels)[0]["loss"]
+    assert moved["soft"] < moved["hard"]  # IPO: the soft target margin is 0.01/(2 beta), nearly 0 = h at step 1
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--steps", "0"), ("--steps", "-3"), ("--batch-size", "0"), ("--max-new-tokens", "0"), ("--temperature", "-1"),
+    ("--lr", "-1"), ("--lr", "nan"), ("--beta", "-0.1"), ("--beta", "0"), ("--save-every", "-1"),
+    ("--annotator-workers", "0"), ("--warmup-steps", "-1"), ("--keep-checkpoints", "-1"),
+    ("--min-confidence", "0.6"), ("--labels", "fuzzy"), ("--max-grad-norm", "0")])
+def test_bad_numbers_give_one_line_before_loading(tmp_path, capsys, flag, value):
+    out = tmp_path / "out"
+    msg = bad_run(["--model", str(tmp_path / "never-loaded"), "--output-dir", str(out), flag, value], capsys)
+    assert flag in msg and not out.exists()
+
+
+def test_eval_prompts_zero_is_refused_only_when_evaluating(tiny, tmp_path, capsys):
+    assert "--eval-prompts" in bad_run(run_args(tiny, tmp_path / "a", "--eval-every", "2", "--eval-prompts", "0"),
+                                       capsys)
+    oaif.main(run_args(tiny, tmp_path / "b", "--steps", "1", "--eval-prompts", "0"))  # no evaluation: fine
+    oaif.main(run_args(tiny, tmp_path / "c", "--steps", "1", "--temperature", "0"))  # 0 stays greedy
+
+
+def test_long_prompt_is_named(tiny, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("A fine prompt.\nPlease summarise this: " + "word " * 2000 + "\n")
+    msg = bad_run(run_args(tiny, tmp_path / "out", "--prompts", str(tmp_path / "p.txt")), capsys)
+    assert "Please summarise this: word" in msg and "p.txt" in msg and "context" in msg
+
+
+def test_diverging_learning_rate_stops_with_one_line(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    msg = bad_run(run_args(tiny, out, "--steps", "5", "--lr", "1e30", "--save-every", "1"), capsys)
+    assert "diverged" in msg and "--lr" in msg and "checkpoint-1" in msg  # the last good one is named
+    assert not (out / "model.safetensors").exists() and oaif.complete_checkpoints(str(out))[-1].endswith("-1")
+
+
+def test_nonfinite_loss_skips_the_update(tiny, tmp_path):
+    rows = [{"prompt": "Why?", "chosen": "Because.", "rejected": "It is a long story, really."}]
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    oaif.main(run_args(tiny, tmp_path / "out", "--steps", "3", "--lr", "1e30",
+                       "--offline-data", str(tmp_path / "pairs.jsonl")))  # fixed pairs: no sampling to stop it
+    rows = read_metrics(tmp_path / "out")
+    assert [r["updated"] for r in rows] == [True, False, False] and [r["nonfinite"] for r in rows] == [0, 1, 1]
+    from safetensors.torch import load_file
+
+    assert all(t.isfinite().all() for t in load_file(tmp_path / "out" / "model.safetensors").values())
+    model = oaif.load_model(tiny, torch.device("cpu"))[0]
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(oaif.OAIFError, match="non-finite"):
+        oaif.save_model(model, None, str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
+def tiny_config_models():
+    from transformers import (CohereConfig, CohereForCausalLM, GPT2Config, GPT2LMHeadModel, GraniteConfig,
+                              GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    body = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300)
+    return {"granite": lambda: GraniteForCausalLM(GraniteConfig(**body, logits_scaling=4.0)),
+            "cohere": lambda: CohereForCausalLM(CohereConfig(**body, logit_scale=0.5)),
+            "llama": lambda: LlamaForCausalLM(LlamaConfig(**body)),
+            "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**body)),
+            "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300))}
+
+
+@pytest.mark.parametrize("name", ["granite", "cohere", "llama", "qwen2", "gpt2"])
+def test_logprobs_are_the_models_own(name, monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_config_models()[name]().eval()
+    oaif.check_logprobs(model)  # passes: sequence_logprobs reproduces log_softmax of the model's own logits
+    ids = torch.randint(0, 300, (3, 9))
+    mask, resp = torch.ones_like(ids), torch.zeros_like(ids)
+    mask[0, :2], resp[:, 5:] = 0, 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].log_softmax(-1)
+        own = own.gather(-1, ids[:, 1:, None]).squeeze(-1).mul(resp[:, 1:]).sum(-1)
+        assert torch.allclose(oaif.sequence_logprobs(model, ids, mask, resp), own, atol=1e-5)
+    if name in ("granite", "cohere"):  # without the head's scaling folded in, the probe refuses the model
+        monkeypatch.setattr(oaif, "head_temperature", lambda config: 1.0)
+        with pytest.raises(oaif.OAIFError, match=type(model).__name__ + ".*nats per token"):
+            oaif.check_logprobs(model)
+
+
+def test_soft_capped_head_is_refused_with_one_line():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           vocab_size=300)).eval()
+    with pytest.raises(oaif.OAIFError, match="Gemma2ForCausalLM") as e:
+        oaif.check_logprobs(model)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models past one GPU (issue 10): LoRA through peft, FSDP2 across ranks
+
+
+@pytest.fixture(scope="session")
+def tiny_wide_embeddings(tmp_path_factory) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-e")), embed_std=0.2)
+
+
+def test_lora_learns_shorter_and_its_reference_is_the_frozen_base(tiny_wide_embeddings, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    base = tiny_wide_embeddings
+    oaif.main(["--model", base, "--output-dir", str(tmp_path), "--annotator", "shorter", "--lora-rank", "8",
+               "--lora-alpha", "32", "--lr", "1e-2", "--steps", "60", "--batch-size", "8", "--max-new-tokens", "32", "--sample-every", "0"])
+    rows = read_metrics(tmp_path)
+    first, last = (sum(r["response_chars"] for r in rows[i:j]) / 5 for i, j in ((0, 5), (55, 60)))
+    assert last < first / 2, (first, last)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path))
+    assert not (tmp_path / "model.safetensors").exists()  # the adapter, not a second copy of the model
+    lora = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path)).eval()  # loads onto its base
+    model, tok = oaif.load_model(base, torch.device("cpu"))
+    batch = oaif.pair_batch([tok("Why do we dream?").input_ids] * 2, [[5, 6, 7], [9]], [[8], [10, 11, 12]],
+                            tok.pad_token_id, "cpu")
+    args = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    with torch.no_grad():
+        with lora.disable_adapter():
+            assert torch.equal(oaif.sequence_logprobs(lora.get_base_model(), *args), oaif.sequence_logprobs(model, *args))
+        assert not torch.allclose(oaif.sequence_logprobs(lora.get_base_model(), *args), oaif.sequence_logprobs(model, *args))
+        merged = lora.merge_and_unload()  # the README's way to a plain model
+        assert torch.allclose(oaif.sequence_logprobs(merged, *args), oaif.sequence_logprobs(lora.get_base_model(), *args))
+
+
+def test_lora_resume_is_exact_and_bf16_runs(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    lora = ["--lora-rank", "4", "--lr", "1e-2"]
+    oaif.main(run_args(tiny, tmp_path / "straight", "--steps", "4", *lora))
+    oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "2", "--save-every", "2", *lora))
+    oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "4", "--resume", *lora))
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and any(a[k].abs().sum() > 0 for k in a)
+    oaif.main(run_args(tiny, tmp_path / "bf16", "--steps", "2", "--dtype", "bfloat16", *lora))
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "bf16"))
+
+
+def test_lora_bad_targets_are_one_line(tiny, tmp_path, capsys):
+    assert "--lora-targets" in bad_run(run_args(tiny, tmp_path / "a", "--lora-rank", "4", "--lora-targets", "nope"),
+                                       capsys)
+    assert "LM head" in bad_run(run_args(tiny, tmp_path / "b", "--lora-rank", "4", "--lora-targets", "wte,c_attn"),
+                                capsys)
+    assert "torchrun" in bad_run(run_args(tiny, tmp_path / "c", "--fsdp"), capsys)
+
+
+def torchrun(args, port, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), os.path.join(HERE, "oaif.py"), *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tiny, tmp_path):
+    pairs = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i % 3 + 1), "rejected": f"No, {i} times no."}
+             for i in range(8)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    data = ["--offline-data", str(tmp_path / "pairs.jsonl")]
+    oaif.main(run_args(tiny, tmp_path / "one", "--steps", "4", *data))
+    torchrun(run_args(tiny, tmp_path / "fsdp", "--steps", "2", "--save-every", "2", "--fsdp", *data), 29521)
+    torchrun(run_args(tiny, tmp_path / "fsdp", "--steps", "4", "--resume", "--fsdp", *data), 29522)
+    one, sharded = final_params(tmp_path / "one"), final_params(tmp_path / "fsdp")
+    assert one.keys() == sharded.keys() and all(torch.allclose(one[k], sharded[k], atol=1e-5) for k in one)
+    assert not all(torch.equal(one[k], final_params(tiny)[k]) for k in one)
+    rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in rows_two] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)

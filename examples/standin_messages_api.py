@@ -16,13 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class StandInMessagesAPI:
     """A small stand-in for POST /v1/messages with the API's JSON shapes. Its judge prefers the shorter
     response; `faults` (status codes) are answered first, in order; `always` answers every request with a
-    status; `reply` overrides the judge's text; `delay` sleeps before each answer. It counts requests and
-    the most that were in flight at once, and keeps the API keys it was sent."""
+    status; `reply` overrides the judge's text and `stop_reason` its stop reason ("max_tokens": cut off);
+    `delay` sleeps before each answer. It counts requests (also by model) and the most that were in flight
+    at once, and keeps the API keys it was sent."""
 
-    def __init__(self, delay=0.0, faults=(), always=None, reply=None, port=0):
+    def __init__(self, delay=0.0, faults=(), always=None, reply=None, port=0, stop_reason="end_turn"):
         self.delay, self.faults, self.always, self.reply = delay, list(faults), always, reply
         self.requests = self.in_flight = self.peak = 0
-        self.keys, self.lock = set(), threading.Lock()
+        self.keys, self.by_model, self.lock, self.stop_reason = set(), {}, threading.Lock(), stop_reason
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,6 +37,7 @@ class StandInMessagesAPI:
                     api.in_flight += 1
                     api.peak = max(api.peak, api.in_flight)
                     api.keys.add(self.headers.get("x-api-key") or self.headers.get("authorization"))
+                    api.by_model[body["model"]] = api.by_model.get(body["model"], 0) + 1
                     status = api.always or (api.faults.pop(0) if api.faults else 200)
                 time.sleep(api.delay)
                 if status == 200:
@@ -43,7 +45,7 @@ class StandInMessagesAPI:
                     a, b = re.search(r" 1:\n(.*)\n\n\w+ 2:\n(.*)\n\nWhich", text, re.S).groups()
                     reply = api.reply(a, b) if api.reply else f"One is shorter.\nPreferred Response={1 if len(a) < len(b) else 2}"
                     payload = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
-                               "content": [{"type": "text", "text": reply}], "stop_reason": "end_turn",
+                               "content": [{"type": "text", "text": reply}], "stop_reason": api.stop_reason,
                                "stop_sequence": None, "usage": {"input_tokens": len(text) // 4, "output_tokens": 9}}
                 else:
                     kinds = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
@@ -67,6 +69,10 @@ class StandInMessagesAPI:
         self.server = Server(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def models(self):
+        return set(self.by_model)
 
     def client(self, max_retries=2):
         import anthropic

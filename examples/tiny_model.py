@@ -15,9 +15,12 @@ import oaif  # noqa: E402
 
 
 def build_tiny_model(path: str, vocab_size: int = 400, n_positions: int = 1024, seed: int = 0, n_embd: int = 32,
-                     n_layer: int = 2, n_head: int = 2, model_vocab: int = 0) -> str:
+                     n_layer: int = 2, n_head: int = 2, model_vocab: int = 0, embed_std: float = 0.02) -> str:
     """Save a random GPT-2 and its byte-level BPE tokenizer to `path`; returns `path`. `model_vocab` pads
-    the model's vocabulary (ids past the tokenizer's decode to nothing): 50257 gives GPT-2's LM-head cost."""
+    the model's vocabulary (ids past the tokenizer's decode to nothing): 50257 gives GPT-2's LM-head cost.
+    `embed_std`: the (tied) token embeddings' scale. At GPT-2's init, 0.02, the final hidden state of a
+    32-wide model has a dot product under 1 with EOS's embedding, so blocks alone (LoRA) cannot make EOS
+    likely; 0.2 is nearer a trained model's scale (gpt2's own embeddings: std 0.14 over 768 dims)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -33,7 +36,9 @@ def build_tiny_model(path: str, vocab_size: int = 400, n_positions: int = 1024, 
     eos = tokenizer.eos_token_id
     config = GPT2Config(vocab_size=max(len(tokenizer), model_vocab), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, bos_token_id=eos, eos_token_id=eos)
-    GPT2LMHeadModel(config).save_pretrained(path)
+    model = GPT2LMHeadModel(config)
+    model.transformer.wte.weight.data.mul_(embed_std / config.initializer_range)  # the same draw, rescaled
+    model.save_pretrained(path)
     return path
 
 
