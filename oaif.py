@@ -808,9 +808,16 @@ class _Scorer(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.dropouts = [m for n, m in model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
 
     def forward(self, fn, *args):
-        return fn(self.model, *args)
+        for m in self.dropouts:  # LoRA dropout acts in the loss pass only: samples and reference stay exact
+            m.train(torch.is_grad_enabled())
+        try:
+            return fn(self.model, *args)
+        finally:
+            for m in self.dropouts:
+                m.eval()
 
 
 def add_lora(model, cfg: Config, resume_from: Optional[str]):
@@ -832,7 +839,7 @@ def add_lora(model, cfg: Config, resume_from: Optional[str]):
     return lora
 
 
-def shard(root, world: int) -> None:
+def shard(root) -> None:
     """FSDP2: every transformer block its own unit (gathered just for its forward and backward), the rest
     (embeddings, final norm, LM head) the root's."""
     from torch.distributed.fsdp import fully_shard
@@ -1018,6 +1025,41 @@ def diverged(step: int, what: str, cfg: Config) -> OAIFError:
     return OAIFError(f"step {step}: {what}: the run diverged (--lr {cfg.lr} too high?); last good checkpoint: {last}")
 
 
+def load_policy(cfg: Config, device, resume_from: Optional[str]) -> tuple:
+    """(policy, reference model, tokenizer, what to save, a context in which the reference is the initial model).
+
+    The reference is the frozen initial model, also on resume. It is float32 like the policy's master weights
+    and runs under the same autocast: a bf16 copy (its norms and residual adds in bf16 too) scored SmolLM2's
+    own samples 0.47 nats per sequence away from the identical float32 policy, so step 1 showed a KL and
+    margins that were only rounding. With LoRA there is one model: its frozen base (in the compute dtype),
+    and the reference is the policy with its adapter disabled."""
+    ref_model, tokenizer = load_model(cfg.model, device)
+    ref_model.requires_grad_(False)
+    if cfg.lora_rank:
+        lora = add_lora(ref_model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32), cfg, resume_from)
+        return lora.get_base_model(), ref_model, tokenizer, lora, lora.disable_adapter
+    policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(ref_model).requires_grad_(True)
+    return policy, ref_model, tokenizer, policy, contextlib.nullcontext
+
+
+def reference_side(cfg: Config, initial, tokenizer, train_prompts: list, eval_prompts: list, annotator: Callable,
+                   rank: int, world: int) -> tuple:
+    """(the offline fixed set or None, pairs left out of it as held-out, the win rate's reference answers or
+    None), all drawn from the initial model. --offline's set is sampled and labelled once, on rank 0, and
+    shared with every rank; the reference answers use the evaluation's seed (rank 0 evaluates; under FSDP
+    every rank samples, as the shards must be gathered)."""
+    fixed, held_out = None, 0
+    if cfg.offline or cfg.offline_data:
+        box = [offline_pairs(cfg, initial, tokenizer, train_prompts, eval_prompts, annotator)
+               if rank == 0 or cfg.offline_data else None]
+        if cfg.offline and world > 1:
+            torch.distributed.broadcast_object_list(box, 0)
+        fixed, held_out = box[0]
+    answers = sample_answers(initial, tokenizer, eval_prompts, cfg.max_new_tokens, cfg.temperature,
+                             cfg.batch_size, cfg.seed) if eval_prompts and (rank == 0 or cfg.fsdp) else None
+    return fixed, held_out, answers
+
+
 def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     """Run OAIF (or, with --offline, the offline baseline) as `cfg` says; returns the last metrics and a
     summary. `annotator` overrides --annotator with any callable of the annotator interface."""
@@ -1030,47 +1072,26 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
     eval_prompts, train_prompts = prompts[:n_eval], prompts[n_eval:]
     resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
-    compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     amp = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    # The reference is the frozen initial model, also on resume. It is float32 like the policy's master
-    # weights and runs under the same autocast: a bf16 copy (its norms and residual adds in bf16 too) scored
-    # SmolLM2's own samples 0.47 nats per sequence away from the identical float32 policy, so step 1 showed a
-    # KL and margins that were only rounding. With LoRA the frozen base (in the compute dtype) is both: the
-    # reference is the policy with its adapter disabled.
-    ref_model, tokenizer = load_model(cfg.model, device)
-    saved, reference = None, contextlib.nullcontext
-    if cfg.lora_rank:
-        saved = add_lora(ref_model.requires_grad_(False).to(compute), cfg, resume_from)  # what is saved: the adapter
-        policy, reference = saved.get_base_model(), saved.disable_adapter
-    else:
-        policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(ref_model)
+    policy, ref_model, tokenizer, saved, reference = load_policy(cfg, device, resume_from)
     check_context(tokenizer, prompts, cfg.max_new_tokens, getattr(policy.config, "max_position_embeddings", None)
                   or getattr(policy.config, "n_positions", None), cfg.prompts or "the built-in prompts")
     models = {"device": device, **({} if cfg.lora_rank else {cfg.model: (ref_model.requires_grad_(False), tokenizer)})}
     annotator = annotator or make_annotator(spec, cfg, models, cfg.annotator_model)
     eval_annotator = make_annotator(cfg.eval_annotator, cfg, models, cfg.eval_annotator_model or cfg.annotator_model) \
         if cfg.eval_annotator else annotator
-    fixed, held_out = None, 0
-    if cfg.offline or cfg.offline_data:  # --offline: sampled once, on rank 0, and shared with every rank
-        with reference():
-            box = [offline_pairs(cfg, ref_model, tokenizer, train_prompts, eval_prompts, annotator)
-                   if rank == 0 or cfg.offline_data else None]
-        if cfg.offline and world > 1:
-            torch.distributed.broadcast_object_list(box, 0)
-        fixed, held_out = box[0]
-    with reference():
-        ref_answers = sample_answers(ref_model, tokenizer, eval_prompts, cfg.max_new_tokens, cfg.temperature,
-                                     cfg.batch_size, cfg.seed) if n_eval and (rank == 0 or cfg.fsdp) else None
+    with reference():  # everything drawn from the initial model, before anything is sharded
+        fixed, held_out, ref_answers = reference_side(cfg, ref_model, tokenizer, train_prompts, eval_prompts,
+                                                      annotator, rank, world)
     score, ref_score = _Scorer(policy), _Scorer(ref_model)  # LoRA: the same model, ref_score under reference()
     if cfg.fsdp:
-        shard(score, world)
-        shard(ref_score, world)
+        shard(score)
+        shard(ref_score)
     elif world > 1:
         score = torch.nn.parallel.DistributedDataParallel(score, device_ids=[device] if device.type == "cuda" else None)
     sample = partial(run_gathered, score) if cfg.fsdp else lambda fn: fn(policy)  # fn(policy) -> samples
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    dropouts = [m for name, m in policy.named_modules() if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)]
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -1108,11 +1129,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         # 3) policy (with grad) and reference (frozen) log-probs of all 2B responses, one pass each
         ids_masks = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         with amp():
-            for m in dropouts:  # LoRA dropout, if any, acts in the loss pass only: sampling stays on-policy
-                m.train()
             logps = score(sequence_logprobs, *ids_masks)
-            for m in dropouts:
-                m.eval()
             with torch.no_grad(), reference():
                 ref_logps = ref_score(sequence_logprobs, *ids_masks)
         kl_sum = float((logps.detach() - ref_logps).sum())  # summed log-ratios of the sampled responses
@@ -1158,8 +1175,8 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         totals = {k: v + record[k] for k, v in totals.items()}
         if rank == 0:
             report(record, log, bar, cfg.sample_every, batch_prompts[0], texts[:2], probs[0])
-        if n_eval and (step % cfg.eval_every == 0 or step == cfg.steps):
-            if rank == 0 or cfg.fsdp:  # the same seed as the reference answers: the same draws, compared
+        if eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if ref_answers is not None:  # rank 0, or every rank under FSDP; the reference answers' draws
                 answers = sample(lambda m: sample_answers(m, tokenizer, eval_prompts, cfg.max_new_tokens,
                                                           cfg.temperature, cfg.batch_size, cfg.seed))
             if rank == 0:
@@ -1167,7 +1184,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
                 report(last_eval, log, bar)
             barrier(world)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(cfg.output_dir, step, saved or policy, tokenizer, optimizer, rank, world,
+            save_checkpoint(cfg.output_dir, step, saved, tokenizer, optimizer, rank, world,
                             cfg.keep_checkpoints, score, cfg.fsdp)
     bar.close()
     background.shutdown()
@@ -1175,7 +1192,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     model_state = gathered_state(policy, score, optimizer, cfg.fsdp)[0] if cfg.fsdp else None
     if rank == 0:
         log.close()
-        finish(cfg, saved or policy, tokenizer, dict(dataclasses.asdict(cfg), beta=beta, annotator=spec), summary,
+        finish(cfg, saved, tokenizer, dict(dataclasses.asdict(cfg), beta=beta, annotator=spec), summary,
                annotator.cost() if hasattr(annotator, "cost") else None, model_state)
     if world > 1:
         barrier(world)  # every rank done before any tears down its process group
