@@ -577,7 +577,7 @@ class LocalJudgeAnnotator:
             raise OAIFError(f"unknown --task {task!r}; choose from {', '.join(TEMPLATES)}")
         self.model, self.tokenizer, self.task, self.instruction = model, tokenizer, task, instruction
         self.batch_size = batch_size
-        self.context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        self.context = context_length(model.config)
         # the last token of "1" / "2" (sentencepiece vocabularies may put a word-start piece before it)
         self.digits = [tokenizer("1", add_special_tokens=False).input_ids[-1],
                        tokenizer("2", add_special_tokens=False).input_ids[-1]]
@@ -830,8 +830,9 @@ def add_lora(model, cfg: Config, resume_from: Optional[str]):
         if resume_from:
             return peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-        lora = peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, task_type=
-                                                          "CAUSAL_LM", lora_dropout=cfg.lora_dropout, target_modules=targets))
+        config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=targets, task_type="CAUSAL_LM")
+        lora = peft.get_peft_model(model, config)
     except ValueError as e:
         raise OAIFError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
     if any(hasattr(m, "lora_A") for m in (model.get_output_embeddings(), model.get_input_embeddings())):
@@ -887,6 +888,27 @@ def preference_batch(logps, ref_logps, probs: list, loss_fn: Callable, beta: flo
     h = ((pc - rc) - (pr - rr)).detach()
     loss = (losses * usable).sum() * world / max(n_global, 1)
     return loss, losses.detach().mul(usable).sum(), (beta * h * usable).sum(), ((h > 0).float() * usable).sum()
+
+
+def triage(probs: list, min_confidence: float) -> tuple:
+    """(the verdicts the loss may use, None elsewhere; counts of usable pairs, ties, no verdict and hedges:
+    verdicts within min_confidence of 1/2)."""
+    used = [None if p is None or p == 0.5 or abs(p - 0.5) < min_confidence else p for p in probs]
+    counts = dict(pairs=sum(p is not None for p in used), ties=sum(p == 0.5 for p in probs),
+                  no_verdict=sum(p is None for p in probs))
+    return used, dict(counts, low_confidence=len(probs) - sum(counts.values()))
+
+
+def update(loss, params: list, optimizer, max_grad_norm: float, world: int, device) -> tuple:
+    """backward, clipping and an AdamW step, unless the loss or the gradient is not finite (on any rank):
+    then no step. Returns (gradient norm, 1 if skipped as not finite else 0)."""
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    nonfinite = int(all_sum(dict(bad=not math.isfinite(grad_norm + float(loss.detach()))), world, device)["bad"] > 0)
+    if not nonfinite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, nonfinite
 
 
 def all_sum(values: dict, world: int, device) -> dict:
@@ -946,6 +968,10 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
     return rank, world, device, spec
 
 
+def context_length(config) -> Optional[int]:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def check_context(tokenizer, prompts: list, max_new_tokens: int, context: Optional[int], source: str) -> None:
     """Refuse (never truncate) a prompt that does not fit the model's context with its response."""
     lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
@@ -977,6 +1003,17 @@ def offline_pairs(cfg: Config, initial, tokenizer, prompts: list, eval_prompts: 
         pairs += [(x, ids, rows[2 * j], rows[2 * j + 1], probs[j], s["texts"][2 * j:2 * j + 2])
                   for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk)))]
     return pairs, 0
+
+
+def open_run(out_dir: str, resume_from: Optional[str], optimizer, rank: int, root, fsdp: bool) -> tuple:
+    """(first step to run - 1, the step records kept from before, metrics.jsonl open for appending on rank 0)."""
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if not resume_from and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    start, done = restore(resume_from, optimizer, rank, metrics_path, root, fsdp) if resume_from else (0, [])
+    return start, done, open(metrics_path, "a") if rank == 0 else None
 
 
 def restore(checkpoint: str, optimizer, rank: int, metrics_path: str, root=None, fsdp: bool = False) -> tuple:
@@ -1020,6 +1057,10 @@ ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "
 TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")
 
 
+def peak_memory(device) -> dict:
+    return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+
+
 def diverged(step: int, what: str, cfg: Config) -> OAIFError:
     last = (complete_checkpoints(cfg.output_dir) or ["none (--save-every N keeps some)"])[-1]
     return OAIFError(f"step {step}: {what}: the run diverged (--lr {cfg.lr} too high?); last good checkpoint: {last}")
@@ -1055,6 +1096,9 @@ def reference_side(cfg: Config, initial, tokenizer, train_prompts: list, eval_pr
         if cfg.offline and world > 1:
             torch.distributed.broadcast_object_list(box, 0)
         fixed, held_out = box[0]
+    if held_out and rank == 0:
+        print(f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are held out for evaluation",
+              file=sys.stderr)
     answers = sample_answers(initial, tokenizer, eval_prompts, cfg.max_new_tokens, cfg.temperature,
                              cfg.batch_size, cfg.seed) if eval_prompts and (rank == 0 or cfg.fsdp) else None
     return fixed, held_out, answers
@@ -1074,8 +1118,8 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
     amp = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     policy, ref_model, tokenizer, saved, reference = load_policy(cfg, device, resume_from)
-    check_context(tokenizer, prompts, cfg.max_new_tokens, getattr(policy.config, "max_position_embeddings", None)
-                  or getattr(policy.config, "n_positions", None), cfg.prompts or "the built-in prompts")
+    check_context(tokenizer, prompts, cfg.max_new_tokens, context_length(policy.config),
+                  cfg.prompts or "the built-in prompts")
     models = {"device": device, **({} if cfg.lora_rank else {cfg.model: (ref_model.requires_grad_(False), tokenizer)})}
     annotator = annotator or make_annotator(spec, cfg, models, cfg.annotator_model)
     eval_annotator = make_annotator(cfg.eval_annotator, cfg, models, cfg.eval_annotator_model or cfg.annotator_model) \
@@ -1092,17 +1136,8 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     sample = partial(run_gathered, score) if cfg.fsdp else lambda fn: fn(policy)  # fn(policy) -> samples
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        if not resume_from and os.path.exists(metrics_path):
-            os.remove(metrics_path)
-        if held_out:
-            print(f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are held out for "
-                  "evaluation", file=sys.stderr)
-    start, done = restore(resume_from, optimizer, rank, metrics_path, score, cfg.fsdp) if resume_from else (0, [])
+    start, done, log = open_run(cfg.output_dir, resume_from, optimizer, rank, score, cfg.fsdp)
     background = concurrent.futures.ThreadPoolExecutor(1)  # runs the annotator while we compute log-probs
-    log = open(metrics_path, "a") if rank == 0 else None
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
     totals, record, last_eval = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}, {}, None
     for step in bar:
@@ -1110,10 +1145,9 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         # 1) sample two responses per prompt from the current policy (offline: this step's fixed pairs)
         if fixed is None:
             batch_prompts = step_slice(train_prompts, step, cfg.batch_size, rank, world)
-            # no autocast here: decoding re-reads every weight per token, and autocast would re-cast each
-            # float32 weight to bf16 at every step (measured: minutes per step on CPU instead of seconds)
-            try:
-                batch = sample(lambda m: sample_pairs(m, tokenizer, batch_prompts, 2, cfg.max_new_tokens, cfg.temperature))
+            try:  # no autocast: it would re-cast every float32 weight at every decoded token
+                batch = sample(lambda m: sample_pairs(m, tokenizer, batch_prompts, 2, cfg.max_new_tokens,
+                                                      cfg.temperature))
             except OAIFError as e:
                 raise diverged(step, str(e), cfg) from None
         else:
@@ -1143,35 +1177,23 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         # step with clipping; no usable pair anywhere, or a loss or gradient that is not finite: no update
         for group in optimizer.param_groups:  # linear warm-up; a function of the step, so nothing to checkpoint
             group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-        low = sum(p is not None and p != 0.5 and abs(p - 0.5) < cfg.min_confidence for p in probs)
-        used = [None if p is None or abs(p - 0.5) < cfg.min_confidence else p for p in probs]
-        n_local = sum(p is not None and p != 0.5 for p in used)
-        n_used = all_sum(dict(n=n_local), world, device)["n"]
+        used, counts = triage(probs, cfg.min_confidence)
+        n_used = all_sum(dict(n=counts["pairs"]), world, device)["n"]
         loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps, used, LOSSES[cfg.loss], beta,
                                                                int(n_used), world, cfg.labels == "soft")
-        grad_norm, nonfinite = 0.0, False
-        if n_used > 0:
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            nonfinite = all_sum(dict(bad=not math.isfinite(grad_norm + float(loss.detach()))), world, device)["bad"] > 0
-            if not nonfinite:
-                optimizer.step()
-                if all_sum(dict(bad=not finite_weights(policy)), world, device)["bad"]:
-                    raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, nonfinite = update(loss, params, optimizer, cfg.max_grad_norm, world, device) if n_used else (0.0, 0)
+        if n_used and not nonfinite and all_sum(dict(bad=not finite_weights(policy)), world, device)["bad"]:
+            raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)
         t3 = time.perf_counter()
         # 5) log: sums over ranks, then means
         stats = {k: v - stats0.get(k, 0) for k, v in getattr(annotator, "stats", {}).items()}
-        sums = all_sum(dict(pairs=n_local, ties=sum(p == 0.5 for p in probs), no_verdict=sum(p is None for p in probs),
-                            low_confidence=low, loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum),
-                            kl=kl_sum, tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)),
-                            seqs=len(texts), **stats), world, device)
-        record = step_record(step, sums, nonfinite=int(nonfinite), grad_norm=grad_norm,
+        sums = all_sum(dict(counts, loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum), kl=kl_sum,
+                            tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)), seqs=len(texts),
+                            **stats), world, device)
+        record = step_record(step, sums, nonfinite=nonfinite, grad_norm=grad_norm,
                              lr=optimizer.param_groups[0]["lr"], updated=n_used > 0 and not nonfinite,
                              seconds=t3 - t0, sample_s=t1 - t0, annotate_s=annotate_s, annotate_wait_s=wait_s,
-                             train_s=(t2 - t1) + (t3 - t2 - wait_s))
-        if device.type == "cuda":
-            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                             train_s=(t2 - t1) + (t3 - t2 - wait_s), **peak_memory(device))
         totals = {k: v + record[k] for k, v in totals.items()}
         if rank == 0:
             report(record, log, bar, cfg.sample_every, batch_prompts[0], texts[:2], probs[0])
