@@ -314,7 +314,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     sequence, whatever the length; on length-averaged log-probs (TRL's choice, --average-logps) it is per
     token, i.e. a sequence margin of 0.5 * length: the same beta means a much stronger pull."""
     h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return (h - (2 * label_p - 1) / (2 * beta)) ** 2  # IPO Eq. 17; soft labels: Azar et al. Sec. 5.1
+    return (h - (2 * label_p - 1) / (2 * beta)) ** 2  # IPO Eq. 17; p: its population loss, target (p - 1/2)/beta
 
 
 def slic_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.002,

@@ -628,8 +628,9 @@ def test_two_gloo_ranks_match_one_process(tiny, tmp_path, fixed):
 # Examples run
 
 
-EXAMPLES = ["bench_logprobs.py", "bench_step.py", "bench_vs_trl.py", "custom_annotator.py", "length_control.py",
-            "online_vs_offline.py", "plot_metrics.py", "standin_messages_api.py", "tiny_model.py"]
+EXAMPLES = ["bench_logprobs.py", "bench_sampler.py", "bench_step.py", "bench_vs_trl.py", "custom_annotator.py",
+            "length_control.py", "memory_table.py", "online_vs_offline.py", "plot_metrics.py",
+            "standin_messages_api.py", "tiny_model.py"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

@@ -62,5 +62,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path")
     p.add_argument("--gpt2-small", action="store_true", help="GPT-2 small's size (124M) instead of tiny")
+    p.add_argument("--embed-std", type=float, default=0.02, help="token embeddings' scale (0.2: enough for LoRA)")
     a = p.parse_args()
-    print((build_gpt2_small if a.gpt2_small else build_tiny_model)(a.path))
+    print(build_gpt2_small(a.path) if a.gpt2_small else build_tiny_model(a.path, embed_std=a.embed_std))
