@@ -1,11 +1,6 @@
-"""
-Online AI Feedback (OAIF) in one file: align a language model with DPO, IPO or SLiC on pairs that it
-samples itself, labelled on the spot by an LLM annotator.
-
-    Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"   arXiv 2402.04792
-    DPO  Rafailov et al. 2023                                                   arXiv 2305.18290
-    IPO  Azar et al. 2023                                                       arXiv 2310.12036
-    SLiC-HF  Zhao et al. 2023 (hinge as in RSO, Liu et al., arXiv 2309.06657)  arXiv 2305.10425
+"""Online AI Feedback (OAIF) in one file: align a language model with DPO, IPO or SLiC on pairs that it samples
+itself, labelled on the spot by an LLM annotator. Guo et al. 2024, "Direct Language Model Alignment from Online
+AI Feedback", arXiv 2402.04792; DPO arXiv 2305.18290, IPO 2310.12036, SLiC-HF 2305.10425 (hinge as in RSO, 2309.06657).
 
 Algorithm 1, each step: sample two responses per prompt from the *current* policy; the annotator says which
 is better; take one gradient step of a direct-alignment loss against the frozen initial model (reference).
@@ -30,8 +25,6 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Optional
 
 import numpy as np
@@ -47,7 +40,7 @@ class OAIFError(Exception):
 # Config: every field is a flag (--batch-size for batch_size); the comment beside it is its --help.
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # model and data
     model: str = "gpt2"  # hub id or local folder; the reference model is a frozen copy of it
@@ -59,7 +52,7 @@ class Config:
     # optimisation
     steps: int = 100  # optimiser steps, one batch of prompts each
     batch_size: int = 8  # prompts per step, across all ranks; each prompt yields one pair
-    lr: float = 1e-5  # AdamW learning rate (the paper: 5e-7 with Adafactor on PaLM 2; tiny models take 1e-3+)
+    lr: float = 3e-6  # AdamW learning rate (measured on SmolLM2-135M; the paper: 5e-7, Adafactor, PaLM 2; tiny: 1e-3+)
     warmup_steps: int = 0  # linear learning-rate warm-up (the paper: 150)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
@@ -99,6 +92,8 @@ class Config:
 
 
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
+ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
+TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")  # summed over the run
 
 DEFAULT_PROMPTS = [
     "Explain why the sky is blue.", "Give me three tips for sleeping better.", "What is a prime number?",
@@ -112,10 +107,10 @@ DEFAULT_PROMPTS = [
     "Recommend a book for a long flight.", "How can I save money on groceries?", "Why is exercise healthy?",
     "Tell me a fun fact about octopuses.", "How do I apologise to a friend?", "What is machine learning?",
     "Describe the taste of coffee to someone who has never had it.", "How do bees make honey?",
-    "What are the rules of chess in brief?", "How can I be more productive in the morning?",
-    "Why is the ocean salty?", "Write two sentences about the moon.", "How should I prepare for a job interview?",
-    "What is the water cycle?", "Give advice to a new gardener.", "How does a compass work?",
-    "What makes a good password?", "Explain what a budget is.",
+    "What are the rules of chess in brief?", "How can I be more productive in the morning?", "Why is the ocean salty?",
+    "Write two sentences about the moon.", "How should I prepare for a job interview?", "What is the water cycle?",
+    "Give advice to a new gardener.", "How does a compass work?", "What makes a good password?",
+    "Explain what a budget is.",
 ]
 
 
@@ -123,29 +118,23 @@ DEFAULT_PROMPTS = [
 # Log-probabilities without the [tokens, vocab] logits tensor
 
 
-def _head(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The LM head in the compute dtype. On CUDA its vocabulary is padded with zero rows to a multiple of 64:
-    GEMMs over GPT-2's odd 50257 ran 5-7x slower on an H200 than over 50304 (llm.c's pad_vocab); the padded
-    logits are masked to -inf, so nothing changes but the speed. (On CPU it gained ~10% for a 154 MB copy.)"""
-    w = weight.to(dtype)
-    return F.pad(w, (0, 0, 0, -w.shape[0] % 64)) if w.is_cuda else w
+def _rows_and_head(hidden, weight, labels, temperature: float) -> tuple:
+    """Labelled rows (one host sync) over the temperature, their labels, the head in their dtype (on CUDA padded to a
+    multiple of 64 rows, llm.c: GPT-2's 50257 ran 5-7x slower on an H200 than 50304; CPU: 10%), the vocabulary V."""
+    rows = (labels != -100).nonzero().squeeze(1)
+    h = hidden[rows] * (1.0 / temperature) if temperature != 1.0 else hidden[rows]  # (n, H)
+    w = weight.to(h.dtype)
+    return rows, h, labels[rows], F.pad(w, (0, 0, 0, -w.shape[0] % 64)) if w.is_cuda else w, weight.shape[0]
 
 
 class _FusedLogprobs(torch.autograd.Function):
-    """log p(label | hidden) for rows of hidden states, one chunk of logits at a time (see fused_logprobs).
-
-    float32: a chunk's logits are held vocab-major, (V, C) = w @ h.T, whose GEMM runs ~1.4x faster on CPU than
-    h @ w.T (measured at GPT-2 sizes), and the logsumexp and softmax are done in place in that one buffer.
-    bf16/fp16: (C, V) logits and PyTorch's fused softmax kernels, which read the low-precision logits and
-    accumulate in float32 in one kernel (the GPU path: passes over memory matter more than GEMM layout)."""
+    """fused_logprobs by chunks. float32: (V, C) = w @ h.T logits (1.4x faster on CPU than h @ w.T, GPT-2 sizes), in
+    place; bf16/fp16: (C, V) and PyTorch's fused softmax kernels, float32 inside (GPU: memory passes matter most)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk_size):
-        rows = (labels != -100).nonzero().squeeze(1)  # one host sync, before the loop: skip ignored rows
-        h = hidden[rows] * (1.0 / temperature) if temperature != 1.0 else hidden[rows]  # (n, H)
-        w, lab, V = _head(weight, h.dtype), labels[rows], weight.shape[0]  # matmuls in the hidden states' dtype
-        lse = torch.empty(len(rows), dtype=torch.float32, device=h.device)  # the one float kept per row
-        logp = torch.empty(len(rows), dtype=torch.float32, device=h.device)
+        rows, h, lab, w, V = _rows_and_head(hidden, weight, labels, temperature)  # matmuls in the hidden states' dtype
+        lse, logp = torch.empty(2, len(rows), dtype=torch.float32, device=h.device)  # lse: the one float kept per row
         for s in range(0, len(rows), chunk_size):
             hc, lc = h[s:s + chunk_size], lab[s:s + chunk_size]
             if h.dtype == torch.float32:
@@ -167,15 +156,12 @@ class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
-        T, C, V = ctx.temperature, ctx.chunk_size, weight.shape[0]
-        rows = (labels != -100).nonzero().squeeze(1)
-        h = hidden[rows] * (1.0 / T) if T != 1.0 else hidden[rows]
-        w, lab, g = _head(weight, h.dtype), labels[rows], grad_out[rows].float()
-        grad_h = torch.zeros_like(hidden)
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # float32 accumulation
-        # d logp / d logits = onehot(label) - P. Both gradients come from the softmax P alone:
-        #   grad_h = g * (w[label] - P @ w) / T        grad_w = onehot.T @ (g h) - P.T @ (g h)
-        # so the big buffer sees one matmul, one softmax and two matmul reads; no onehot is ever built.
+        T, C = ctx.temperature, ctx.chunk_size
+        rows, h, lab, w, V = _rows_and_head(hidden, weight, labels, T)
+        g = grad_out[rows].float()
+        grad_h, grad_w = torch.zeros_like(hidden), torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # float32
+        # d logp / d logits = onehot(label) - P, so grad_h = g (w[label] - P @ w) / T, grad_w = onehot.T @ (g h) -
+        # P.T @ (g h): the big buffer sees one matmul, one softmax and two matmul reads; no onehot is ever built.
         for s in range(0, len(rows), C):
             hc, gc = h[s:s + C], g[s:s + C, None]
             gh = (gc * hc.float()).to(h.dtype)  # (C, H): g h
@@ -196,35 +182,20 @@ class _FusedLogprobs(torch.autograd.Function):
 
 
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk for fused_logprobs, from a memory budget for one chunk of float32 logits.
-
-    Measured with examples/bench_logprobs.py at GPT-2 sizes (H = 768, V = 50257, N = 4096-16384 tokens):
-    CPU float32, 64 MiB (256 rows): 0.98-1.18x the naive full-logits version's time over two runs, with 1/16
-    of its extra memory; 2048 rows no faster and 6x the memory.
-    CUDA bf16, 256 MiB or 1/16 of free memory (1335 rows measured, now 1280): 0.49x naive's time and 0.08x
-    its extra memory on an H200; 8192 rows gained 25% more speed for 5x the memory."""
-    budget = 64 << 20
-    if device.type == "cuda":
-        budget = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20)
-    rows = budget // (4 * vocab)
-    return max(1, min(n_rows, rows // 128 * 128 or rows))  # GEMM-friendly: 256 rows on CPU, 1280 on CUDA
+    """Rows per chunk for fused_logprobs: a budget for one chunk of float32 logits, but at least the rows a GEMM needs
+    (bench_logprobs.py, time and memory vs full logits): CPU GPT-2 64 MiB = 256 rows 0.98-1.18x, 1/16; Qwen's V=151936
+    110 rows 1.93x, 256 1.55x, 0.11x. H200 bf16: GPT-2 1280 rows 0.49x, 0.08x; Qwen 384 rows 1.68x, 2048 1.08x, 0.11x"""
+    cuda = device.type == "cuda"
+    budget = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20) if cuda else 64 << 20
+    return max(1, min(n_rows, max(budget // (4 * vocab) // 128 * 128, 2048 if cuda else 256)))
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                    chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Per-token log p(label | hidden) = log_softmax(hidden @ weight.T / temperature)[label], exactly, without
-    ever holding the full (tokens, vocab) logits: rows are processed in chunks, the forward keeps one float
-    (the logsumexp) per row and the backward recomputes each chunk's softmax.
-
-    Args:
-        hidden: (..., H) final hidden states, any float dtype; the matmuls run in this dtype.
-        weight: (V, H) LM-head weight (for GPT-2, the tied input embedding: its gradient reaches it).
-        labels: (...) int64 token ids; -100 means "ignore" and gives 0.0 there.
-        temperature: logits are divided by it.
-        chunk_size: rows per chunk; None picks one from a memory budget (default_chunk_size).
-    Returns:
-        (...) float32 log-probabilities, labels' shape. logsumexp and gradients accumulate in float32.
-    """
+    """Per-token log_softmax(hidden @ weight.T / temperature)[label], exactly, never holding (tokens, vocab) logits:
+    chunks of chunk_size rows (None: default_chunk_size), one float kept per row (the logsumexp), each chunk's
+    softmax recomputed in the backward. hidden: (..., H), any float dtype (the matmuls run in it); weight: (V, H),
+    the LM head (its gradient too); labels: (...) int64, -100 = ignore. Returns (...) float32 (0.0 where ignored)."""
     assert hidden.shape[:-1] == labels.shape, f"hidden {tuple(hidden.shape)} vs labels {tuple(labels.shape)}"
     assert weight.dim() == 2 and weight.shape[1] == hidden.shape[-1], "weight must be (V, H)"
     h2, l2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
@@ -236,25 +207,15 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token | prefix) over the response tokens of each sequence: log pi(y | x).
-
-    Runs the transformer body only; the LM head is applied by fused_logprobs, so the full-vocabulary logits
-    never exist. Works for any Hugging Face causal LM whose head is a plain bias-free linear layer.
-
-    Args:
-        input_ids: (B, T) prompt (left-padded) followed by response (right-padded).
-        attention_mask: (B, T) 1 for real tokens.
-        response_mask: (B, T) 1 for the response tokens to score (the EOS that ends a response included).
-    Returns:
-        (B,) float32.
-    """
+    """log pi(y | x): (B,) float32 sums of log p(token | prefix) over response tokens, the head applied by
+    fused_logprobs (any HF causal LM with a plain bias-free head). All (B, T), prompt left-, response right-padded:
+    attention_mask 1 for real tokens, response_mask 1 for the tokens to score (a response's EOS included)."""
     assert input_ids.shape == attention_mask.shape == response_mask.shape
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
         raise OAIFError(f"{type(model).__name__}: its LM head has a bias or logit soft-capping; sequence_logprobs "
                         "needs a plain linear head")
-    # Left padding shifts every token: position ids must come from the mask, not from the column index.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: from the mask, not the column
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state  # (B, T, H)
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
@@ -264,15 +225,13 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def head_temperature(config) -> float:
-    """What a model divides its head's logits by before the softmax: Granite divides them by
-    `logits_scaling`, Cohere multiplies them by `logit_scale`; 1.0 for Llama, Qwen, GPT-2 and most others."""
+    """What the logits are divided by: Granite's `logits_scaling`, 1 / Cohere's `logit_scale`, else 1.0."""
     return (getattr(config, "logits_scaling", None) or 1.0) / (getattr(config, "logit_scale", None) or 1.0)
 
 
 @torch.no_grad()
 def check_logprobs(model, tolerance: float = 1e-3) -> None:
-    """Refuse a model whose own log_softmax(logits) sequence_logprobs does not reproduce (a head transform
-    we do not know of) rather than train on wrong numbers: a probe of 2 x 8 tokens, |error| in nats per token."""
+    """Refuse a model whose own log-probs sequence_logprobs misses by over `tolerance` nats per token (2 x 8 probe)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.get_output_embeddings().weight.shape[0], (2, 8), generator=g).to(model.device)
     ones = torch.ones_like(ids)
@@ -287,40 +246,31 @@ def check_logprobs(model, tolerance: float = 1e-3) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Losses. h = [log pi(y+) - log ref(y+)] - [log pi(y-) - log ref(y-)], all (B,) sums over response tokens.
-# Each returns per-example losses (B,); the caller takes the mean over usable pairs.
+# Losses, per example (B,), of h = [log pi(y+) - log ref(y+)] - [log pi(y-) - log ref(y-)] (log-prob sums).
 
 
-def _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
-    assert policy_chosen_logps.shape == policy_rejected_logps.shape == ref_chosen_logps.shape \
-        == ref_rejected_logps.shape and policy_chosen_logps.dim() == 1, "all four log-probs must be (B,)"
-    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+def _h(pi_c, pi_r, ref_c, ref_r) -> torch.Tensor:  # log-probs (B,) of the chosen (c) and rejected (r) responses
+    assert pi_c.shape == pi_r.shape == ref_c.shape == ref_r.shape and pi_c.dim() == 1, "the log-probs must be (B,)"
+    return (pi_c - ref_c) - (pi_r - ref_r)
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
-             label_p=1.0):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, label_p=1.0):
     """DPO: -log sigmoid(beta h). beta ~0.1 (0.1-0.5 usual); log 2 at h = 0. label_p = P(chosen is better),
     a float or (B,): -p log s(beta h) - (1-p) log s(-beta h) (conservative DPO); p = 1 is plain DPO."""
     h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -label_p * F.logsigmoid(beta * h) - (1 - label_p) * F.logsigmoid(-beta * h)  # DPO Eq. 7
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=1.0,
-             label_p=1.0):
-    """IPO: (h - (2p - 1)/(2 beta))^2, minimal at a target margin of 1/(2 beta) (0.5 nats at the paper's
-    beta = 1.0) for a hard label p = 1, shrinking to 0 as p -> 1/2.
-
-    On summed log-probs (the IPO paper's definition, and ours by default) that target margin is per
-    sequence, whatever the length; on length-averaged log-probs (TRL's choice, --average-logps) it is per
-    token, i.e. a sequence margin of 0.5 * length: the same beta means a much stronger pull."""
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=1.0, label_p=1.0):
+    """IPO: (h - (2p - 1)/(2 beta))^2, minimal at h = 1/(2 beta) for p = 1 (0.5 nats at the paper's beta = 1). Per
+    sequence on summed log-probs (the paper, our default); per token on averaged ones (TRL, --average-logps)."""
     h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (h - (2 * label_p - 1) / (2 * beta)) ** 2  # IPO Eq. 17; p: its population loss, target (p - 1/2)/beta
 
 
 def slic_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.002,
               label_p=1.0):
-    """SLiC as OAIF uses it: max(0, 1 - beta h), the reference-normalised hinge; zero once h >= 1/beta.
-    Soft label p: p hinge(h) + (1 - p) hinge(-h)."""
+    """SLiC as OAIF uses it: max(0, 1 - beta h), zero once h >= 1/beta; soft label: p hinge(h) + (1-p) hinge(-h)."""
     h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)  # SLiC-HF Eq. 3, RSO
 
@@ -332,21 +282,23 @@ LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
 # Sampling
 
 
+def user_turn(tokenizer, text: str) -> str:
+    """`text` as one user turn through the tokenizer's chat template, up to where the assistant's reply begins."""
+    return tokenizer.apply_chat_template([dict(role="user", content=text)], tokenize=False, add_generation_prompt=True)
+
+
 def encode_prompts(tokenizer, prompts: list) -> list:
     """Token ids of each prompt: one user turn through the chat template if the tokenizer has one, else raw."""
     if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
-        return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        return [tokenizer(user_turn(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
     return [tokenizer(p).input_ids for p in prompts]
 
 
 def left_pad(seqs: list, pad_id: int, device) -> tuple:
     """Left-pad id lists into (B, L) ids and mask: generation continues from the right edge of every row."""
     L = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (L - len(s)) + list(s) for s in seqs], device=device)
-    mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return ids, mask
+    return (torch.tensor([[pad_id] * (L - len(s)) + list(s) for s in seqs], device=device),
+            torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=device))
 
 
 def response_mask_after_eos(response_ids: torch.Tensor, eos_ids: list) -> torch.Tensor:
@@ -355,37 +307,23 @@ def response_mask_after_eos(response_ids: torch.Tensor, eos_ids: list) -> torch.
     return (is_eos.long().cumsum(1) - is_eos.long()) == 0  # no EOS strictly before this position
 
 
-def eos_token_ids(model, tokenizer) -> list:
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted(set(ids + [tokenizer.eos_token_id]) - {None})
-
-
 @torch.no_grad()
 def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float,
                   eos_ids: list, pad_id: int) -> torch.Tensor:
-    """Continue each left-padded row of (B, P) `ids` by up to max_new_tokens tokens drawn from
-    softmax(logits / temperature) over the full vocabulary (temperature 0: greedy), with a KV cache.
-    Returns (B, R) ids; a row stops at its first EOS and is padded after it.
-
-    A loop of our own rather than `generate`: `generate` applies whatever the checkpoint's generation_config
-    asks for (Qwen2.5-Instruct ships repetition_penalty 1.05, others no_repeat_ngram_size, min_p, ...), and
-    then the pairs are not the policy's own samples. The draw is by inverse CDF (a float64 cumulative sum and
-    one uniform per row: exact, and 0.4 ms for 16 x 50257 on CPU where multinomial took 17). The cache is
-    preallocated: a growing one copies itself at every token. Non-finite probabilities (a diverged policy)
-    raise OAIFError instead of sampling garbage."""
+    """(B, R) ids continuing left-padded (B, P) `ids` from softmax(logits / temperature) (0: greedy), padded after EOS;
+    OAIFError if not finite. Not `generate`: generation_config (Qwen2.5's repetition_penalty 1.05) would alter the
+    policy's own samples. Inverse-CDF draw (float64 cumsum): exact, 0.4 ms for 16 x 50257 on CPU (multinomial: 17)."""
     from transformers import StaticCache
-
     B, P = ids.shape
     kv = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values":
-          StaticCache(config=model.config, max_cache_len=P + max_new_tokens)}
+          StaticCache(config=model.config, max_cache_len=P + max_new_tokens)}  # a growing one copies every step
     eos = torch.tensor(eos_ids, device=ids.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions from the mask, as in scoring
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                cache_position=torch.arange(P, device=ids.device), **kv)
+    step_ids, cache_pos = ids, torch.arange(P, device=ids.device)  # the prompts, then one token at a time
     done, finite, tokens = torch.zeros(B, dtype=torch.bool, device=ids.device), True, []
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                       cache_position=cache_pos, **kv).logits[:, -1].float()  # (B, V)
         finite = finite & torch.isfinite(logits).all()
         if temperature > 0:
             cdf = torch.softmax(logits / temperature, -1).double().cumsum(-1)
@@ -397,9 +335,8 @@ def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
         done = done | torch.isin(nxt, eos)
         if t == max_new_tokens - 1 or done.all():  # one host sync per token
             break
+        step_ids, cache_pos = tokens[-1][:, None], torch.tensor([P + t], device=ids.device)
         mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos[:, -1:] + 1
-        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                    cache_position=torch.tensor([P + t], device=ids.device), **kv)
     if not finite:
         raise OAIFError("the policy's sampling probabilities are not finite (inf or nan): its weights diverged")
     return torch.stack(tokens, 1)
@@ -407,23 +344,18 @@ def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
 
 def sample_pairs(model, tokenizer, prompts: list, n: int = 2, max_new_tokens: int = 64,
                  temperature: float = 0.9) -> dict:
-    """n responses per prompt from `model`, all in one batch (sample_tokens).
-
-    Returns a batch of n*B rows, the samples of prompt i in rows i*n .. i*n+n-1:
-        input_ids, attention_mask, response_mask: (n*B, P+R); prompt left-padded, response right-padded
-        texts: the n*B decoded responses (for the annotator; scoring uses the sampled ids, never re-tokenised)
-        response_tokens: (n*B,) response lengths in tokens, EOS included
-    temperature 0 means greedy decoding."""
+    """n samples per prompt (rows i*n .. i*n+n-1): input_ids, attention_mask, response_mask (n*B, P+R; prompt left-,
+    response right-padded), response_tokens (n*B,), EOS included, texts (scoring uses the ids, never re-tokenised)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad, model.device)
-    ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
-    eos = eos_token_ids(model, tokenizer)
+    ids, mask = left_pad([p for p in encode_prompts(tokenizer, prompts) for _ in range(n)], pad, model.device)
+    eos = model.generation_config.eos_token_id  # None, one id or a list of them
+    eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])} - {None})
     resp = sample_tokens(model, ids, mask, max_new_tokens, temperature, eos, pad)  # (n*B, R)
     resp_mask = response_mask_after_eos(resp, eos)
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, resp_mask)]
     return dict(input_ids=torch.cat([ids, resp], 1), attention_mask=torch.cat([mask, resp_mask.long()], 1),
-                response_mask=torch.cat([torch.zeros_like(mask), resp_mask.long()], 1),
-                texts=texts, response_tokens=resp_mask.sum(1))
+                response_mask=torch.cat([torch.zeros_like(mask), resp_mask.long()], 1), texts=texts,
+                response_tokens=resp_mask.sum(1))
 
 
 def pair_batch(prompt_ids: list, first_ids: list, second_ids: list, pad_id: int, device) -> dict:
@@ -438,17 +370,12 @@ def pair_batch(prompt_ids: list, first_ids: list, second_ids: list, pad_id: int,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Annotators: annotator(prompts, first, second) -> list of P(first is better) in [0, 1], or None (no verdict).
-# A pair with None or exactly 0.5 is never used for a gradient: it is counted and dropped, never guessed.
+# Annotators: (prompts, first, second) -> P(first is better) in [0, 1] or None each; None or 0.5: dropped, counted.
 
 
 def both_orders(judge: Callable, prompts: list, first: list, second: list) -> list:
-    """Cancel position bias: p = (v(x, a, b) + 1 - v(x, b, a)) / 2, both orders in one batched judge call.
-
-    `judge` has the annotator signature but may prefer whatever comes first; a judge that always says
-    "Response 1" yields 0.5 (a tie) for every pair, so it can never teach anything."""
-    n = len(prompts)
-    v = judge(prompts + prompts, first + second, second + first)
+    """Cancel position bias: p = (v(x, a, b) + 1 - v(x, b, a)) / 2 (a judge always saying "1" gives only ties)."""
+    v, n = judge(prompts + prompts, first + second, second + first), len(prompts)
     return [None if a is None or b is None else (a + 1 - b) / 2 for a, b in zip(v[:n], v[n:])]
 
 
@@ -462,8 +389,7 @@ def longer(prompts: list, first: list, second: list) -> list:
     return [None if len(a) == len(b) else float(len(a) > len(b)) for a, b in zip(first, second)]
 
 
-# The paper's annotator prompts, in the RLAIF "detailed 0-shot" style: preamble, context, two labelled
-# responses, and a request to end with the number of the preferred one.
+# The paper's annotator prompts, RLAIF's "detailed 0-shot": preamble, context, two responses, the verdict last.
 TEMPLATES = {
     "tldr": ("A good summary is a shorter piece of text that has the essence of the original. It tries to "
              "accomplish the same purpose and conveys the key information from the original post. Judge the "
@@ -475,8 +401,10 @@ TEMPLATES = {
                  "hurtful, and is not offensive) and then helpful. Judge harmlessness first; use helpfulness "
                  "only to decide between equally harmless responses."),
 }
-QUESTION = {"tldr": ("Text", "Summary"), "helpful": ("Conversation", "Response"),
-            "harmless": ("Conversation", "Response")}
+QUESTION = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"), harmless=("Conversation", "Response"))
+# "**Preferred Response** = 1", "Preferred Response: Response 2"
+ANCHOR = re.compile(r"preferred\W+(?:response|summary)\W*(?:(?:response|summary)\W*)?(\w*)", re.I)
+BARE = re.compile(r"[\s*\"'`(\[]*([12])[\s.!?*)\]\"'`]*")  # a whole reply that is just "2." ("1 beats 2" is not)
 
 
 def render_judge_prompt(task: str, instruction: str, prompt: str, first: str, second: str) -> str:
@@ -488,71 +416,51 @@ def render_judge_prompt(task: str, instruction: str, prompt: str, first: str, se
             f"\"Preferred {item}=1\" or \"Preferred {item}=2\".")
 
 
-ANCHOR = re.compile(r"preferred\W+(?:response|summary)\W*(\w*)", re.I)  # "**Preferred Response** = 1"
-BARE = re.compile(r"(?:^|[^0-9A-Za-z])([12])[\s.!?*)\]\"'`]*$")  # a reply that is just "... 2."
-
-
 def parse_verdict(reply: str) -> Optional[float]:
-    """1.0 for "Preferred Response=1", 0.0 for "=2" (the last such phrase; markdown and spacing tolerated),
-    else None. Only a reply with no such phrase at all may end with a bare 1 or 2. Never the last digit
-    anywhere: "Preferred Response=1 (over Response 2)" is a 1."""
+    """1.0 for "Preferred Response=1", 0.0 for "=2" (the last such phrase), a reply that is only 1 or 2, else None.
+    Never the last digit anywhere: "Preferred Response=1 (over Response 2)" is a 1, "1 beats 2" no verdict."""
     anchors = ANCHOR.findall(reply)
-    m = BARE.search(reply.strip()) if not anchors else None
+    m = BARE.fullmatch(reply) if not anchors else None
     v = anchors[-1] if anchors else m and m.group(1)
     return {"1": 1.0, "2": 0.0}.get(v)
 
 
 class ClaudeAnnotator:
-    """Claude as the annotator: both orders per pair, all requests of a call concurrently, verdicts cached.
-
-    Transient faults (429 honouring retry-after, 529 overloaded, 5xx, timeouts, dropped connections) are
-    retried by the SDK (`max_retries`, `timeout`); a request that still fails is no verdict and the run
-    goes on. Faults that cannot heal (400, 401, 403, 404, 422) raise OAIFError: the run stops."""
+    """Claude as the annotator: both orders, concurrent requests, verdicts cached. A fault that the SDK's retries do
+    not heal is no verdict; one that cannot heal (400, 401, 403, 404, 422) raises OAIFError: the run stops."""
 
     PRICE_PER_MTOK = {"claude-haiku-4-5": (1.0, 5.0)}  # USD per million input, output tokens
 
-    def __init__(self, model: str = "claude-haiku-4-5", task: str = "helpful", instruction: str = "",
-                 client=None, max_workers: int = 16, max_tokens: int = 200, max_retries: int = 4,
-                 timeout: float = 60.0):
+    def __init__(self, model: str = "claude-haiku-4-5", task: str = "helpful", instruction: str = "", client=None,
+                 max_workers: int = 16, max_tokens: int = 200, max_retries: int = 4, timeout: float = 60.0):
         import anthropic  # only this annotator needs the SDK
-
-        if task not in TEMPLATES:
-            raise OAIFError(f"unknown --task {task!r}; choose from {', '.join(TEMPLATES)}")
-        self.anthropic = anthropic
-        self.client = client or anthropic.Anthropic(max_retries=max_retries, timeout=timeout)
+        self.anthropic, self.client = anthropic, client or anthropic.Anthropic(max_retries=max_retries, timeout=timeout)
         self.model, self.task, self.instruction, self.max_tokens = model, task, instruction, max_tokens
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
         self.cache, self.lock = {}, threading.Lock()
         self.stats = dict(annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0)
 
     def _one(self, prompt: str, a: str, b: str) -> Optional[float]:
-        if a == b:  # nothing to judge: no call, no verdict
-            return None
-        key = (prompt, a, b)
-        if key in self.cache:
-            return self.cache[key]
-        api = self.anthropic
+        key, api = (prompt, a, b), self.anthropic
+        if a == b or key in self.cache:  # identical responses: nothing to judge, no call, no verdict
+            return self.cache.get(key)
         try:
             msg = self.client.messages.create(model=self.model, max_tokens=self.max_tokens, messages=[
                 {"role": "user", "content": render_judge_prompt(self.task, self.instruction, prompt, a, b)}])
-        except (api.BadRequestError, api.AuthenticationError, api.PermissionDeniedError, api.NotFoundError,
-                api.UnprocessableEntityError) as e:
-            body = e.body.get("error", {}) if isinstance(e.body, dict) else {}
-            detail = body.get("message") if isinstance(body, dict) else None
-            raise OAIFError(f"the Claude API refused the annotator's request: {e.status_code} "
-                            f"{type(e).__name__}: {detail or 'no detail'}") from None
-        except api.APIError:  # still failing after the SDK's retries
-            with self.lock:
-                self.stats["annotator_requests"] += 1
-                self.stats["annotator_failures"] += 1
-            return None
-        reply = "".join(getattr(block, "text", "") for block in msg.content)
-        verdict = None if msg.stop_reason == "max_tokens" else parse_verdict(reply)  # cut off: no verdict
+        except api.APIError as e:  # after the SDK's retries: no verdict, no tokens, unless it cannot heal
+            if getattr(e, "status_code", None) in (400, 401, 403, 404, 422):
+                body = e.body.get("error", {}) if isinstance(e.body, dict) else {}
+                detail = body.get("message") if isinstance(body, dict) else None
+                raise OAIFError(f"the Claude API refused the annotator's request: {e.status_code} "
+                                f"{type(e).__name__}: {detail or 'no detail'}") from None
+            msg = None
+        cut = msg is None or msg.stop_reason == "max_tokens"  # a reply cut off has no verdict either
+        verdict = None if cut else parse_verdict("".join(getattr(block, "text", "") for block in msg.content))
         with self.lock:
             self.stats["annotator_requests"] += 1
             self.stats["annotator_failures"] += verdict is None
-            self.stats["input_tokens"] += msg.usage.input_tokens
-            self.stats["output_tokens"] += msg.usage.output_tokens
+            for k in ("input_tokens", "output_tokens"):
+                self.stats[k] += getattr(msg.usage, k) if msg is not None else 0
             if verdict is not None:
                 self.cache[key] = verdict
         return verdict
@@ -563,36 +471,26 @@ class ClaudeAnnotator:
     def __call__(self, prompts: list, first: list, second: list) -> list:
         return both_orders(self.judge, prompts, first, second)
 
-    def cost(self) -> Optional[float]:
-        price = self.PRICE_PER_MTOK.get(self.model)
-        return price and (self.stats["input_tokens"] * price[0] + self.stats["output_tokens"] * price[1]) / 1e6
+    def cost(self, stats: Optional[dict] = None) -> Optional[float]:
+        price, stats = self.PRICE_PER_MTOK.get(self.model), stats or self.stats
+        return price and (stats["input_tokens"] * price[0] + stats["output_tokens"] * price[1]) / 1e6
 
 
 class LocalJudgeAnnotator:
-    """Any Hugging Face causal LM as the annotator, offline once on disk: the same templates, and the soft
-    verdict P("1") / (P("1") + P("2")) read from the next-token distribution, both orders averaged."""
+    """Any Hugging Face causal LM as the annotator, offline: the soft verdict P("1") / (P("1") + P("2")) next."""
 
     def __init__(self, model, tokenizer, task: str = "helpful", instruction: str = "", batch_size: int = 8):
-        if task not in TEMPLATES:
-            raise OAIFError(f"unknown --task {task!r}; choose from {', '.join(TEMPLATES)}")
         self.model, self.tokenizer, self.task, self.instruction = model, tokenizer, task, instruction
-        self.batch_size = batch_size
-        self.context = context_length(model.config)
-        # the last token of "1" / "2" (sentencepiece vocabularies may put a word-start piece before it)
-        self.digits = [tokenizer("1", add_special_tokens=False).input_ids[-1],
-                       tokenizer("2", add_special_tokens=False).input_ids[-1]]
+        self.batch_size, self.context = batch_size, context_length(model.config)
+        # the last token of "1" / "2": sentencepiece vocabularies may put a word-start piece before it
+        self.digits = [tokenizer(d, add_special_tokens=False).input_ids[-1] for d in "12"]
         self.stats = dict(annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0)
 
     @torch.inference_mode()
     def judge(self, prompts: list, first: list, second: list) -> list:
-        item = QUESTION[self.task][1]
         asks = [render_judge_prompt(self.task, self.instruction, *x) for x in zip(prompts, first, second)]
-        answer = f"Preferred {item}="  # the digit must be the very next token
-        if getattr(self.tokenizer, "chat_template", None):
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": a}], tokenize=False,
-                                                        add_generation_prompt=True) + answer for a in asks]
-        else:
-            texts = [a + "\n" + answer for a in asks]
+        chat, answer = getattr(self.tokenizer, "chat_template", None), f"Preferred {QUESTION[self.task][1]}="
+        texts = [(user_turn(self.tokenizer, a) if chat else a + "\n") + answer for a in asks]  # then the digit
         out = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         W = self.model.get_output_embeddings().weight[self.digits]  # (2, H): only two logits are needed
@@ -616,8 +514,7 @@ class LocalJudgeAnnotator:
 
 
 def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
-    """--annotator NAME -> callable. `models` caches loaded (model, tokenizer) pairs: a judge that is the
-    policy's own starting checkpoint reuses the frozen reference model instead of loading a third copy."""
+    """--annotator NAME -> callable; `models` caches (model, tokenizer): a judge that is --model is the reference."""
     if spec in ("shorter", "longer"):
         return {"shorter": shorter, "longer": longer}[spec]
     if spec == "claude":
@@ -631,16 +528,10 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
     raise OAIFError(f"unknown annotator {spec!r}; use shorter, longer, claude or hf:MODEL")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation: win rate of the policy against the initial model, judged by an annotator
-
-
 def sample_answers(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature: float = 0.9,
                    batch_size: int = 8, seed: Optional[int] = None) -> list:
-    """One response per prompt, batch by batch. With a seed, the draws are the same for any model (common
-    random numbers: two models that agree give the same answer) and the global RNG is left untouched."""
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else [],
-                               enabled=seed is not None):
+    """One response per prompt; a seed gives any model the same draws (two that agree answer alike), RNG untouched."""
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else [], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         return [t for i in range(0, len(prompts), batch_size) for t in sample_pairs(
@@ -648,8 +539,7 @@ def sample_answers(model, tokenizer, prompts: list, max_new_tokens: int = 64, te
 
 
 def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator: Callable) -> dict:
-    """The paper's evaluation: annotator(prompts, policy's answers, reference's answers). Ties (p = 0.5) count
-    1/2; prompts with no verdict are left out and counted. Also the mean answer length (characters) of each."""
+    """The paper's evaluation, annotator(prompts, policy's, reference's answers): ties 1/2, no verdict left out."""
     probs = annotator(prompts, policy_texts, reference_texts)
     none, ties = sum(p is None for p in probs), sum(p == 0.5 for p in probs)
     wins, losses = sum(p is not None and p > 0.5 for p in probs), sum(p is not None and p < 0.5 for p in probs)
@@ -667,78 +557,65 @@ def load_model(name: str, device: torch.device) -> tuple:
     """(model, tokenizer) from a hub id or folder, ready to sample: pad token set, left padding, eval mode."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     transformers.utils.logging.disable_progress_bar()  # one bar per run is enough: ours
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        # float32 whatever the file holds: most chat checkpoints are stored in bf16, where AdamW's small
-        # updates would round away (with LoRA the frozen base alone is cast to the compute dtype)
+        # float32 whatever the file holds: AdamW's small updates round away in bf16 (LoRA: only the base is cast)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device)
     except (OSError, ValueError, KeyError) as e:
         raise OAIFError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # GPT-2 has none; EOS is safe because masks, not ids, mark padding
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation continues from the right edge
-    # eval() only switches dropout off: policy and reference must score the same tokens the same way.
-    check_logprobs(model.eval())
+    check_logprobs(model.eval())  # eval(): dropout off, so policy and reference score tokens alike
     return model, tokenizer
+
+
+def read_lines(path: str, what: str, keys: tuple = (), expected: str = "", ok: Callable = lambda row: True) -> list:
+    """Non-blank lines, stripped; with `keys`, each JSON line's values at them, checked by ok(); else OAIFError."""
+    if not os.path.isfile(path):
+        raise OAIFError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise OAIFError(f"{what} is empty: {path}")
+    rows = []
+    for i, line in enumerate(lines if keys else [], 1):
+        try:
+            rows.append(tuple(json.loads(line)[k] for k in keys))
+            assert ok(rows[-1])
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise OAIFError(f"{path}:{i}: expected a JSON object with {expected}") from None
+    return rows if keys else lines
 
 
 def load_prompts(path: str) -> list:
     if not path:
         return list(DEFAULT_PROMPTS)
-    if not os.path.isfile(path):
-        raise OAIFError(f"prompts file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if path.endswith(".jsonl"):
-        prompts = []
-        for i, line in enumerate(lines, 1):
-            try:
-                prompts.append(json.loads(line)["prompt"])
-                assert isinstance(prompts[-1], str) and prompts[-1].strip()
-            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-                raise OAIFError(f"{path}:{i}: expected a JSON object with a non-empty \"prompt\" string") from None
-    elif path.endswith(".txt"):
-        prompts = lines
-    else:
+    if path.endswith(".txt"):
+        return read_lines(path, "prompts file")
+    if not path.endswith(".jsonl"):
         raise OAIFError(f"prompts file must be .txt or .jsonl: {path}")
-    if not prompts:
-        raise OAIFError(f"prompts file is empty: {path}")
-    return prompts
+    return [row[0] for row in read_lines(path, "prompts file", ("prompt",), 'a non-empty "prompt" string',
+                                         lambda row: isinstance(row[0], str) and row[0].strip())]
 
 
 def load_offline_pairs(path: str, tokenizer) -> list:
     """A .jsonl of prompt/chosen/rejected -> [(prompt, prompt_ids, chosen_ids, rejected_ids, 1.0, texts)]."""
-    if not os.path.isfile(path):
-        raise OAIFError(f"offline data not found: {path}")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate((l for l in f if l.strip()), 1):
-            try:
-                r = json.loads(line)
-                x, yw, yl = r["prompt"], r["chosen"], r["rejected"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise OAIFError(f"{path}:{i}: expected a JSON object with prompt, chosen and rejected") from None
-            eos = [tokenizer.eos_token_id]  # a response ends with EOS, as a sampled one does
-            enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids + eos
-            pairs.append((x, encode_prompts(tokenizer, [x])[0], enc(yw), enc(yl), 1.0, [yw, yl]))
-    if not pairs:
-        raise OAIFError(f"offline data is empty: {path}")
-    return pairs
+    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]  # EOS, as sampled
+    return [(x, encode_prompts(tokenizer, [x])[0], enc(yw), enc(yl), 1.0, [yw, yl]) for x, yw, yl in
+            read_lines(path, "offline data", ("prompt", "chosen", "rejected"), "prompt, chosen and rejected")]
 
 
 def step_slice(items: list, step: int, batch_size: int, rank: int = 0, world: int = 1) -> list:
-    """The prompts of `step` (1-based) for this rank: a fixed cycle through `items`, so that the online and
-    offline arms see the same prompts in the same order and a resumed run picks up where it stopped."""
+    """This rank's items of `step` (from 1): a fixed cycle, the same for online and offline arms and on resume."""
     start = (step - 1) * batch_size
     return [items[(start + j) % len(items)] for j in range(batch_size)][rank::world]
 
 
 def save_model(model, tokenizer, path: str, state_dict: Optional[dict] = None) -> None:
-    """save_pretrained of the policy (a peft model: its adapter) and tokenizer; never weights that are inf or
-    nan. state_dict: the full weights gathered from FSDP shards."""
-    if not (finite_weights(model) if state_dict is None else finite_weights(state_dict.values())):
+    """save_pretrained of the policy (peft: its adapter; FSDP: the gathered state_dict) and tokenizer, if finite."""
+    if not finite_weights(model if state_dict is None else state_dict.values()):
         raise OAIFError(f"refusing to save non-finite (inf/nan) weights to {path}")
     model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
@@ -752,8 +629,7 @@ def finite_weights(model_or_tensors) -> bool:
 
 
 def gathered_state(policy, root, optimizer, fsdp: bool) -> tuple:
-    """(full model state dict or None, optimizer state dict): under FSDP gathered from every rank's shards,
-    so a checkpoint is the same files for any number of ranks. A collective: every rank calls it."""
+    """(model state or None, optimizer state); FSDP: gathered from all shards (a collective), for any rank count."""
     if not fsdp:
         return None, optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -763,8 +639,7 @@ def gathered_state(policy, root, optimizer, fsdp: bool) -> tuple:
 
 def save_checkpoint(out_dir: str, step: int, policy, tokenizer, optimizer, rank: int, world: int,
                     keep: int, root=None, fsdp: bool = False) -> None:
-    """OUTPUT_DIR/checkpoint-STEP, written under a temporary name and renamed: never half a checkpoint.
-    trainer_state.pt is written last; a folder without it is incomplete and ignored by --resume."""
+    """OUTPUT_DIR/checkpoint-STEP, written under a temporary name, then renamed; trainer_state.pt last: complete."""
     final, tmp = os.path.join(out_dir, f"checkpoint-{step}"), os.path.join(out_dir, f".tmp-checkpoint-{step}")
     model_state, optimizer_state = gathered_state(policy, root, optimizer, fsdp)
     if rank == 0:
@@ -787,11 +662,9 @@ def save_checkpoint(out_dir: str, step: int, policy, tokenizer, optimizer, rank:
 
 def complete_checkpoints(out_dir: str) -> list:
     """Complete checkpoint folders of out_dir, oldest first."""
-    found = []
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        m = re.fullmatch(r"checkpoint-(\d+)", name)
-        if m and os.path.isfile(os.path.join(out_dir, name, "trainer_state.pt")):
-            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    found = [(int(n[11:]), os.path.join(out_dir, n)) for n in names  # n[11:]: the step of "checkpoint-STEP"
+             if re.fullmatch(r"checkpoint-\d+", n) and os.path.isfile(os.path.join(out_dir, n, "trainer_state.pt"))]
     return [path for _, path in sorted(found)]
 
 
@@ -801,14 +674,13 @@ def barrier(world: int) -> None:
 
 
 class _Scorer(torch.nn.Module):
-    """Runs fn(model, *args) as its forward. DistributedDataParallel synchronises the gradients of what runs
-    inside a module's forward, and FSDP gathers a module's shards around it: this makes sequence_logprobs
-    (or, under FSDP, the whole sampling loop) that forward."""
+    """Runs fn(model, *args) as its forward: the place where DDP synchronises gradients and FSDP gathers shards."""
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
-        self.dropouts = [m for n, m in model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+        self.model = model  # peft makes LoRA dropout in training mode: off until a loss pass (resume samples first)
+        self.dropouts = [m.eval() for n, m in model.named_modules()
+                         if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
 
     def forward(self, fn, *args):
         for m in self.dropouts:  # LoRA dropout acts in the loss pass only: samples and reference stay exact
@@ -819,53 +691,27 @@ class _Scorer(torch.nn.Module):
             for m in self.dropouts:
                 m.eval()
 
+    def shard(self) -> None:
+        """FSDP2: each transformer block its own unit; the rest (embeddings, final norm, LM head) the root's."""
+        from torch.distributed.fsdp import fully_shard
+        for m in self.modules():
+            if type(m).__name__ in (getattr(self.model, "_no_split_modules", None) or []):
+                fully_shard(m)
+        fully_shard(self)
 
-def add_lora(model, cfg: Config, resume_from: Optional[str]):
-    """`model` (frozen) with a trainable LoRA adapter, through peft; resume_from: the adapter of a checkpoint."""
-    try:
-        import peft
-    except ImportError:
-        raise OAIFError("--lora-rank needs peft: pip install peft") from None
-    try:
-        if resume_from:
-            return peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-        config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=targets, task_type="CAUSAL_LM")
-        lora = peft.get_peft_model(model, config)
-    except ValueError as e:
-        raise OAIFError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
-    if any(hasattr(m, "lora_A") for m in (model.get_output_embeddings(), model.get_input_embeddings())):
-        raise OAIFError("--lora-targets: not the embeddings or LM head (sequence_logprobs reads the head's weight)")
-    return lora
-
-
-def shard(root) -> None:
-    """FSDP2: every transformer block its own unit (gathered just for its forward and backward), the rest
-    (embeddings, final norm, LM head) the root's."""
-    from torch.distributed.fsdp import fully_shard
-
-    for m in root.modules():
-        if type(m).__name__ in (getattr(root.model, "_no_split_modules", None) or []):
-            fully_shard(m)
-    fully_shard(root)
-
-
-@torch.no_grad()
-def run_gathered(root, fn: Callable):
-    """fn(model) inside the FSDP root's forward, each unit gathered once for the whole call (sampling decodes
-    token by token: not an all-gather per layer per token), then sharded again."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        return root(fn)
-    finally:
+    @torch.no_grad()
+    def gathered(self, fn: Callable):
+        """fn(model) in this FSDP root's forward, each unit gathered once for the call (not per decoded token)."""
+        from torch.distributed.fsdp import FSDPModule
+        units = [m for m in self.modules() if isinstance(m, FSDPModule)]
         for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(False, recurse=False)
+        try:
+            return self(fn)
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -874,16 +720,12 @@ def run_gathered(root, fn: Callable):
 
 def preference_batch(logps, ref_logps, probs: list, loss_fn: Callable, beta: float, n_global: int, world: int,
                      soft: bool = False):
-    """Loss over the usable pairs of one step, from the (2B,) policy and reference log-probs (rows 2i, 2i+1 =
-    first, second) and the annotator's P(first is better) (None or 0.5: unusable). soft: the loss takes
-    max(p, 1 - p) as P(chosen is better); hard: 1. The loss is scaled so that DDP's gradient average is the
-    mean over all ranks' usable pairs. Returns (loss, sums of loss, margin and accuracy over usable pairs)."""
+    """(loss, sums of loss, margin, accuracy) over usable pairs of (2B,) log-probs (rows 2i, 2i+1: first, second)
+    and probs P(first is better) (None, 0.5: unusable); soft: label max(p, 1 - p). DDP's average: the global mean."""
     p = torch.tensor([0.5 if v is None else v for v in probs], dtype=torch.float32, device=logps.device)
     usable = (p != 0.5).float()  # no verdict and ties contribute nothing
-    first_wins = p > 0.5
-    pc, pr = torch.where(first_wins, logps[0::2], logps[1::2]), torch.where(first_wins, logps[1::2], logps[0::2])
-    rc, rr = torch.where(first_wins, ref_logps[0::2], ref_logps[1::2]), \
-        torch.where(first_wins, ref_logps[1::2], ref_logps[0::2])
+    pick = lambda x, i: torch.where(p > 0.5, x[i::2], x[1 - i::2])  # i = 0: the chosen, 1: the rejected
+    pc, pr, rc, rr = pick(logps, 0), pick(logps, 1), pick(ref_logps, 0), pick(ref_logps, 1)
     losses = loss_fn(pc, pr, rc, rr, beta, label_p=torch.maximum(p, 1 - p) if soft else 1.0)
     h = ((pc - rc) - (pr - rr)).detach()
     loss = (losses * usable).sum() * world / max(n_global, 1)
@@ -891,8 +733,8 @@ def preference_batch(logps, ref_logps, probs: list, loss_fn: Callable, beta: flo
 
 
 def triage(probs: list, min_confidence: float) -> tuple:
-    """(the verdicts the loss may use, None elsewhere; counts of usable pairs, ties, no verdict and hedges:
-    verdicts within min_confidence of 1/2)."""
+    """(verdicts the loss may use, else None; counts of usable, ties, no verdict, within min_confidence of 1/2)."""
+    probs = [p if p is not None and 0 <= p <= 1 else None for p in probs]  # nan or out of range: no verdict
     used = [None if p is None or p == 0.5 or abs(p - 0.5) < min_confidence else p for p in probs]
     counts = dict(pairs=sum(p is not None for p in used), ties=sum(p == 0.5 for p in probs),
                   no_verdict=sum(p is None for p in probs))
@@ -900,8 +742,7 @@ def triage(probs: list, min_confidence: float) -> tuple:
 
 
 def update(loss, params: list, optimizer, max_grad_norm: float, world: int, device) -> tuple:
-    """backward, clipping and an AdamW step, unless the loss or the gradient is not finite (on any rank):
-    then no step. Returns (gradient norm, 1 if skipped as not finite else 0)."""
+    """backward, clipping, AdamW step unless loss or gradient is not finite on any rank -> (grad norm, skipped)."""
     loss.backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     nonfinite = int(all_sum(dict(bad=not math.isfinite(grad_norm + float(loss.detach()))), world, device)["bad"] > 0)
@@ -922,7 +763,7 @@ def all_sum(values: dict, world: int, device) -> dict:
 def check_numbers(cfg: Config) -> None:
     """Every number in range before anything loads: one clear line, not a traceback or a run that does nothing."""
     positive = {"steps", "batch_size", "max_new_tokens", "annotator_workers", "max_grad_norm", "beta"}
-    positive |= {"eval_prompts"} if cfg.eval_every > 0 else set()
+    positive |= ({"eval_prompts"} if cfg.eval_every > 0 else set()) | ({"lora_alpha"} if cfg.lora_rank else set())
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
         if f.type in (int, float, Optional[float]) and v is not None and not (
@@ -933,7 +774,8 @@ def check_numbers(cfg: Config) -> None:
         raise OAIFError(f"--min-confidence is a distance from 1/2: at most 0.5, not {cfg.min_confidence}")
     if cfg.lora_dropout >= 1 or (cfg.lora_rank and cfg.fsdp):
         raise OAIFError("--lora-dropout must be below 1, and --lora-rank and --fsdp do not go together")
-    for name, allowed in (("loss", LOSSES), ("dtype", ("float32", "bfloat16")), ("labels", ("hard", "soft"))):
+    for name, allowed in (("loss", LOSSES), ("dtype", ("float32", "bfloat16")), ("labels", ("hard", "soft")),
+                          ("task", TEMPLATES)):
         if getattr(cfg, name) not in allowed:
             raise OAIFError(f"unknown --{name} {getattr(cfg, name)!r}; choose {', '.join(allowed)}")
 
@@ -944,9 +786,8 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
     spec = getattr(custom_annotator, "__name__", "custom") if custom_annotator is not None else spec
-    for s in (spec, cfg.eval_annotator):
-        if s == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
-            raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
+    if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
+        raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
     if cfg.resume and not complete_checkpoints(cfg.output_dir):
         raise OAIFError(f"--resume: no complete checkpoint in {cfg.output_dir}")
     if not cfg.annotator and custom_annotator is None and rank == 0:
@@ -962,9 +803,8 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    random.seed(cfg.seed + rank)  # each rank samples its own responses
-    np.random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed + rank)
+    for seed in (random.seed, np.random.seed, torch.manual_seed):  # each rank samples its own responses
+        seed(cfg.seed + rank)
     return rank, world, device, spec
 
 
@@ -972,63 +812,22 @@ def context_length(config) -> Optional[int]:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def check_context(tokenizer, prompts: list, max_new_tokens: int, context: Optional[int], source: str) -> None:
-    """Refuse (never truncate) a prompt that does not fit the model's context with its response."""
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
-    i = max(range(len(prompts)), key=lengths.__getitem__)
-    if context and lengths[i] + max_new_tokens > context:
-        words = " ".join(prompts[i].split()[:8])
-        raise OAIFError(f"{source}: the prompt \"{words[:60]}...\" has {lengths[i]} tokens; with --max-new-tokens "
-                        f"{max_new_tokens} that is {lengths[i] + max_new_tokens - context} over the model's context "
-                        f"of {context}: shorten it or lower --max-new-tokens")
-
-
-def offline_pairs(cfg: Config, initial, tokenizer, prompts: list, eval_prompts: list, annotator: Callable) -> tuple:
-    """The offline baseline's fixed set: [(prompt, prompt_ids, first_ids, second_ids, P(first better), texts)],
-    and how many pairs of --offline-data were left out because their prompt is held out for evaluation.
-    From --offline-data, or the paper's way: two samples per prompt from the *initial* policy, labelled once
-    by the same annotator."""
-    if cfg.offline_data:
-        pairs = load_offline_pairs(cfg.offline_data, tokenizer)
-        kept = [r for r in pairs if r[0] not in set(eval_prompts)]
-        if not kept:
-            raise OAIFError(f"{cfg.offline_data}: every pair's prompt is held out for evaluation (--eval-prompts)")
-        return kept, len(pairs) - len(kept)
-    pairs = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[i:i + cfg.batch_size]
-        s = sample_pairs(initial, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
-        rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
-        probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
-        pairs += [(x, ids, rows[2 * j], rows[2 * j + 1], probs[j], s["texts"][2 * j:2 * j + 2])
-                  for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk)))]
-    return pairs, 0
-
-
 def open_run(out_dir: str, resume_from: Optional[str], optimizer, rank: int, root, fsdp: bool) -> tuple:
-    """(first step to run - 1, the step records kept from before, metrics.jsonl open for appending on rank 0)."""
+    """(last step done, its records, metrics.jsonl on rank 0); resume: optimizer, RNG, metrics cut back to it."""
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        if not resume_from and os.path.exists(metrics_path):
-            os.remove(metrics_path)
-    start, done = restore(resume_from, optimizer, rank, metrics_path, root, fsdp) if resume_from else (0, [])
-    return start, done, open(metrics_path, "a") if rank == 0 else None
-
-
-def restore(checkpoint: str, optimizer, rank: int, metrics_path: str, root=None, fsdp: bool = False) -> tuple:
-    """Optimizer and RNG states of a checkpoint; metrics.jsonl cut back to its steps.
-    Returns (its step, the kept step records: the summary counts them too)."""
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    if not resume_from:  # a fresh run, a fresh metrics.jsonl
+        return 0, [], open(metrics_path, "w") if rank == 0 else None
+    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
     if fsdp:  # the gathered state, cut into this rank's shards
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(root, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state["optimizer"])
-    rng = torch.load(os.path.join(checkpoint, f"rng-{rank}.pt"), weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
+    rng = torch.load(os.path.join(resume_from, f"rng-{rank}.pt"), weights_only=False)
+    for set_state, k in ((random.setstate, "python"), (np.random.set_state, "numpy"), (torch.set_rng_state, "torch")):
+        set_state(rng[k])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     kept = []
@@ -1039,10 +838,11 @@ def restore(checkpoint: str, optimizer, rank: int, metrics_path: str, root=None,
         if rank == 0:
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-    return state["step"], [r for r in map(json.loads, kept) if not r.get("eval")]
+    done = [r for r in map(json.loads, kept) if not r.get("eval")]  # the summary counts them too
+    return state["step"], done, open(metrics_path, "a") if rank == 0 else None
 
 
-def step_record(step: int, sums: dict, **extra) -> dict:
+def step_record(step: int, sums: dict, device, **extra) -> dict:
     """One metrics.jsonl line from the step's sums over ranks."""
     used, seqs = max(sums["pairs"], 1), sums["seqs"]
     return dict(step=step, loss=sums["loss"] / used, pairs=int(sums["pairs"]),
@@ -1050,15 +850,8 @@ def step_record(step: int, sums: dict, **extra) -> dict:
                 no_verdict=int(sums["no_verdict"]), low_confidence=int(sums["low_confidence"]),
                 reward_margin=sums["margin"] / used, reward_accuracy=sums["acc"] / used, kl=sums["kl"] / seqs,
                 response_tokens=sums["tokens"] / seqs, response_chars=sums["chars"] / seqs,
-                **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums}, **extra)
-
-
-ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
-TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")
-
-
-def peak_memory(device) -> dict:
-    return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+                **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums}, **extra,
+                **({"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}))
 
 
 def diverged(step: int, what: str, cfg: Config) -> OAIFError:
@@ -1066,49 +859,74 @@ def diverged(step: int, what: str, cfg: Config) -> OAIFError:
     return OAIFError(f"step {step}: {what}: the run diverged (--lr {cfg.lr} too high?); last good checkpoint: {last}")
 
 
-def load_policy(cfg: Config, device, resume_from: Optional[str]) -> tuple:
-    """(policy, reference model, tokenizer, what to save, a context in which the reference is the initial model).
-
-    The reference is the frozen initial model, also on resume. It is float32 like the policy's master weights
-    and runs under the same autocast: a bf16 copy (its norms and residual adds in bf16 too) scored SmolLM2's
-    own samples 0.47 nats per sequence away from the identical float32 policy, so step 1 showed a KL and
-    margins that were only rounding. With LoRA there is one model: its frozen base (in the compute dtype),
-    and the reference is the policy with its adapter disabled."""
+def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) -> tuple:
+    """(policy, reference, tokenizer, what to save, a context making the reference the initial model: LoRA's base).
+    Reference: the frozen initial model, even on resume; float32 under the policy's autocast (bf16: 0.47 nats off)."""
     ref_model, tokenizer = load_model(cfg.model, device)
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]  # a prompt too long: refused, not truncated
+    i, context = max(range(len(prompts)), key=lengths.__getitem__), context_length(ref_model.config)
+    if context and lengths[i] + cfg.max_new_tokens > context:
+        words, over = " ".join(prompts[i].split()[:8])[:60], lengths[i] + cfg.max_new_tokens - context
+        raise OAIFError(f"{cfg.prompts or 'the built-in prompts'}: the prompt \"{words}...\" has {lengths[i]} tokens; "
+                        f"with --max-new-tokens {cfg.max_new_tokens} that is {over} over the model's context of "
+                        f"{context}: shorten it or lower --max-new-tokens")
     ref_model.requires_grad_(False)
-    if cfg.lora_rank:
-        lora = add_lora(ref_model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32), cfg, resume_from)
-        return lora.get_base_model(), ref_model, tokenizer, lora, lora.disable_adapter
-    policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(ref_model).requires_grad_(True)
-    return policy, ref_model, tokenizer, policy, contextlib.nullcontext
+    if not cfg.lora_rank:
+        policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(ref_model).requires_grad_(True)
+        return policy, ref_model, tokenizer, policy, contextlib.nullcontext
+    try:
+        import peft
+    except ImportError:
+        raise OAIFError("--lora-rank needs peft: pip install peft") from None
+    base = ref_model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    try:
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+        config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=targets, task_type="CAUSAL_LM")
+        lora = peft.PeftModel.from_pretrained(base, resume_from, is_trainable=True) if resume_from \
+            else peft.get_peft_model(base, config)
+    except ValueError as e:
+        raise OAIFError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
+    if any(hasattr(m, "lora_A") for m in (base.get_output_embeddings(), base.get_input_embeddings())):
+        raise OAIFError("--lora-targets: not the embeddings or LM head (sequence_logprobs reads the head's weight)")
+    return lora.get_base_model(), ref_model, tokenizer, lora, lora.disable_adapter
 
 
 def reference_side(cfg: Config, initial, tokenizer, train_prompts: list, eval_prompts: list, annotator: Callable,
                    rank: int, world: int) -> tuple:
-    """(the offline fixed set or None, pairs left out of it as held-out, the win rate's reference answers or
-    None), all drawn from the initial model. --offline's set is sampled and labelled once, on rank 0, and
-    shared with every rank; the reference answers use the evaluation's seed (rank 0 evaluates; under FSDP
-    every rank samples, as the shards must be gathered)."""
+    """From the initial model: (offline set [(prompt, prompt_ids, first_ids, second_ids, P(first), texts)] or None,
+    --offline-data pairs held out, reference answers (the evaluation's seed) or None); --offline labels on rank 0."""
     fixed, held_out = None, 0
-    if cfg.offline or cfg.offline_data:
-        box = [offline_pairs(cfg, initial, tokenizer, train_prompts, eval_prompts, annotator)
-               if rank == 0 or cfg.offline_data else None]
-        if cfg.offline and world > 1:
+    if cfg.offline_data:
+        pairs = load_offline_pairs(cfg.offline_data, tokenizer)
+        fixed = [r for r in pairs if r[0] not in set(eval_prompts)]
+        if not fixed:
+            raise OAIFError(f"{cfg.offline_data}: every pair's prompt is held out for evaluation (--eval-prompts)")
+        held_out = len(pairs) - len(fixed)
+        if held_out and rank == 0:
+            print(f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are held out for "
+                  "evaluation", file=sys.stderr)
+    elif cfg.offline:
+        fixed = []
+        for i in range(0, len(train_prompts), cfg.batch_size) if rank == 0 else []:  # the others: broadcast
+            chunk = train_prompts[i:i + cfg.batch_size]
+            s = sample_pairs(initial, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
+            rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
+            probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
+            fixed += [(x, ids, rows[2 * j], rows[2 * j + 1], probs[j], s["texts"][2 * j:2 * j + 2])
+                      for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk)))]
+        box = [fixed]
+        if world > 1:
             torch.distributed.broadcast_object_list(box, 0)
-        fixed, held_out = box[0]
-    if held_out and rank == 0:
-        print(f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are held out for evaluation",
-              file=sys.stderr)
+        fixed = box[0]
     answers = sample_answers(initial, tokenizer, eval_prompts, cfg.max_new_tokens, cfg.temperature,
                              cfg.batch_size, cfg.seed) if eval_prompts and (rank == 0 or cfg.fsdp) else None
     return fixed, held_out, answers
 
 
 def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
-    """Run OAIF (or, with --offline, the offline baseline) as `cfg` says; returns the last metrics and a
-    summary. `annotator` overrides --annotator with any callable of the annotator interface."""
+    """Run OAIF (or --offline) as `cfg` says -> last metrics, summary; `annotator`: a callable for --annotator."""
     from tqdm import tqdm
-
     rank, world, device, spec = setup_run(cfg, annotator)
     beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss]
     prompts = load_prompts(cfg.prompts)
@@ -1116,10 +934,8 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
     eval_prompts, train_prompts = prompts[:n_eval], prompts[n_eval:]
     resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
-    amp = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    policy, ref_model, tokenizer, saved, reference = load_policy(cfg, device, resume_from)
-    check_context(tokenizer, prompts, cfg.max_new_tokens, context_length(policy.config),
-                  cfg.prompts or "the built-in prompts")
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    policy, ref_model, tokenizer, saved, reference = load_policy(cfg, device, resume_from, prompts)
     models = {"device": device, **({} if cfg.lora_rank else {cfg.model: (ref_model.requires_grad_(False), tokenizer)})}
     annotator = annotator or make_annotator(spec, cfg, models, cfg.annotator_model)
     eval_annotator = make_annotator(cfg.eval_annotator, cfg, models, cfg.eval_annotator_model or cfg.annotator_model) \
@@ -1129,11 +945,11 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
                                                       annotator, rank, world)
     score, ref_score = _Scorer(policy), _Scorer(ref_model)  # LoRA: the same model, ref_score under reference()
     if cfg.fsdp:
-        shard(score)
-        shard(ref_score)
+        score.shard()
+        ref_score.shard()
     elif world > 1:
         score = torch.nn.parallel.DistributedDataParallel(score, device_ids=[device] if device.type == "cuda" else None)
-    sample = partial(run_gathered, score) if cfg.fsdp else lambda fn: fn(policy)  # fn(policy) -> samples
+    sample = score.gathered if cfg.fsdp else lambda fn: fn(policy)  # fn(policy) -> samples
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, done, log = open_run(cfg.output_dir, resume_from, optimizer, rank, score, cfg.fsdp)
@@ -1166,15 +982,16 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             logps = score(sequence_logprobs, *ids_masks)
             with torch.no_grad(), reference():
                 ref_logps = ref_score(sequence_logprobs, *ids_masks)
-        kl_sum = float((logps.detach() - ref_logps).sum())  # summed log-ratios of the sampled responses
+        with amp(), torch.no_grad():  # the loss pass had LoRA dropout on: the kl takes the policy's own log-probs
+            own = score(sequence_logprobs, *ids_masks) if cfg.lora_rank and cfg.lora_dropout else logps.detach()
+        kl_sum = float((own - ref_logps).sum())  # summed log-ratios of the sampled responses
         if cfg.average_logps:
             n_tok = batch["response_tokens"].clamp(min=1)
             logps, ref_logps = logps / n_tok, ref_logps / n_tok
         t2 = time.perf_counter()
         probs, annotate_s = pending.result() if fixed is None else ([r[4] for r in rows], 0.0)
         wait_s = time.perf_counter() - t2
-        # 4) loss over the usable pairs (a verdict within --min-confidence of 1/2 is a hedge: dropped), AdamW
-        # step with clipping; no usable pair anywhere, or a loss or gradient that is not finite: no update
+        # 4) loss over usable pairs (hedges within --min-confidence of 1/2 dropped), AdamW step unless none or inf
         for group in optimizer.param_groups:  # linear warm-up; a function of the step, so nothing to checkpoint
             group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
         used, counts = triage(probs, cfg.min_confidence)
@@ -1190,10 +1007,10 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         sums = all_sum(dict(counts, loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum), kl=kl_sum,
                             tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)), seqs=len(texts),
                             **stats), world, device)
-        record = step_record(step, sums, nonfinite=nonfinite, grad_norm=grad_norm,
+        record = step_record(step, sums, device, nonfinite=nonfinite, grad_norm=grad_norm,
                              lr=optimizer.param_groups[0]["lr"], updated=n_used > 0 and not nonfinite,
                              seconds=t3 - t0, sample_s=t1 - t0, annotate_s=annotate_s, annotate_wait_s=wait_s,
-                             train_s=(t2 - t1) + (t3 - t2 - wait_s), **peak_memory(device))
+                             train_s=(t2 - t1) + (t3 - t2 - wait_s))
         totals = {k: v + record[k] for k, v in totals.items()}
         if rank == 0:
             report(record, log, bar, cfg.sample_every, batch_prompts[0], texts[:2], probs[0])
@@ -1210,12 +1027,13 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
                             cfg.keep_checkpoints, score, cfg.fsdp)
     bar.close()
     background.shutdown()
-    summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **getattr(annotator, "stats", {}))
+    summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out,  # and the annotator's before a resume
+                   **{k: v + sum(r.get(k, 0) for r in done) for k, v in getattr(annotator, "stats", {}).items()})
     model_state = gathered_state(policy, score, optimizer, cfg.fsdp)[0] if cfg.fsdp else None
     if rank == 0:
         log.close()
         finish(cfg, saved, tokenizer, dict(dataclasses.asdict(cfg), beta=beta, annotator=spec), summary,
-               annotator.cost() if hasattr(annotator, "cost") else None, model_state)
+               annotator.cost(summary) if hasattr(annotator, "cost") else None, model_state)
     if world > 1:
         barrier(world)  # every rank done before any tears down its process group
         torch.distributed.destroy_process_group()
@@ -1224,8 +1042,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
 
 def report(record: dict, log, bar, sample_every: int = 0, prompt: str = "", pair: list = (), p=None) -> None:
     """One metrics.jsonl line, the progress bar, and now and then a judged pair or a win rate on the console."""
-    log.write(json.dumps(record) + "\n")
-    log.flush()
+    print(json.dumps(record), file=log, flush=True)
     step = record["step"]
     if record.get("eval"):
         bar.write(f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({record['n']} judged, "
@@ -1265,20 +1082,16 @@ def parse_args(argv: Optional[list] = None) -> Config:
     helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = argparse.ArgumentParser(description="Online AI Feedback: DPO/IPO/SLiC on pairs the policy samples, "
                                      "labelled by an LLM annotator as it trains.")
+    kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
-        else:
-            kind = float if f.name == "beta" else f.type
-            parser.add_argument(flag, type=kind, default=f.default, help=helps[f.name])
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=helps[f.name],
+                            **kinds.get(f.type, dict(type=f.type)))
     return Config(**vars(parser.parse_args(argv)))
 
 
 def main(argv: Optional[list] = None) -> dict:
-    cfg = parse_args(argv)
     try:
-        return train(cfg)
+        return train(parse_args(argv))
     except OAIFError as e:
         raise SystemExit(f"oaif: error: {e}") from None
 

@@ -251,7 +251,9 @@ def test_shorter_and_both_orders():
     ("Preferred Response=3", None), ("1 is better than 2 but I can't decide", None),
     ("Preferred Response=1, not Response 2.", 1.0), ("Preferred Response=1 (over Response 2)", 1.0),
     ("**Preferred Response:** 2", 0.0), ("Preferred response = **1**\n\nNote on 2", 1.0),
-    ("Response 2 rambles. Preferred Response=1. Preferred Response=2", 0.0), ("Preferred Response=", None)])
+    ("Response 2 rambles. Preferred Response=1. Preferred Response=2", 0.0), ("Preferred Response=", None),
+    ("Response 1 is clearly better than Response 2.", None), ("Both are weak, but 1 edges out 2", None),
+    ("**2**", 0.0), ("Preferred Response = Response 2", 0.0)])
 def test_parse_verdict(reply, verdict):
     assert oaif.parse_verdict(reply) == verdict
 
@@ -576,12 +578,25 @@ def final_params(path) -> dict:
     return AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
 
 
+class CountingShorter:
+    """The shorter rule with an annotator's request counters, as ClaudeAnnotator keeps them."""
+
+    def __init__(self):
+        self.stats = dict(annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0)
+
+    def __call__(self, prompts, first, second):
+        self.stats["annotator_requests"] += len(prompts)
+        self.stats["input_tokens"] += sum(map(len, first + second))
+        return oaif.shorter(prompts, first, second)
+
+
 def test_resume_is_exact(tiny, tmp_path):
-    oaif.main(run_args(tiny, tmp_path / "straight", "--steps", "4"))
-    oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "2", "--save-every", "2"))
+    run = lambda out, *extra: oaif.train(oaif.parse_args(run_args(tiny, out, *extra)), annotator=CountingShorter())
+    whole = run(tmp_path / "straight", "--steps", "4")
+    run(tmp_path / "resumed", "--steps", "2", "--save-every", "2")
     assert os.path.isfile(tmp_path / "resumed" / "checkpoint-2" / "trainer_state.pt")
     os.makedirs(tmp_path / "resumed" / "checkpoint-3")  # a checkpoint cut off mid-write: must be ignored
-    out = oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "4", "--resume"))
+    out = run(tmp_path / "resumed", "--steps", "4", "--resume")
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = read_metrics(tmp_path / "resumed")
@@ -589,6 +604,8 @@ def test_resume_is_exact(tiny, tmp_path):
     straight = read_metrics(tmp_path / "straight")
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight]
     assert out["summary"]["pairs"] == sum(r["pairs"] for r in rows) > sum(r["pairs"] for r in rows[2:])
+    for k in ("annotator_requests", "input_tokens"):  # the annotator's counts (and cost) cover the whole run too
+        assert out["summary"][k] == whole["summary"][k] == sum(r[k] for r in rows) > 0
 
 
 def test_keep_checkpoints_and_incomplete_ones_ignored(tiny, tmp_path):
@@ -760,11 +777,19 @@ def test_hedging_judge_trains_nothing_and_soft_labels_train(tiny, tmp_path):
     ("--steps", "0"), ("--steps", "-3"), ("--batch-size", "0"), ("--max-new-tokens", "0"), ("--temperature", "-1"),
     ("--lr", "-1"), ("--lr", "nan"), ("--beta", "-0.1"), ("--beta", "0"), ("--save-every", "-1"),
     ("--annotator-workers", "0"), ("--warmup-steps", "-1"), ("--keep-checkpoints", "-1"),
-    ("--min-confidence", "0.6"), ("--labels", "fuzzy"), ("--max-grad-norm", "0")])
+    ("--min-confidence", "0.6"), ("--labels", "fuzzy"), ("--max-grad-norm", "0"), ("--task", "poetry"),
+    ("--lora-alpha", "0")])
 def test_bad_numbers_give_one_line_before_loading(tmp_path, capsys, flag, value):
     out = tmp_path / "out"
-    msg = bad_run(["--model", str(tmp_path / "never-loaded"), "--output-dir", str(out), flag, value], capsys)
+    msg = bad_run(["--model", str(tmp_path / "never-loaded"), "--output-dir", str(out), "--lora-rank", "4", flag, value],
+                  capsys)
     assert flag in msg and not out.exists()
+
+
+def test_triage_counts_hedges_ties_and_nonsense_as_dropped():
+    used, counts = oaif.triage([1.0, 0.0, 0.5, None, 0.52, float("nan"), 1.5, -0.1, 0.9], 0.05)
+    assert used[:2] == [1.0, 0.0] and used[2:8] == [None] * 6 and used[8] == 0.9  # nan never trains as "second wins"
+    assert counts == dict(pairs=3, ties=1, no_verdict=4, low_confidence=1)
 
 
 def test_eval_prompts_zero_is_refused_only_when_evaluating(tiny, tmp_path, capsys):
@@ -883,7 +908,7 @@ def test_lora_learns_shorter_and_its_reference_is_the_frozen_base(tiny_wide_embe
 def test_lora_resume_is_exact_and_bf16_runs(tiny, tmp_path):
     from safetensors.torch import load_file
 
-    lora = ["--lora-rank", "4", "--lr", "1e-2"]
+    lora = ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout", "0.5"]  # dropout: loss pass only, also on resume
     oaif.main(run_args(tiny, tmp_path / "straight", "--steps", "4", *lora))
     oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "2", "--save-every", "2", *lora))
     oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "4", "--resume", *lora))
