@@ -556,12 +556,11 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
 def load_model(name: str, device: torch.device) -> tuple:
     """(model, tokenizer) from a hub id or folder, ready to sample: pad token set, left padding, eval mode."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     transformers.utils.logging.disable_progress_bar()  # one bar per run is enough: ours
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
         # float32 whatever the file holds: AdamW's small updates round away in bf16 (LoRA: only the base is cast)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device)
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device)
     except (OSError, ValueError, KeyError) as e:
         raise OAIFError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # GPT-2 has none; EOS is safe because masks, not ids, mark padding
@@ -576,17 +575,17 @@ def read_lines(path: str, what: str, keys: tuple = (), expected: str = "", ok: C
     if not os.path.isfile(path):
         raise OAIFError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
+        lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]  # i: the file's own line number
     if not lines:
         raise OAIFError(f"{what} is empty: {path}")
     rows = []
-    for i, line in enumerate(lines if keys else [], 1):
+    for i, line in lines if keys else []:
         try:
             rows.append(tuple(json.loads(line)[k] for k in keys))
             assert ok(rows[-1])
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
             raise OAIFError(f"{path}:{i}: expected a JSON object with {expected}") from None
-    return rows if keys else lines
+    return rows if keys else [line for _, line in lines]
 
 
 def load_prompts(path: str) -> list:
@@ -638,7 +637,7 @@ def gathered_state(policy, root, optimizer, fsdp: bool) -> tuple:
 
 
 def save_checkpoint(out_dir: str, step: int, policy, tokenizer, optimizer, rank: int, world: int,
-                    keep: int, root=None, fsdp: bool = False) -> None:
+                    keep: int, root=None, fsdp: bool = False, stats: Optional[dict] = None) -> None:
     """OUTPUT_DIR/checkpoint-STEP, written under a temporary name, then renamed; trainer_state.pt last: complete."""
     final, tmp = os.path.join(out_dir, f"checkpoint-{step}"), os.path.join(out_dir, f".tmp-checkpoint-{step}")
     model_state, optimizer_state = gathered_state(policy, root, optimizer, fsdp)
@@ -646,7 +645,7 @@ def save_checkpoint(out_dir: str, step: int, policy, tokenizer, optimizer, rank:
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(policy, tokenizer, tmp, model_state)
     barrier(world)
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), annotator=stats,
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))  # each rank samples from its own stream
     barrier(world)
@@ -812,11 +811,10 @@ def context_length(config) -> Optional[int]:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def open_run(out_dir: str, resume_from: Optional[str], optimizer, rank: int, root, fsdp: bool) -> tuple:
-    """(last step done, its records, metrics.jsonl on rank 0); resume: optimizer, RNG, metrics cut back to it."""
+def open_run(out_dir: str, resume_from: Optional[str], optimizer, rank: int, root, fsdp: bool, stats: dict) -> tuple:
+    """(last step done, its records, metrics.jsonl on rank 0); resume: optimizer, RNG, annotator stats, metrics."""
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     if not resume_from:  # a fresh run, a fresh metrics.jsonl
         return 0, [], open(metrics_path, "w") if rank == 0 else None
     state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
@@ -828,6 +826,7 @@ def open_run(out_dir: str, resume_from: Optional[str], optimizer, rank: int, roo
     rng = torch.load(os.path.join(resume_from, f"rng-{rank}.pt"), weights_only=False)
     for set_state, k in ((random.setstate, "python"), (np.random.set_state, "numpy"), (torch.set_rng_state, "torch")):
         set_state(rng[k])
+    stats.update({k: stats.get(k, 0) + v for k, v in (rng.get("annotator") or {}).items()})  # this rank's so far
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     kept = []
@@ -952,7 +951,8 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     sample = score.gathered if cfg.fsdp else lambda fn: fn(policy)  # fn(policy) -> samples
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, done, log = open_run(cfg.output_dir, resume_from, optimizer, rank, score, cfg.fsdp)
+    annotator_stats = getattr(annotator, "stats", {})  # requests, failures, tokens: the summary and cost add them up
+    start, done, log = open_run(cfg.output_dir, resume_from, optimizer, rank, score, cfg.fsdp, annotator_stats)
     background = concurrent.futures.ThreadPoolExecutor(1)  # runs the annotator while we compute log-probs
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
     totals, record, last_eval = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}, {}, None
@@ -1024,11 +1024,11 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             barrier(world)
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(cfg.output_dir, step, saved, tokenizer, optimizer, rank, world,
-                            cfg.keep_checkpoints, score, cfg.fsdp)
+                            cfg.keep_checkpoints, score, cfg.fsdp, annotator_stats)
     bar.close()
     background.shutdown()
-    summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out,  # and the annotator's before a resume
-                   **{k: v + sum(r.get(k, 0) for r in done) for k, v in getattr(annotator, "stats", {}).items()})
+    whole = all_sum(annotator_stats, world, device) if annotator_stats else {}  # the annotator's: all ranks, whole run
+    summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **{k: int(v) for k, v in whole.items()})
     model_state = gathered_state(policy, score, optimizer, cfg.fsdp)[0] if cfg.fsdp else None
     if rank == 0:
         log.close()
