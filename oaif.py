@@ -957,7 +957,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
     totals, record, last_eval = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}, {}, None
     for step in bar:
-        t0, stats0 = time.perf_counter(), dict(getattr(annotator, "stats", {}))
+        t0, stats0 = time.perf_counter(), dict(annotator_stats)
         # 1) sample two responses per prompt from the current policy (offline: this step's fixed pairs)
         if fixed is None:
             batch_prompts = step_slice(train_prompts, step, cfg.batch_size, rank, world)
@@ -1003,7 +1003,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)
         t3 = time.perf_counter()
         # 5) log: sums over ranks, then means
-        stats = {k: v - stats0.get(k, 0) for k, v in getattr(annotator, "stats", {}).items()}
+        stats = {k: v - stats0.get(k, 0) for k, v in annotator_stats.items()}
         sums = all_sum(dict(counts, loss=float(loss_sum), margin=float(margin_sum), acc=float(acc_sum), kl=kl_sum,
                             tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)), seqs=len(texts),
                             **stats), world, device)
