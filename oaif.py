@@ -814,8 +814,8 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
         with open(path) as f:
             saved = json.load(f)
         same = lambda k: (saved[k] > 0) == (config[k] > 0) if k == "eval_every" else saved.get(k) == config[k]
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in config if not same(k)
-                   and k not in FREE_ON_RESUME]
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in config
+                   if k not in FREE_ON_RESUME and not same(k)]
         if changed:
             raise OAIFError(f"--resume with other flags than the checkpoint's: {', '.join(changed)}; resume with "
                             "the same ones or start a new run")

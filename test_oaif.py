@@ -1009,10 +1009,10 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume_across_rank_counts(tin
                                                str(tmp_path / "pairs.jsonl"), *extra)
     oaif.main(args(tmp_path / "one", 5))
     oaif.main(args(tmp_path / "mixed", 1))
-    r = torchrun(args(tmp_path / "mixed", 2, "--resume", "--fsdp"), 29521)
+    r = torchrun(args(tmp_path / "mixed", 2, "--resume", "--fsdp"), 29531)
     assert "saved on 1 rank(s), resumed on 2" in r.stderr
     oaif.main(args(tmp_path / "mixed", 3, "--resume"))
-    torchrun(args(tmp_path / "mixed", 4, "--resume"), 29522)
+    torchrun(args(tmp_path / "mixed", 4, "--resume"), 29532)
     oaif.main(args(tmp_path / "mixed", 5, "--resume"))
     one, mixed = final_params(tmp_path / "one"), final_params(tmp_path / "mixed")
     assert one.keys() == mixed.keys() and all(torch.allclose(one[k], mixed[k], atol=1e-5) for k in one)
