@@ -82,7 +82,8 @@ class Config:
     sample_every: int = 10  # print one judged pair every N steps (0: never)
     save_every: int = 0  # write OUTPUT_DIR/checkpoint-STEP every N steps (0: only the final model)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    resume: bool = False  # continue from the newest complete checkpoint in OUTPUT_DIR
+    resume: bool = False  # continue from the newest complete checkpoint in OUTPUT_DIR (with the same flags)
+    overwrite: bool = False  # start again in an OUTPUT_DIR holding a run: delete its checkpoints, metrics and model
     # models past one GPU
     lora_rank: int = 0  # train a LoRA adapter of this rank instead of every weight (0: off); pip install peft
     lora_alpha: float = 16.0  # LoRA scale: the adapter's update is multiplied by alpha / rank
@@ -92,6 +93,9 @@ class Config:
 
 
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
+RUN_FILES = r"checkpoint-\d+|metrics\.jsonl|oaif_config\.json|adapter_config\.json|(adapter_)?model.*\.safetensors.*"
+FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "annotator_workers", "sample_every", "resume", "overwrite",
+                  "output_dir", "device", "fsdp"}  # and --eval-every's value: only its > 0 shapes training (the split)
 ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
 TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")  # summed over the run
 
@@ -627,23 +631,29 @@ def finite_weights(model_or_tensors) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
 
 
-def gathered_state(policy, root, optimizer, fsdp: bool) -> tuple:
-    """(model state or None, optimizer state); FSDP: gathered from all shards (a collective), for any rank count."""
-    if not fsdp:
-        return None, optimizer.state_dict()
+def gathered_state(module, optimizer=None) -> dict:
+    """The whole state of an FSDP-sharded (or plain) module, or of its optimizer keyed by parameter name, on CPU:
+    the same for any rank count. A collective under FSDP: every rank calls it; rank 0 gets it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(policy, options=full), get_optimizer_state_dict(root, optimizer, options=full)
+    return get_model_state_dict(module, options=full) if optimizer is None else \
+        get_optimizer_state_dict(module, optimizer, options=full)
 
 
-def save_checkpoint(out_dir: str, step: int, policy, tokenizer, optimizer, rank: int, world: int,
-                    keep: int, root=None, fsdp: bool = False, stats: Optional[dict] = None) -> None:
-    """OUTPUT_DIR/checkpoint-STEP, written under a temporary name, then renamed; trainer_state.pt last: complete."""
+def save_checkpoint(out_dir: str, step: int, policy, tokenizer, optimizer, rank: int, world: int, keep: int, root,
+                    fsdp: bool, stats: dict, config: dict, offline: Optional[list]) -> None:
+    """OUTPUT_DIR/checkpoint-STEP, written under a temporary name, then renamed; trainer_state.pt last: complete.
+    config: the run's flags (resume compares them); offline: the labelled --offline set (resume never relabels)."""
     final, tmp = os.path.join(out_dir, f"checkpoint-{step}"), os.path.join(out_dir, f".tmp-checkpoint-{step}")
-    model_state, optimizer_state = gathered_state(policy, root, optimizer, fsdp)
+    model_state = gathered_state(policy) if fsdp else None
+    # no state before the first update: gathering it then would take an AdamW step (lr 0) that counts in its bias fix
+    optimizer_state = gathered_state(root, optimizer) if optimizer.state else None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(policy, tokenizer, tmp, model_state)
+        with open(os.path.join(tmp, "oaif_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        torch.save(offline, os.path.join(tmp, "offline_pairs.pt"))
     barrier(world)
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), annotator=stats,
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -780,15 +790,35 @@ def check_numbers(cfg: Config) -> None:
 
 
 def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
-    """Checks that need no model, then ranks, device and seeds. Returns (rank, world, device, annotator name)."""
+    """Checks that need no model, then ranks, device and seeds. Returns (rank, world, device, the run's config)."""
     check_numbers(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
     spec = getattr(custom_annotator, "__name__", "custom") if custom_annotator is not None else spec
+    beta = DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
+    config = dict(dataclasses.asdict(cfg), beta=beta, annotator=spec)  # the run's: checkpoints and oaif_config.json
     if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
         raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
+    if os.path.isfile(cfg.output_dir):
+        raise OAIFError(f"--output-dir {cfg.output_dir} is a file, not a folder")
+    names = os.listdir(cfg.output_dir) if os.path.isdir(cfg.output_dir) else []
+    if cfg.resume == cfg.overwrite and any(re.fullmatch(RUN_FILES, n) for n in names):
+        raise OAIFError(f"--output-dir {cfg.output_dir} holds a previous run: --resume it, --overwrite it (deletes "
+                        "its checkpoints, metrics and model) or choose another folder")
     if cfg.resume and not complete_checkpoints(cfg.output_dir):
         raise OAIFError(f"--resume: no complete checkpoint in {cfg.output_dir}")
+    if cfg.resume:
+        path = os.path.join(complete_checkpoints(cfg.output_dir)[-1], "oaif_config.json")
+        if not os.path.isfile(path):  # and its optimizer state is keyed by number, not name
+            raise OAIFError(f"--resume: {path} not found: a checkpoint of an older oaif; start a new run")
+        with open(path) as f:
+            saved = json.load(f)
+        same = lambda k: (saved[k] > 0) == (config[k] > 0) if k == "eval_every" else saved.get(k) == config[k]
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in config
+                   if k not in FREE_ON_RESUME and not same(k)]
+        if changed:
+            raise OAIFError(f"--resume with other flags than the checkpoint's: {', '.join(changed)}; resume with "
+                            "the same ones or start a new run")
     if not cfg.annotator and custom_annotator is None and rank == 0:
         print(f"oaif: annotator: {spec}" + ("" if spec == "claude" else " (no ANTHROPIC_API_KEY set; "
               "--annotator claude or hf:MODEL for an LLM judge)"), file=sys.stderr)
@@ -804,36 +834,47 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     for seed in (random.seed, np.random.seed, torch.manual_seed):  # each rank samples its own responses
         seed(cfg.seed + rank)
-    return rank, world, device, spec
+    return rank, world, device, config
 
 
 def context_length(config) -> Optional[int]:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def open_run(out_dir: str, resume_from: Optional[str], optimizer, rank: int, root, fsdp: bool, stats: dict) -> tuple:
-    """(last step done, its records, metrics.jsonl on rank 0); resume: optimizer, RNG, annotator stats, metrics."""
+def open_run(out_dir: str, resume_from: Optional[str], optimizer, rank: int, world: int, root, seed: int,
+             stats: dict) -> tuple:
+    """(last step done, its records, metrics.jsonl on rank 0); resume: optimizer, RNG, annotator stats, metrics.
+    Fresh: a previous run's files deleted first (setup_run let them through only with --overwrite)."""
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     os.makedirs(out_dir, exist_ok=True)
     if not resume_from:  # a fresh run, a fresh metrics.jsonl
+        old = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if re.fullmatch(RUN_FILES, n)]  # --overwrite
+        for path in old if rank == 0 else []:
+            (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
         return 0, [], open(metrics_path, "w") if rank == 0 else None
     state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-    if fsdp:  # the gathered state, cut into this rank's shards
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if state["optimizer"]:
         set_optimizer_state_dict(root, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    rng = torch.load(os.path.join(resume_from, f"rng-{rank}.pt"), weights_only=False)
-    for set_state, k in ((random.setstate, "python"), (np.random.set_state, "numpy"), (torch.set_rng_state, "torch")):
-        set_state(rng[k])
-    stats.update({k: stats.get(k, 0) + v for k, v in (rng.get("annotator") or {}).items()})  # this rank's so far
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    for set_seed in (random.seed, np.random.seed, torch.manual_seed):  # a rank that saved no RNG state: a new stream
+        set_seed((seed + 1_000_003 * state["step"] + rank) % 2**32)
+    saved = [int(n[4:-3]) for n in os.listdir(resume_from) if re.fullmatch(r"rng-\d+\.pt", n)]  # ranks that saved
+    for r in sorted(r for r in saved if r % world == rank):  # fewer ranks now: rank r % world adds r's requests
+        rng = torch.load(os.path.join(resume_from, f"rng-{r}.pt"), weights_only=False)
+        stats.update({k: stats.get(k, 0) + v for k, v in (rng.get("annotator") or {}).items()})
+        states = ((random.setstate, "python"), (np.random.set_state, "numpy"), (torch.set_rng_state, "torch"))
+        for set_state, k in states if r == rank else ():
+            set_state(rng[k])
+        if r == rank and rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    if rank == 0 and len(saved) != world:
+        print(f"oaif: {resume_from} was saved on {len(saved)} rank(s), resumed on {world}: a rank without saved RNG "
+              "state samples from a seed of (--seed, rank, step)", file=sys.stderr)
     kept = []
     if os.path.exists(metrics_path):  # each step once, also after a crash past the checkpoint
         with open(metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]]
-        barrier(int(os.environ.get("WORLD_SIZE", 1)))  # every rank has read it before rank 0 rewrites it
+        barrier(world)  # every rank has read it before rank 0 rewrites it
         if rank == 0:
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
@@ -892,7 +933,7 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
 
 
 def reference_side(cfg: Config, initial, tokenizer, train_prompts: list, eval_prompts: list, annotator: Callable,
-                   rank: int, world: int) -> tuple:
+                   rank: int, world: int, resume_from: Optional[str]) -> tuple:
     """From the initial model: (offline set [(prompt, prompt_ids, first_ids, second_ids, P(first), texts)] or None,
     --offline-data pairs held out, reference answers (the evaluation's seed) or None); --offline labels on rank 0."""
     fixed, held_out = None, 0
@@ -905,6 +946,8 @@ def reference_side(cfg: Config, initial, tokenizer, train_prompts: list, eval_pr
         if held_out and rank == 0:
             print(f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are held out for "
                   "evaluation", file=sys.stderr)
+    elif cfg.offline and resume_from:  # labelled once, before step 1, and kept: never relabelled (nor paid twice)
+        fixed = torch.load(os.path.join(resume_from, "offline_pairs.pt"))
     elif cfg.offline:
         fixed = []
         for i in range(0, len(train_prompts), cfg.batch_size) if rank == 0 else []:  # the others: broadcast
@@ -926,8 +969,8 @@ def reference_side(cfg: Config, initial, tokenizer, train_prompts: list, eval_pr
 def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     """Run OAIF (or --offline) as `cfg` says -> last metrics, summary; `annotator`: a callable for --annotator."""
     from tqdm import tqdm
-    rank, world, device, spec = setup_run(cfg, annotator)
-    beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss]
+    rank, world, device, config = setup_run(cfg, annotator)
+    spec, beta = config["annotator"], config["beta"]
     prompts = load_prompts(cfg.prompts)
     random.Random(cfg.seed).shuffle(prompts)  # the held-out split is fixed by the seed
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
@@ -941,7 +984,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         if cfg.eval_annotator else annotator
     with reference():  # everything drawn from the initial model, before anything is sharded
         fixed, held_out, ref_answers = reference_side(cfg, ref_model, tokenizer, train_prompts, eval_prompts,
-                                                      annotator, rank, world)
+                                                      annotator, rank, world, resume_from)
     score, ref_score = _Scorer(policy), _Scorer(ref_model)  # LoRA: the same model, ref_score under reference()
     if cfg.fsdp:
         score.shard()
@@ -952,7 +995,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     annotator_stats = getattr(annotator, "stats", {})  # requests, failures, tokens: the summary and cost add them up
-    start, done, log = open_run(cfg.output_dir, resume_from, optimizer, rank, score, cfg.fsdp, annotator_stats)
+    start, done, log = open_run(cfg.output_dir, resume_from, optimizer, rank, world, score, cfg.seed, annotator_stats)
     background = concurrent.futures.ThreadPoolExecutor(1)  # runs the annotator while we compute log-probs
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
     totals, record, last_eval = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}, {}, None
@@ -1023,17 +1066,17 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
                 report(last_eval, log, bar)
             barrier(world)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(cfg.output_dir, step, saved, tokenizer, optimizer, rank, world,
-                            cfg.keep_checkpoints, score, cfg.fsdp, annotator_stats)
+            save_checkpoint(cfg.output_dir, step, saved, tokenizer, optimizer, rank, world, cfg.keep_checkpoints, score,
+                            cfg.fsdp, annotator_stats, config, fixed if cfg.offline else None)
     bar.close()
     background.shutdown()
     whole = all_sum(annotator_stats, world, device) if annotator_stats else {}  # the annotator's: all ranks, whole run
     summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **{k: int(v) for k, v in whole.items()})
-    model_state = gathered_state(policy, score, optimizer, cfg.fsdp)[0] if cfg.fsdp else None
+    model_state = gathered_state(policy) if cfg.fsdp else None
     if rank == 0:
         log.close()
-        finish(cfg, saved, tokenizer, dict(dataclasses.asdict(cfg), beta=beta, annotator=spec), summary,
-               annotator.cost(summary) if hasattr(annotator, "cost") else None, model_state)
+        finish(cfg, saved, tokenizer, config, summary, annotator.cost(summary) if hasattr(annotator, "cost") else None,
+               model_state)
     if world > 1:
         barrier(world)  # every rank done before any tears down its process group
         torch.distributed.destroy_process_group()

@@ -619,6 +619,67 @@ def test_keep_checkpoints_and_incomplete_ones_ignored(tiny, tmp_path):
     assert oaif.complete_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-2")]
 
 
+def test_reused_output_dir_needs_resume_or_overwrite(tiny, tmp_path, capsys):
+    oaif.main(run_args(tiny, tmp_path / "out", "--save-every", "1"))
+    for extra in ([], ["--resume", "--overwrite"]):  # refused before any model loads: this model does not exist
+        msg = bad_run(run_args(str(tmp_path / "no-model"), tmp_path / "out", *extra), capsys)
+        assert "holds a previous run" in msg and "--overwrite" in msg
+    (tmp_path / "out" / "notes.txt").write_text("the user's own file")
+    oaif.main(run_args(tiny, tmp_path / "out", "--steps", "1", "--save-every", "1", "--overwrite"))
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [r["step"] for r in read_metrics(tmp_path / "out")] == [1]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "the user's own file"
+    assert "is a file" in bad_run(run_args(tiny, tmp_path / "out" / "notes.txt"), capsys)
+
+
+def test_checkpoint_before_any_update_resumes_exactly(tiny, tmp_path):
+    # the optimizer has no state yet: saving it must not take the zero step that would shift AdamW's bias correction
+    def hedging_first(prompts, first, second):
+        hedging_first.calls += 1
+        return [0.5] * len(prompts) if hedging_first.calls == 1 else oaif.shorter(prompts, first, second)
+
+    for out, extra in (("straight", []), ("resumed", ["--steps", "1", "--save-every", "1"]), ("resumed", ["--resume"])):
+        hedging_first.calls = 0 if extra != ["--resume"] else 1
+        oaif.train(oaif.parse_args(run_args(tiny, tmp_path / out, "--steps", "3", *extra)), annotator=hedging_first)
+    assert [r["updated"] for r in read_metrics(tmp_path / "resumed")] == [False, True, True]
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_flags_that_shape_training(tiny, tmp_path, capsys):
+    oaif.main(run_args(tiny, tmp_path, "--steps", "1", "--save-every", "1"))
+    msg = bad_run(run_args(tiny, tmp_path, "--resume", "--loss", "ipo", "--beta", "5", "--seed", "1", "--batch-size",
+                           "8", "--eval-every", "3", "--steps", "9", "--save-every", "3"), capsys)
+    for change in ("--loss dpo -> ipo", "--beta 0.1 -> 5.0", "--seed 0 -> 1", "--batch-size 4 -> 8",
+                   "--eval-every 0 -> 3"):
+        assert change in msg
+    assert "--steps" not in msg and "--save-every" not in msg  # free to change
+    oaif.main(run_args(tiny, tmp_path, "--resume", "--beta", "0.1"))  # dpo's default beta, said explicitly
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_lora_resume_refuses_another_rank(tiny, tmp_path, capsys):
+    pytest.importorskip("peft", reason="LoRA needs peft (pip install peft)")
+    oaif.main(run_args(tiny, tmp_path / "lora", "--steps", "1", "--save-every", "1", "--lora-rank", "4"))
+    oaif.main(run_args(tiny, tmp_path / "full", "--steps", "1", "--save-every", "1"))
+    assert "--lora-rank 4 -> 16" in bad_run(run_args(tiny, tmp_path / "lora", "--resume", "--lora-rank", "16"), capsys)
+    assert "--lora-rank 4 -> 0" in bad_run(run_args(tiny, tmp_path / "lora", "--resume"), capsys)
+    assert "--lora-rank 0 -> 4" in bad_run(run_args(tiny, tmp_path / "full", "--resume", "--lora-rank", "4"), capsys)
+
+
+def test_offline_resume_never_relabels(tiny, tmp_path):
+    (tmp_path / "p.txt").write_text("Why do we dream?\nWhat is inflation?\nHow do bees make honey?\nWhat is a prime?\n")
+    run = lambda out, *extra: oaif.train(oaif.parse_args(run_args(tiny, out, "--offline", "--prompts",
+                                                                  str(tmp_path / "p.txt"), *extra)),
+                                         annotator=CountingShorter())
+    whole = run(tmp_path / "straight", "--steps", "4")
+    run(tmp_path / "resumed", "--steps", "2", "--save-every", "2")
+    out = run(tmp_path / "resumed", "--steps", "4", "--resume")
+    assert out["summary"]["annotator_requests"] == whole["summary"]["annotator_requests"] == 4  # labelled once
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("fixed", ["--offline-data", "--offline"])
 def test_two_gloo_ranks_match_one_process(tiny, tmp_path, fixed):
     # Sampling and annotation made deterministic with fixed pairs: the only difference left is the split.
@@ -935,19 +996,27 @@ def torchrun(args, port, timeout=300):
                         str(port), os.path.join(HERE, "oaif.py"), *args], capture_output=True, text=True,
                        timeout=timeout, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
-def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tiny, tmp_path):
+def test_fsdp_two_gloo_ranks_match_one_process_and_resume_across_rank_counts(tiny, tmp_path):
+    # One run, resumed at each step on another rank count: 1 -> 2 FSDP -> 1 -> 2 DDP -> 1. Fixed pairs: the same
+    # global batches as one process's straight run, so the parameters must match it whatever ran each step.
     pairs = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i % 3 + 1), "rejected": f"No, {i} times no."}
              for i in range(8)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    data = ["--offline-data", str(tmp_path / "pairs.jsonl")]
-    oaif.main(run_args(tiny, tmp_path / "one", "--steps", "4", *data))
-    torchrun(run_args(tiny, tmp_path / "fsdp", "--steps", "2", "--save-every", "2", "--fsdp", *data), 29521)
-    torchrun(run_args(tiny, tmp_path / "fsdp", "--steps", "4", "--resume", "--fsdp", *data), 29522)
-    one, sharded = final_params(tmp_path / "one"), final_params(tmp_path / "fsdp")
-    assert one.keys() == sharded.keys() and all(torch.allclose(one[k], sharded[k], atol=1e-5) for k in one)
+    args = lambda out, steps, *extra: run_args(tiny, out, "--steps", str(steps), "--save-every", "1", "--offline-data",
+                                               str(tmp_path / "pairs.jsonl"), *extra)
+    oaif.main(args(tmp_path / "one", 5))
+    oaif.main(args(tmp_path / "mixed", 1))
+    r = torchrun(args(tmp_path / "mixed", 2, "--resume", "--fsdp"), 29531)
+    assert "saved on 1 rank(s), resumed on 2" in r.stderr
+    oaif.main(args(tmp_path / "mixed", 3, "--resume"))
+    torchrun(args(tmp_path / "mixed", 4, "--resume"), 29532)
+    oaif.main(args(tmp_path / "mixed", 5, "--resume"))
+    one, mixed = final_params(tmp_path / "one"), final_params(tmp_path / "mixed")
+    assert one.keys() == mixed.keys() and all(torch.allclose(one[k], mixed[k], atol=1e-5) for k in one)
     assert not all(torch.equal(one[k], final_params(tiny)[k]) for k in one)
-    rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "fsdp")
-    assert [r["step"] for r in rows_two] == [1, 2, 3, 4]
+    rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "mixed")
+    assert [r["step"] for r in rows_two] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
