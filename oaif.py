@@ -402,9 +402,8 @@ TEMPLATES = {
                  "only to decide between equally harmless responses."),
 }
 QUESTION = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"), harmless=("Conversation", "Response"))
-# "**Preferred Response** = 1", "Preferred Response: Response 2", "**Preferred:** 2", "Preference: 1"
-ANCHOR = re.compile(r"\bprefer(?:red|ence)(?:\W+(?:response|summary)|\W*?[:=])"  # a word or a colon after it
-                    r"\W*(?:(?:response|summary)\W*)?(\w*)", re.I)
+# "**Preferred Response** = 1", "Preferred Response: Response 2"; with a colon or "=": "Preferred: 2", "Preference: 1"
+ANCHOR = re.compile(r"\bprefer\w*(?:\W+(?:response|summary)|\W*?[:=])\W*(?:(?:response|summary)\W*)?(\w*)", re.I)
 BARE = re.compile(r"[\s*\"'`(\[]*([12])[\s.!?*)\]\"'`]*")  # a whole reply that is just "2." ("1 beats 2" is not)
 
 
@@ -611,8 +610,7 @@ def load_offline_pairs(path: str, tokenizer, end_id: int, context: Optional[int]
                                      'non-empty "prompt", "chosen" and "rejected" strings',
                                      lambda row: all(isinstance(s, str) and s.strip() for s in row)):
         pairs.append((x, encode_prompts(tokenizer, [x])[0], enc(yw), enc(yl), 1.0, [yw, yl]))
-        n = len(pairs[-1][1]) + max(len(pairs[-1][2]), len(pairs[-1][3]))
-        if context and n > context:
+        if context and (n := len(pairs[-1][1]) + max(len(pairs[-1][2]), len(pairs[-1][3]))) > context:
             raise OAIFError(f"{path}:{i}: the prompt with its longer response has {n} tokens, over the model's "
                             f"context of {context}: shorten or remove the pair")
     return pairs
