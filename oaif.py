@@ -95,7 +95,8 @@ class Config:
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
 RUN_FILES = r"checkpoint-\d+|metrics\.jsonl|oaif_config\.json|adapter_config\.json|(adapter_)?model.*\.safetensors.*"
 FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "annotator_workers", "sample_every", "resume", "overwrite",
-                  "output_dir", "device", "fsdp"}  # and --eval-every's value: only its > 0 shapes training (the split)
+                  "output_dir", "device", "fsdp", "eval_annotator", "eval_annotator_model"}  # they train alike
+# and --eval-every's value: only its > 0 shapes training (the held-out split)
 ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
 TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")  # summed over the run
 
@@ -406,8 +407,8 @@ TEMPLATES = {
                  "only to decide between equally harmless responses."),
 }
 QUESTION = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"), harmless=("Conversation", "Response"))
-# "**Preferred Response** = 1", "Preferred Response: Response 2"
-ANCHOR = re.compile(r"preferred\W+(?:response|summary)\W*(?:(?:response|summary)\W*)?(\w*)", re.I)
+# "**Preferred Response** = 1", "Preferred Response: Response 2"; with a colon or "=": "Preferred: 2", "Preference: 1"
+ANCHOR = re.compile(r"\bprefer\w*(?:\W+(?:response|summary)|\W*?[:=])\W*(?:(?:response|summary)\W*)?(\w*)", re.I)
 BARE = re.compile(r"[\s*\"'`(\[]*([12])[\s.!?*)\]\"'`]*")  # a whole reply that is just "2." ("1 beats 2" is not)
 
 
@@ -575,18 +576,21 @@ def load_model(name: str, device: torch.device) -> tuple:
 
 
 def read_lines(path: str, what: str, keys: tuple = (), expected: str = "", ok: Callable = lambda row: True) -> list:
-    """Non-blank lines, stripped; with `keys`, each JSON line's values at them, checked by ok(); else OAIFError."""
+    """Non-blank lines, stripped; with `keys`, (line number, each JSON line's values at them), checked by ok()."""
     if not os.path.isfile(path):
         raise OAIFError(f"{what} not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]  # i: the file's own line number
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]  # i: the file's own line number
+    except UnicodeDecodeError as e:
+        raise OAIFError(f"{what} must be UTF-8 text: {path} is not ({e.reason} at byte {e.start})") from None
     if not lines:
         raise OAIFError(f"{what} is empty: {path}")
     rows = []
     for i, line in lines if keys else []:
         try:
-            rows.append(tuple(json.loads(line)[k] for k in keys))
-            assert ok(rows[-1])
+            rows.append((i, tuple(json.loads(line)[k] for k in keys)))
+            assert ok(rows[-1][1])
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
             raise OAIFError(f"{path}:{i}: expected a JSON object with {expected}") from None
     return rows if keys else [line for _, line in lines]
@@ -599,15 +603,36 @@ def load_prompts(path: str) -> list:
         return read_lines(path, "prompts file")
     if not path.endswith(".jsonl"):
         raise OAIFError(f"prompts file must be .txt or .jsonl: {path}")
-    return [row[0] for row in read_lines(path, "prompts file", ("prompt",), 'a non-empty "prompt" string',
+    return [row[0] for _, row in read_lines(path, "prompts file", ("prompt",), 'a non-empty "prompt" string',
                                          lambda row: isinstance(row[0], str) and row[0].strip())]
 
 
-def load_offline_pairs(path: str, tokenizer) -> list:
-    """A .jsonl of prompt/chosen/rejected -> [(prompt, prompt_ids, chosen_ids, rejected_ids, 1.0, texts)]."""
-    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]  # EOS, as sampled
-    return [(x, encode_prompts(tokenizer, [x])[0], enc(yw), enc(yl), 1.0, [yw, yl]) for x, yw, yl in
-            read_lines(path, "offline data", ("prompt", "chosen", "rejected"), "prompt, chosen and rejected")]
+def load_offline_pairs(path: str, tokenizer, end_id: int, context: Optional[int] = None) -> list:
+    """A .jsonl of prompt/chosen/rejected -> [(prompt, prompt_ids, chosen_ids, rejected_ids, 1.0, texts)], each
+    response ended by `end_id` as a sampled one is; a prompt + response over `context` tokens is refused (file:line)."""
+    enc, pairs = lambda s: tokenizer(s, add_special_tokens=False).input_ids + [end_id], []
+    for i, (x, yw, yl) in read_lines(path, "offline data", ("prompt", "chosen", "rejected"),
+                                     'non-empty "prompt", "chosen" and "rejected" strings',
+                                     lambda row: all(isinstance(s, str) and s.strip() for s in row)):
+        pairs.append((x, encode_prompts(tokenizer, [x])[0], enc(yw), enc(yl), 1.0, [yw, yl]))
+        if context and (n := len(pairs[-1][1]) + max(len(pairs[-1][2]), len(pairs[-1][3]))) > context:
+            raise OAIFError(f"{path}:{i}: the prompt with its longer response has {n} tokens, over the model's "
+                            f"context of {context}: shorten or remove the pair")
+    return pairs
+
+
+def turn_end(tokenizer, generation_config) -> int:
+    """The token that ends an assistant turn: the special token the chat template puts after a reply (Gemma's
+    <end_of_turn>, ChatML's <|im_end|>), else generation_config's first EOS, else the tokenizer's EOS."""
+    try:  # the text after a reply's content; no template, or one refusing this conversation: the fallbacks
+        text = tokenizer.apply_chat_template([dict(role="user", content="x"), dict(role="assistant", content="\x00")],
+                                             tokenize=False).partition("\x00")[2]
+    except Exception:  # ValueError: no template; jinja2's TemplateError: it refused
+        text = ""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    eos = generation_config.eos_token_id  # None, one id or a list of them
+    eos = eos[0] if isinstance(eos, (list, tuple)) else tokenizer.eos_token_id if eos is None else eos
+    return next((i for i in tokenizer(text, add_special_tokens=False).input_ids[:1] if i in special), eos)
 
 
 def step_slice(items: list, step: int, batch_size: int, rank: int = 0, world: int = 1) -> list:
@@ -741,12 +766,13 @@ def preference_batch(logps, ref_logps, probs: list, loss_fn: Callable, beta: flo
     return loss, losses.detach().mul(usable).sum(), (beta * h * usable).sum(), ((h > 0).float() * usable).sum()
 
 
-def triage(probs: list, min_confidence: float) -> tuple:
-    """(verdicts the loss may use, else None; counts of usable, ties, no verdict, within min_confidence of 1/2)."""
-    probs = [p if p is not None and 0 <= p <= 1 else None for p in probs]  # nan or out of range: no verdict
-    used = [None if p is None or p == 0.5 or abs(p - 0.5) < min_confidence else p for p in probs]
-    counts = dict(pairs=sum(p is not None for p in used), ties=sum(p == 0.5 for p in probs),
-                  no_verdict=sum(p is None for p in probs))
+def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
+    """(verdicts the loss may use, else None; counts of usable, ties, no verdict, within min_confidence of 1/2),
+    on p in float32 as the loss sees it, within `tie`: both orders decide alike, a used pair is never a tie."""
+    probs = [float(np.float32(p)) if p is not None and 0 <= p <= 1 else None for p in probs]  # nan: no verdict
+    ties = [p is not None and abs(p - 0.5) <= tie for p in probs]
+    used = [None if p is None or t or abs(p - 0.5) < min_confidence - tie else p for p, t in zip(probs, ties)]
+    counts = dict(pairs=sum(p is not None for p in used), ties=sum(ties), no_verdict=sum(p is None for p in probs))
     return used, dict(counts, low_confidence=len(probs) - sum(counts.values()))
 
 
@@ -783,8 +809,10 @@ def check_numbers(cfg: Config) -> None:
         raise OAIFError(f"--min-confidence is a distance from 1/2: at most 0.5, not {cfg.min_confidence}")
     if cfg.lora_dropout >= 1 or (cfg.lora_rank and cfg.fsdp):
         raise OAIFError("--lora-dropout must be below 1, and --lora-rank and --fsdp do not go together")
+    if cfg.temperature == 0 and not cfg.offline_data:  # --offline-data samples only the evaluation's answers
+        raise OAIFError("--temperature 0 is greedy: a pair's two responses are the same (0 only with --offline-data)")
     for name, allowed in (("loss", LOSSES), ("dtype", ("float32", "bfloat16")), ("labels", ("hard", "soft")),
-                          ("task", TEMPLATES)):
+                          ("task", TEMPLATES), ("device", ("auto", "cpu", "cuda"))):
         if getattr(cfg, name) not in allowed:
             raise OAIFError(f"unknown --{name} {getattr(cfg, name)!r}; choose {', '.join(allowed)}")
 
@@ -823,6 +851,8 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
         print(f"oaif: annotator: {spec}" + ("" if spec == "claude" else " (no ANTHROPIC_API_KEY set; "
               "--annotator claude or hf:MODEL for an LLM judge)"), file=sys.stderr)
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OAIFError("--device cuda: torch.cuda.is_available() is False here; use --device cpu or auto")
     if cfg.fsdp and world == 1:
         raise OAIFError("--fsdp shards across ranks: launch with torchrun --nproc_per_node N (N >= 2)")
     if world > 1:
@@ -904,8 +934,8 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
     Reference: the frozen initial model, even on resume; float32 under the policy's autocast (bf16: 0.47 nats off)."""
     ref_model, tokenizer = load_model(cfg.model, device)
     lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]  # a prompt too long: refused, not truncated
-    i, context = max(range(len(prompts)), key=lengths.__getitem__), context_length(ref_model.config)
-    if context and lengths[i] + cfg.max_new_tokens > context:
+    i, context = max(range(len(prompts)), key=lengths.__getitem__, default=0), context_length(ref_model.config)
+    if context and prompts and lengths[i] + cfg.max_new_tokens > context:
         words, over = " ".join(prompts[i].split()[:8])[:60], lengths[i] + cfg.max_new_tokens - context
         raise OAIFError(f"{cfg.prompts or 'the built-in prompts'}: the prompt \"{words}...\" has {lengths[i]} tokens; "
                         f"with --max-new-tokens {cfg.max_new_tokens} that is {over} over the model's context of "
@@ -938,7 +968,8 @@ def reference_side(cfg: Config, initial, tokenizer, train_prompts: list, eval_pr
     --offline-data pairs held out, reference answers (the evaluation's seed) or None); --offline labels on rank 0."""
     fixed, held_out = None, 0
     if cfg.offline_data:
-        pairs = load_offline_pairs(cfg.offline_data, tokenizer)
+        pairs = load_offline_pairs(cfg.offline_data, tokenizer, turn_end(tokenizer, initial.generation_config),
+                                   context_length(initial.config))
         fixed = [r for r in pairs if r[0] not in set(eval_prompts)]
         if not fixed:
             raise OAIFError(f"{cfg.offline_data}: every pair's prompt is held out for evaluation (--eval-prompts)")
@@ -975,10 +1006,15 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     random.Random(cfg.seed).shuffle(prompts)  # the held-out split is fixed by the seed
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
     eval_prompts, train_prompts = prompts[:n_eval], prompts[n_eval:]
+    if n_eval and len(train_prompts) < cfg.batch_size and not cfg.offline_data:  # not one prompt many times a batch
+        raise OAIFError(f"{len(prompts)} prompts: {n_eval} held out for evaluation leave {len(train_prompts)} to "
+                        f"train on, under --batch-size {cfg.batch_size}: lower --eval-prompts or --batch-size")
     resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    policy, ref_model, tokenizer, saved, reference = load_policy(cfg, device, resume_from, prompts)
-    models = {"device": device, **({} if cfg.lora_rank else {cfg.model: (ref_model.requires_grad_(False), tokenizer)})}
+    sampled = eval_prompts if cfg.offline_data else prompts  # checked against the context with --max-new-tokens
+    policy, ref_model, tokenizer, saved, reference = load_policy(cfg, device, resume_from, sampled)
+    # a judge that is --model shares the reference, unless it is LoRA's base or FSDP's shards: then its own copy
+    models = {"device": device, **({} if cfg.lora_rank or cfg.fsdp else {cfg.model: (ref_model, tokenizer)})}
     annotator = annotator or make_annotator(spec, cfg, models, cfg.annotator_model)
     eval_annotator = make_annotator(cfg.eval_annotator, cfg, models, cfg.eval_annotator_model or cfg.annotator_model) \
         if cfg.eval_annotator else annotator

@@ -21,6 +21,12 @@ sys.path.insert(0, os.path.join(HERE, "examples"))
 from standin_messages_api import StandInMessagesAPI  # noqa: E402  (POST /v1/messages on 127.0.0.1)
 from tiny_model import build_tiny_model  # noqa: E402  (a random GPT-2 + BPE tokenizer, built offline)
 
+try:
+    import peft
+except ImportError:  # optional (--lora-rank): requirements.txt leaves it out, CI installs it
+    peft = None
+needs_peft = pytest.mark.skipif(peft is None, reason="needs peft (pip install peft) for --lora-rank")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures
@@ -253,7 +259,11 @@ def test_shorter_and_both_orders():
     ("**Preferred Response:** 2", 0.0), ("Preferred response = **1**\n\nNote on 2", 1.0),
     ("Response 2 rambles. Preferred Response=1. Preferred Response=2", 0.0), ("Preferred Response=", None),
     ("Response 1 is clearly better than Response 2.", None), ("Both are weak, but 1 edges out 2", None),
-    ("**2**", 0.0), ("Preferred Response = Response 2", 0.0)])
+    ("**2**", 0.0), ("Preferred Response = Response 2", 0.0),
+    ("Preferred: 2", 0.0), ("Preferred response: 2", 0.0), ("**Preferred:** Response 1", 1.0), ("Preference: 1", 1.0),
+    ("Preferred = **2**", 0.0), ("Response 2 is preferred because it is shorter", None), ("1 beats 2", None),
+    ("My preference for 1 over 2 is weak", None), ("Unpreferred: 2", None), ("Preferred: neither", None),
+    ("Preferred Response=1. Response 2 is preferred by some", 1.0)])
 def test_parse_verdict(reply, verdict):
     assert oaif.parse_verdict(reply) == verdict
 
@@ -307,8 +317,20 @@ def test_output_reloads_and_config_saved(tiny, tmp_path):
 
 @pytest.mark.parametrize("loss", ["dpo", "slic"])
 def test_bf16_and_average_logps_run(tiny, tmp_path, loss):
-    oaif.main(run_args(tiny, tmp_path, "--dtype", "bfloat16", "--loss", loss, "--average-logps"))
-    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+    # every response n = 8 tokens (7 + the end token): at step 1 (h = 0, both losses linear in h there) averaging
+    # divides each log-prob, so the whole gradient, by n; the loss is unchanged (h = 0 either way)
+    tok = oaif.load_model(tiny, torch.device("cpu"))[1]
+    texts = ["Yes, it is.", "Write a haiku.", "Explain recursion."]
+    assert {len(tok(t, add_special_tokens=False).input_ids) for t in texts} == {7}
+    rows = [{"prompt": f"Question {i}?", "chosen": texts[i % 3], "rejected": texts[(i + 1) % 3]} for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for avg in ([], ["--average-logps"]):
+        oaif.main(run_args(tiny, tmp_path / str(len(avg)), "--steps", "1", "--dtype", "bfloat16", "--loss", loss,
+                           "--offline-data", str(tmp_path / "pairs.jsonl"), *avg))
+        runs[bool(avg)] = read_metrics(tmp_path / str(len(avg)))[0]
+    assert runs[True]["loss"] == runs[False]["loss"] and math.isfinite(runs[True]["loss"])
+    assert runs[True]["grad_norm"] == pytest.approx(runs[False]["grad_norm"] / 8, rel=1e-6)  # 8: exact in bf16 too
 
 
 def test_parse_args_round_trip():
@@ -853,7 +875,7 @@ def test_bad_numbers_give_one_line_before_loading(tmp_path, capsys, flag, value)
 
 def test_triage_counts_hedges_ties_and_nonsense_as_dropped():
     used, counts = oaif.triage([1.0, 0.0, 0.5, None, 0.52, float("nan"), 1.5, -0.1, 0.9], 0.05)
-    assert used[:2] == [1.0, 0.0] and used[2:8] == [None] * 6 and used[8] == 0.9  # nan never trains as "second wins"
+    assert used[:2] == [1.0, 0.0] and used[2:8] == [None] * 6 and used[8] == pytest.approx(0.9)  # nan: never "second"
     assert counts == dict(pairs=3, ties=1, no_verdict=4, low_confidence=1)
 
 
@@ -861,7 +883,6 @@ def test_eval_prompts_zero_is_refused_only_when_evaluating(tiny, tmp_path, capsy
     assert "--eval-prompts" in bad_run(run_args(tiny, tmp_path / "a", "--eval-every", "2", "--eval-prompts", "0"),
                                        capsys)
     oaif.main(run_args(tiny, tmp_path / "b", "--steps", "1", "--eval-prompts", "0"))  # no evaluation: fine
-    oaif.main(run_args(tiny, tmp_path / "c", "--steps", "1", "--temperature", "0"))  # 0 stays greedy
 
 
 def test_long_prompt_is_named(tiny, tmp_path, capsys):
@@ -946,6 +967,7 @@ def tiny_wide_embeddings(tmp_path_factory) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-e")), embed_std=0.2)
 
 
+@needs_peft
 def test_lora_learns_shorter_and_its_reference_is_the_frozen_base(tiny_wide_embeddings, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
@@ -970,6 +992,7 @@ def test_lora_learns_shorter_and_its_reference_is_the_frozen_base(tiny_wide_embe
         assert torch.allclose(oaif.sequence_logprobs(merged, *args), oaif.sequence_logprobs(lora.get_base_model(), *args))
 
 
+@needs_peft
 def test_lora_resume_is_exact_and_bf16_runs(tiny, tmp_path):
     from safetensors.torch import load_file
 
@@ -983,12 +1006,12 @@ def test_lora_resume_is_exact_and_bf16_runs(tiny, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "bf16"))
 
 
+@needs_peft
 def test_lora_bad_targets_are_one_line(tiny, tmp_path, capsys):
     assert "--lora-targets" in bad_run(run_args(tiny, tmp_path / "a", "--lora-rank", "4", "--lora-targets", "nope"),
                                        capsys)
     assert "LM head" in bad_run(run_args(tiny, tmp_path / "b", "--lora-rank", "4", "--lora-targets", "wte,c_attn"),
                                 capsys)
-    assert "torchrun" in bad_run(run_args(tiny, tmp_path / "c", "--fsdp"), capsys)
 
 
 def torchrun(args, port, timeout=300):
@@ -1005,11 +1028,14 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume_across_rank_counts(tin
     pairs = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i % 3 + 1), "rejected": f"No, {i} times no."}
              for i in range(8)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    # evaluation on: a judge that is --model under FSDP gets its own unsharded copy (the sharded reference
+    # failed: "mixed Tensor and DTensor"); the evaluation's annotator may change on resume
     args = lambda out, steps, *extra: run_args(tiny, out, "--steps", str(steps), "--save-every", "1", "--offline-data",
-                                               str(tmp_path / "pairs.jsonl"), *extra)
+                                               str(tmp_path / "pairs.jsonl"), "--eval-every", "4", "--eval-prompts",
+                                               "4", *extra)
     oaif.main(args(tmp_path / "one", 5))
     oaif.main(args(tmp_path / "mixed", 1))
-    r = torchrun(args(tmp_path / "mixed", 2, "--resume", "--fsdp"), 29531)
+    r = torchrun(args(tmp_path / "mixed", 2, "--resume", "--fsdp", "--eval-annotator", f"hf:{tiny}"), 29531)
     assert "saved on 1 rank(s), resumed on 2" in r.stderr
     oaif.main(args(tmp_path / "mixed", 3, "--resume"))
     torchrun(args(tmp_path / "mixed", 4, "--resume"), 29532)
@@ -1018,5 +1044,116 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume_across_rank_counts(tin
     assert one.keys() == mixed.keys() and all(torch.allclose(one[k], mixed[k], atol=1e-5) for k in one)
     assert not all(torch.equal(one[k], final_params(tiny)[k]) for k in one)
     rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "mixed")
+    evals = [r for r in rows_two if r.get("eval")]  # each run's last step, and step 4
+    assert [r["step"] for r in evals] == [1, 2, 3, 4, 5] and all(r["n"] + r["no_verdict"] == 4 for r in evals)
+    rows_one, rows_two = ([r for r in rows if not r.get("eval")] for rows in (rows_one, rows_two))
     assert [r["step"] for r in rows_two] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs that gave a traceback or a run that does nothing, labels the loss sees, the end of a turn (issue 15)
+
+
+def write_pairs(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_offline_pairs_are_checked_against_the_context(tiny, tmp_path, capsys):
+    rows = [{"prompt": "Why?", "chosen": "Because.", "rejected": "No."}, {"prompt": "Why?", "chosen": "Because.",
+                                                                           "rejected": "word " * 1100}]
+    data = write_pairs(tmp_path / "pairs.jsonl", rows)
+    msg = bad_run(run_args(tiny, tmp_path / "out", "--offline-data", data), capsys)
+    assert "pairs.jsonl:2" in msg and "context of 1024" in msg and not (tmp_path / "out").exists()
+    # nothing is sampled (no evaluation): --max-new-tokens past the context is no reason to refuse the prompts
+    data = write_pairs(tmp_path / "ok.jsonl", rows[:1])
+    oaif.main(run_args(tiny, tmp_path / "ok", "--steps", "1", "--offline-data", data, "--max-new-tokens", "2000"))
+    assert "context" in bad_run(run_args(tiny, tmp_path / "ev", "--offline-data", data, "--max-new-tokens", "2000",
+                                         "--eval-every", "1", "--eval-prompts", "2"), capsys)  # evaluation samples
+
+
+def test_inputs_that_gave_tracebacks_are_one_line(tiny, tmp_path, capsys, monkeypatch):
+    out, never = tmp_path / "out", str(tmp_path / "never-loaded")
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait?\n".encode("latin-1"))
+    msg = bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "latin1.txt")), capsys)
+    assert "latin1.txt" in msg and "UTF-8" in msg
+    latin1 = '{"prompt": "Caf\xe9?", "chosen": "a", "rejected": "b"}\n'.encode("latin-1")
+    (tmp_path / "latin1.jsonl").write_bytes(latin1)
+    assert "UTF-8" in bad_run(run_args(tiny, out, "--offline-data", str(tmp_path / "latin1.jsonl")), capsys)
+    good = {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}
+    for i, bad in enumerate([{"rejected": None}, {"rejected": 42}, {"chosen": ""}, {"prompt": ["Why?"]}]):
+        data = write_pairs(tmp_path / f"bad{i}.jsonl", [good, dict(good, **bad)])
+        assert f"bad{i}.jsonl:2" in bad_run(run_args(tiny, out, "--offline-data", data), capsys)
+    assert "choose auto, cpu, cuda" in bad_run(run_args(never, out, "--device", "gpu"), capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, whatever this one is
+    assert "--device cuda" in bad_run(run_args(never, out, "--device", "cuda"), capsys)
+    assert "torchrun" in bad_run(run_args(never, out, "--fsdp"), capsys)
+    assert not out.exists()
+
+
+def test_eval_split_that_leaves_too_few_training_prompts_is_refused(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("".join(f"Question {i}?\n" for i in range(12)))
+    msg = bad_run(run_args(str(tmp_path / "never-loaded"), tmp_path / "out", "--prompts", str(tmp_path / "p.txt"),
+                           "--eval-every", "3"), capsys)  # before loading: the model path is bad too
+    assert "12 prompts: 11 held out" in msg and "leave 1 to train on" in msg and "--batch-size 4" in msg
+    assert "--eval-prompts" in msg
+
+
+def test_temperature_zero_is_refused_for_training(tiny, tmp_path, capsys):
+    never = str(tmp_path / "never-loaded")
+    for mode in ([], ["--offline"]):
+        msg = bad_run(run_args(never, tmp_path / "out", "--temperature", "0", *mode), capsys)
+        assert "--temperature 0" in msg and "--offline-data" in msg
+    data = write_pairs(tmp_path / "pairs.jsonl", [{"prompt": "Why?", "chosen": "Because.", "rejected": "No."}])
+    out = oaif.main(run_args(tiny, tmp_path / "greedy", "--steps", "1", "--temperature", "0", "--offline-data", data,
+                             "--eval-every", "1", "--eval-prompts", "2"))  # training samples nothing; greedy eval
+    assert out["summary"]["pairs"] == 4 and out["eval"]["ties"] + out["eval"]["no_verdict"] == 2  # policy = ref
+
+
+def test_triage_decides_on_the_float32_labels_the_loss_sees(tiny, tmp_path):
+    judge = lambda p, a, b: [0.6 if x == "a" else 0.5 for x in a]  # v(a, b) = 0.6, v(b, a) = 0.5
+    p_ab, p_ba = oaif.both_orders(judge, ["x"], ["a"], ["b"]), oaif.both_orders(judge, ["x"], ["b"], ["a"])
+    assert abs(p_ab[0] - 0.5) > 0.05 > abs(p_ba[0] - 0.5)  # 0.55 and 0.45 in float64: either side of 0.05
+    assert oaif.triage(p_ab, 0.05)[1]["pairs"] == oaif.triage(p_ba, 0.05)[1]["pairs"] == 1  # decided alike
+    probs = [0.5 + 1e-9, 0.5 - 1e-9, 0.5 + 1e-7, 0.55, 0.45, 0.5 + 1e-3, 1.0, None]
+    for min_confidence in (0.0, 0.05):
+        used, counts = oaif.triage(probs, min_confidence)
+        as_loss_sees = torch.tensor([0.5 if v is None else v for v in used], dtype=torch.float32)
+        assert int((as_loss_sees != 0.5).sum()) == counts["pairs"] and counts["ties"] == 3  # used: never a tie
+    # end to end, step 1 (h = 0): each used pair's DPO loss is log 2, so their mean is too
+    near_tie = lambda p, a, b: [0.5 + 1e-9] + [1.0] * (len(a) - 1)
+    cfg = oaif.parse_args(run_args(tiny, tmp_path, "--steps", "1", "--min-confidence", "0"))
+    oaif.train(cfg, annotator=near_tie)
+    row = read_metrics(tmp_path)[0]
+    assert row["pairs"] == 3 and row["ties"] == 1 and row["loss"] == pytest.approx(math.log(2))
+
+
+def test_offline_pairs_end_as_the_chat_template_ends_a_turn(tiny, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok, model = AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny)
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})  # Gemma's: not the EOS
+    tok.chat_template = ("{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    model.resize_token_embeddings(len(tok))
+    tok.save_pretrained(tmp_path / "gemma-like")
+    model.save_pretrained(tmp_path / "gemma-like")
+    seen, real = [], oaif.pair_batch
+    monkeypatch.setattr(oaif, "pair_batch", lambda p, first, second, *a: seen.append(first + second) or real(
+        p, first, second, *a))
+    data = write_pairs(tmp_path / "pairs.jsonl", [{"prompt": "Why?", "chosen": "Because.", "rejected": "No."}])
+    oaif.main(run_args(str(tmp_path / "gemma-like"), tmp_path / "out", "--steps", "1", "--offline-data", data))
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert end != tok.eos_token_id and seen and all(ids[-1] == end and end not in ids[:-1] for ids in seen[0])
+    assert oaif.turn_end(tok, model.generation_config) == end
+    # no template: generation_config's first EOS, else the tokenizer's
+    plain = AutoTokenizer.from_pretrained(tiny)
+    assert oaif.turn_end(plain, GenerationConfig(eos_token_id=[7, plain.eos_token_id])) == 7
+    assert oaif.turn_end(plain, GenerationConfig()) == plain.eos_token_id
+
+
+def test_claude_answering_preferred_colon_digit_labels_its_pairs(api):
+    server = api(reply=lambda a, b: f"Preferred: {1 if len(a) < len(b) else 2}")  # no "Response"
+    claude = oaif.ClaudeAnnotator(client=server.client())
+    assert claude(*PAIRS) == [1.0, 0.0] and claude.stats["annotator_failures"] == 0
