@@ -25,6 +25,7 @@ import shutil
 import sys
 import threading
 import time
+import timeit
 from typing import Callable, Optional
 
 import numpy as np
@@ -481,41 +482,68 @@ class ClaudeAnnotator:
         return price and (stats["input_tokens"] * price[0] + stats["output_tokens"] * price[1]) / 1e6
 
 
+def judge_question(task: str, instruction: str) -> str:
+    """The criterion as a yes/no question about one response: "Prefer the more concise response." -> "Is this a
+    concise response?" (small judges follow that, not "meets: <instruction>?"); no instruction: the task's quality."""
+    m = re.fullmatch(r"prefer (?:the |a )?(?:more )?(.+?)\.?", instruction.strip(), re.I)
+    if m:
+        return f"Is this {'an' if m.group(1)[0] in 'aeiouAEIOU' else 'a'} {m.group(1)}?"
+    item = QUESTION[task][1].lower()
+    return f"Does it follow the instruction: {instruction}" if instruction else f"Is this a good {item}?"
+
+
 class LocalJudgeAnnotator:
-    """Any Hugging Face causal LM as the annotator, offline: the soft verdict P("1") / (P("1") + P("2")) next."""
+    """Any Hugging Face causal LM as the annotator, offline and pointwise: each response alone gets s = log P("Yes") -
+    log P("No") to judge_question, and P(first better) = sigmoid(s1 - s2) (Bradley-Terry). Asked for a pairwise
+    verdict, small judges ignore the instruction and favour the first, longer response (README: the judge check)."""
 
     def __init__(self, model, tokenizer, task: str = "helpful", instruction: str = "", batch_size: int = 8):
-        self.model, self.tokenizer, self.task, self.instruction = model, tokenizer, task, instruction
-        self.batch_size, self.context = batch_size, context_length(model.config)
-        # the last token of "1" / "2": sentencepiece vocabularies may put a word-start piece before it
-        self.digits = [tokenizer(d, add_special_tokens=False).input_ids[-1] for d in "12"]
+        self.model, self.tokenizer, self.task, self.instruction = model, tokenizer, task, instruction.strip()
+        self.question, self.batch_size = judge_question(task, self.instruction), batch_size
+        self.chat, self.context = getattr(tokenizer, "chat_template", None), context_length(model.config)
+        yes_no = ("Yes", "No") if self.chat else (" Yes", " No")  # unchatted, the answer follows "Answer:"
+        self.words = [tokenizer(w, add_special_tokens=False).input_ids[-1] for w in yes_no]
         self.stats = dict(annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0)
 
+    def ask(self, prompt: str, response: str) -> str:
+        """The whole judge input for one response, up to where its answer (Yes or No) begins."""
+        context, item = QUESTION[self.task]
+        rubric = "" if self.instruction else TEMPLATES[self.task] + "\n\n"  # the instruction alone decides "better"
+        text = f"{rubric}{context}:\n{prompt}\n\n{item}:\n{response}\n\n{self.question} Answer Yes or No."
+        return user_turn(self.tokenizer, text) if self.chat else text + "\nAnswer:"
+
     @torch.inference_mode()
-    def judge(self, prompts: list, first: list, second: list) -> list:
-        asks = [render_judge_prompt(self.task, self.instruction, *x) for x in zip(prompts, first, second)]
-        chat, answer = getattr(self.tokenizer, "chat_template", None), f"Preferred {QUESTION[self.task][1]}="
-        texts = [(user_turn(self.tokenizer, a) if chat else a + "\n") + answer for a in asks]  # then the digit
-        out = []
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        W = self.model.get_output_embeddings().weight[self.digits]  # (2, H): only two logits are needed
-        for i in range(0, len(texts), self.batch_size):
-            seqs = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts[i:i + self.batch_size]]
-            if self.context and max(map(len, seqs)) > self.context:
-                raise OAIFError(f"a judge prompt has {max(map(len, seqs))} tokens, over the judge's context of "
-                                f"{self.context}: use a judge with a longer context or shorter responses")
-            ids, mask = left_pad(seqs, pad, self.model.device)
+    def scores(self, prompts: list, responses: list) -> list:
+        """s = log P("Yes") - log P("No") per response, float32 head; batched by length: little padding."""
+        seqs = [self.tokenizer(self.ask(p, r), add_special_tokens=False).input_ids for p, r in zip(prompts, responses)]
+        if self.context and max(map(len, seqs)) > self.context:
+            raise OAIFError(f"a judge prompt has {max(map(len, seqs))} tokens, over the judge's context of "
+                            f"{self.context}: use a judge with a longer context or shorter responses")
+        W = self.model.get_output_embeddings().weight[self.words].float()  # (2, H): only two logits are needed
+        order, out = sorted(range(len(seqs)), key=lambda i: len(seqs[i])), {}
+        for i in range(0, len(order), self.batch_size):
+            rows = order[i:i + self.batch_size]
+            ids, mask = left_pad([seqs[j] for j in rows], 0, self.model.device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                      use_cache=False).last_hidden_state[:, -1]  # (b, H), left padding
-            logits = (h @ W.T.to(h.dtype)).float() / head_temperature(self.model.config)
-            out += torch.softmax(logits, -1)[:, 0].tolist()
-            self.stats["annotator_requests"] += len(ids)
+                                      use_cache=False).last_hidden_state[:, -1].float()  # (b, H), left padding
+            s = h @ W.T / head_temperature(self.model.config)  # (b, 2)
+            out.update(zip(rows, (s[:, 0] - s[:, 1]).tolist()))
+            self.stats["annotator_requests"] += len(rows)
             self.stats["input_tokens"] += int(mask.sum())
-        return out
+        return [out[i] for i in range(len(seqs))]
 
     def __call__(self, prompts: list, first: list, second: list) -> list:
-        return both_orders(self.judge, prompts, first, second)
+        s = self.scores(prompts + prompts, first + second)  # order-blind: no both_orders
+        return torch.sigmoid(torch.tensor(s[:len(prompts)]) - torch.tensor(s[len(prompts):])).tolist()
+
+
+def judge_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where its matmuls beat float32: CUDA if supported; a CPU timed (AMX, AVX512-BF16: ~4x; without: slower)."""
+    a = torch.randn(256, 512)
+    seconds = [min(timeit.repeat(lambda: x @ x.T, number=4, repeat=3)) for x in (a, a.bfloat16())]
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
+    return torch.bfloat16 if fast else torch.float32
 
 
 def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
@@ -526,9 +554,9 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
         return ClaudeAnnotator(claude_model, cfg.task, cfg.instruction, max_workers=cfg.annotator_workers)
     if spec.startswith("hf:"):
         name = spec[3:]
-        if name not in models:
+        if name not in models:  # the judge in bf16 where bf16 is fast, whatever --dtype the policy trains in
             models[name] = load_model(name, models["device"])
-            models[name][0].requires_grad_(False).to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+            models[name][0].requires_grad_(False).to(judge_dtype(models["device"]))
         return LocalJudgeAnnotator(*models[name], task=cfg.task, instruction=cfg.instruction)
     raise OAIFError(f"unknown annotator {spec!r}; use shorter, longer, claude or hf:MODEL")
 

@@ -497,16 +497,28 @@ def test_cli_stops_on_bad_key(api, tiny, tmp_path):
     assert "oaif: error: the Claude API refused the annotator's request: 401" in r.stderr
 
 
-def test_local_judge_is_soft_and_order_symmetric(model_tok):
+def test_local_judge_is_pointwise_yes_no_log_odds(model_tok):
     model, tok = model_tok
-    judge = oaif.LocalJudgeAnnotator(model, tok, task="tldr")
-    prompts, a, b = ["Why do we dream?", "Hi"], ["Because.", "Hello there"], ["Nobody knows why.", "Hey"]
-    raw = judge.judge(prompts, a, b)
-    assert all(0 < p < 1 for p in raw)
-    p_ab, p_ba = judge(prompts, a, b), judge(prompts, b, a)
-    assert all(0 <= p <= 1 for p in p_ab)
-    assert p_ab == pytest.approx([1 - p for p in p_ba], abs=1e-6)  # flips when the order flips
-    assert judge(["x"], ["same"], ["same"]) == [pytest.approx(0.5)]
+    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.", batch_size=3)
+    assert judge.question == "Is this a concise response?"
+    prompts, a, b = ["Why do we dream?", "Hi"], ["Because.", "Hello there, how are you today?"], ["Nobody knows.", "Hey"]
+    ids = [tok(judge.ask(p, r)).input_ids for p, r in zip(prompts + prompts, a + b)]
+    yes, no = tok(" Yes").input_ids[-1], tok(" No").input_ids[-1]
+    with torch.no_grad():  # the oracle: each response alone, unpadded, the model's own logits
+        s = [float(lg[yes] - lg[no]) for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)]
+    p_ab = judge(prompts, a, b)  # 4 responses of 3 lengths in batches of 3: padding is tested too
+    assert p_ab == pytest.approx([1 / (1 + math.exp(s[i + 2] - s[i])) for i in range(2)], abs=1e-5)
+    assert judge(prompts, b, a) == pytest.approx([1 - p for p in p_ab], abs=1e-6)  # order-blind
+    assert judge(["x"], ["same"], ["same"]) == [0.5]
+    assert judge.stats["annotator_requests"] == 4 + 4 + 2  # one forward per response, none per order
+    assert judge.stats["input_tokens"] == 2 * sum(map(len, ids)) + 2 * len(tok(judge.ask("x", "same")).input_ids)
+
+
+def test_local_judge_runs_in_the_fast_dtype_whatever_the_policy_trains_in(tiny, monkeypatch):
+    for dtype in (torch.bfloat16, torch.float32):  # judge_dtype's answer, stood in: its timing is the machine's
+        monkeypatch.setattr(oaif, "judge_dtype", lambda device, d=dtype: d)
+        judge = oaif.make_annotator("hf:" + tiny, oaif.Config(dtype="float32"), dict(device=torch.device("cpu")), "")
+        assert judge.model.dtype == dtype and 0 < judge(["Hi"], ["Hello"], ["Hey there"])[0] < 1
 
 
 # ----------------------------------------------------------------------------------------------------------
