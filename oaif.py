@@ -99,6 +99,8 @@ FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "annotator_workers"
                   "output_dir", "device", "fsdp", "eval_annotator", "eval_annotator_model"}  # they train alike
 # and --eval-every's value: only its > 0 shapes training (the held-out split)
 ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
+# an LLM judge's health, summed like those (train adds the keys to its stats: one key order on every rank)
+HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
 TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")  # summed over the run
 
 DEFAULT_PROMPTS = [
@@ -379,9 +381,15 @@ def pair_batch(prompt_ids: list, first_ids: list, second_ids: list, pad_id: int,
 # Annotators: (prompts, first, second) -> P(first is better) in [0, 1] or None each; None or 0.5: dropped, counted.
 
 
-def both_orders(judge: Callable, prompts: list, first: list, second: list) -> list:
-    """Cancel position bias: p = (v(x, a, b) + 1 - v(x, b, a)) / 2 (a judge always saying "1" gives only ties)."""
+def both_orders(judge: Callable, prompts: list, first: list, second: list, stats: Optional[dict] = None) -> list:
+    """Cancel position bias: p = (v(x, a, b) + 1 - v(x, b, a)) / 2 (a judge always saying "1" gives only ties).
+    stats, over pairs with both verdicts, adds: order_pairs, first_sum (raw P(first)), order_agree (same pick)."""
     v, n = judge(prompts + prompts, first + second, second + first), len(prompts)
+    both = [(a, b) for a, b in zip(v[:n], v[n:]) if None not in (a, b) and math.isfinite(a + b)]
+    if stats is not None:
+        stats["order_pairs"] = stats.get("order_pairs", 0) + len(both)
+        stats["first_sum"] = stats.get("first_sum", 0) + sum(a + b for a, b in both) / 2
+        stats["order_agree"] = stats.get("order_agree", 0) + sum((a - 0.5) * (b - 0.5) < 0 for a, b in both)
     return [None if a is None or b is None else (a + 1 - b) / 2 for a, b in zip(v[:n], v[n:])]
 
 
@@ -475,7 +483,7 @@ class ClaudeAnnotator:
         return list(self.pool.map(self._one, prompts, first, second))
 
     def __call__(self, prompts: list, first: list, second: list) -> list:
-        return both_orders(self.judge, prompts, first, second)
+        return both_orders(self.judge, prompts, first, second, self.stats)
 
     def cost(self, stats: Optional[dict] = None) -> Optional[float]:
         price, stats = self.PRICE_PER_MTOK.get(self.model), stats or self.stats
@@ -540,10 +548,33 @@ class LocalJudgeAnnotator:
 
 def judge_dtype(device: torch.device) -> torch.dtype:
     """bf16 where its matmuls beat float32: CUDA if supported; a CPU timed (AMX, AVX512-BF16: ~4x; without: slower)."""
-    a = torch.randn(256, 512)
+    a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))  # the run's RNG stream untouched
     seconds = [min(timeit.repeat(lambda: x @ x.T, number=4, repeat=3)) for x in (a, a.bfloat16())]
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
     return torch.bfloat16 if fast else torch.float32
+
+
+class RewardModelAnnotator:
+    """A reward model (AutoModelForSequenceClassification, one logit), as TRL trains them, scores each response once
+    as the user and assistant turns of its chat template (else "prompt\n\nresponse"): P(first) = sigmoid(r1 - r2)."""
+
+    def __init__(self, model, tokenizer):
+        if model.config.num_labels != 1:
+            raise OAIFError(f"rm: a reward model has one output (num_labels 1), not {model.config.num_labels}")
+        model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the score at the last token that is not it
+        self.model, self.tokenizer, self.stats = model, tokenizer, dict.fromkeys(ANNOTATOR_STATS, 0)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, first: list, second: list) -> list:
+        tok, n, chat = self.tokenizer, len(prompts), self.tokenizer.chat_template
+        pairs = zip(prompts * 2, first + second)  # (prompt, response), each scored once
+        texts = [tok.apply_chat_template([dict(role="user", content=x), dict(role="assistant", content=y)],
+                                         tokenize=False) if chat else f"{x}\n\n{y}" for x, y in pairs]
+        enc = tok(texts, padding=True, padding_side="right", add_special_tokens=not chat, return_tensors="pt")
+        r = self.model(**enc.to(self.model.device)).logits[:, 0].float()  # (2n,); right padding: no real token sees it
+        self.stats["annotator_requests"] += len(texts)
+        self.stats["input_tokens"] += int(enc.attention_mask.sum())
+        return torch.sigmoid(r[:n] - r[n:]).tolist()
 
 
 def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
@@ -555,10 +586,15 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
     if spec.startswith("hf:"):
         name = spec[3:]
         if name not in models:  # the judge in bf16 where bf16 is fast, whatever --dtype the policy trains in
-            models[name] = load_model(name, models["device"])
-            models[name][0].requires_grad_(False).to(judge_dtype(models["device"]))
+            models[name] = load_model(name, models["device"], dtype=judge_dtype(models["device"]))
+            models[name][0].requires_grad_(False)
         return LocalJudgeAnnotator(*models[name], task=cfg.task, instruction=cfg.instruction)
-    raise OAIFError(f"unknown annotator {spec!r}; use shorter, longer, claude or hf:MODEL")
+    if spec.startswith("rm:"):  # loaded for each use: never the reference
+        rm, tokenizer = load_model(spec[3:], models["device"], "AutoModelForSequenceClassification",
+                                   torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+        rm.eval().requires_grad_(False)
+        return RewardModelAnnotator(rm, tokenizer)
+    raise OAIFError(f"unknown annotator {spec!r}; use shorter, longer, claude, hf:MODEL or rm:MODEL")
 
 
 def sample_answers(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature: float = 0.9,
@@ -586,20 +622,23 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
 # Loading, data and checkpoints
 
 
-def load_model(name: str, device: torch.device) -> tuple:
-    """(model, tokenizer) from a hub id or folder, ready to sample: pad token set, left padding, eval mode."""
+def load_model(name: str, device: torch.device, auto: str = "AutoModelForCausalLM", dtype=torch.float32) -> tuple:
+    """(model, tokenizer) from a hub id or folder, ready to sample: pad token set, left padding, eval mode.
+    `auto`: the transformers class (a reward model: AutoModelForSequenceClassification, its logits left unchecked).
+    dtype: float32 for what trains, whatever the file holds (AdamW's small updates round away in bf16); a judge
+    loads straight in bf16 (a float32 copy first would leave the process 2x the judge's size: 11 vs 7 GB, 1.5B)."""
     import transformers
     transformers.utils.logging.disable_progress_bar()  # one bar per run is enough: ours
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        # float32 whatever the file holds: AdamW's small updates round away in bf16 (LoRA: only the base is cast)
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device)
+        model = getattr(transformers, auto).from_pretrained(name, dtype=dtype).to(device)
     except (OSError, ValueError, KeyError) as e:
         raise OAIFError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # GPT-2 has none; EOS is safe because masks, not ids, mark padding
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation continues from the right edge
-    check_logprobs(model.eval())  # eval(): dropout off, so policy and reference score tokens alike
+    if auto == "AutoModelForCausalLM":  # eval(): dropout off, so policy and reference score tokens alike
+        check_logprobs(model.eval(), 1e-3 if dtype == torch.float32 else 0.05)  # bf16 logits: ~1e-2 rounding
     return model, tokenizer
 
 
@@ -948,8 +987,15 @@ def step_record(step: int, sums: dict, device, **extra) -> dict:
                 no_verdict=int(sums["no_verdict"]), low_confidence=int(sums["low_confidence"]),
                 reward_margin=sums["margin"] / used, reward_accuracy=sums["acc"] / used, kl=sums["kl"] / seqs,
                 response_tokens=sums["tokens"] / seqs, response_chars=sums["chars"] / seqs,
-                **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums}, **extra,
+                **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums}, **judge_health(sums), **extra,
                 **({"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}))
+
+
+def judge_health(s: dict) -> dict:
+    """position_bias, order_agreement, judge_confidence (see README) from HEALTH sums; absent where a count is 0."""
+    n, m = s.get("order_pairs", 0), s.get("verdicts", 0)
+    return {**({"position_bias": s["first_sum"] / n, "order_agreement": s["order_agree"] / n} if n else {}),
+            **({"judge_confidence": s["confidence_sum"] / m} if m else {})}
 
 
 def diverged(step: int, what: str, cfg: Config) -> OAIFError:
@@ -1044,6 +1090,8 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     # a judge that is --model shares the reference, unless it is LoRA's base or FSDP's shards: then its own copy
     models = {"device": device, **({} if cfg.lora_rank or cfg.fsdp else {cfg.model: (ref_model, tokenizer)})}
     annotator = annotator or make_annotator(spec, cfg, models, cfg.annotator_model)
+    annotator_stats = getattr(annotator, "stats", {})  # requests, failures, tokens: the summary and cost add them up
+    annotator_stats.update({k: annotator_stats.get(k, 0) for k in HEALTH if hasattr(annotator, "stats")})
     eval_annotator = make_annotator(cfg.eval_annotator, cfg, models, cfg.eval_annotator_model or cfg.annotator_model) \
         if cfg.eval_annotator else annotator
     with reference():  # everything drawn from the initial model, before anything is sharded
@@ -1058,7 +1106,6 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     sample = score.gathered if cfg.fsdp else lambda fn: fn(policy)  # fn(policy) -> samples
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    annotator_stats = getattr(annotator, "stats", {})  # requests, failures, tokens: the summary and cost add them up
     start, done, log = open_run(cfg.output_dir, resume_from, optimizer, rank, world, score, cfg.seed, annotator_stats)
     background = concurrent.futures.ThreadPoolExecutor(1)  # runs the annotator while we compute log-probs
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
@@ -1102,6 +1149,9 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         for group in optimizer.param_groups:  # linear warm-up; a function of the step, so nothing to checkpoint
             group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
         used, counts = triage(probs, cfg.min_confidence)
+        if "verdicts" in annotator_stats and not cfg.offline_data:  # an LLM judge's verdicts: how far from 1/2
+            annotator_stats["verdicts"] += len(probs) - counts["no_verdict"]  # as triage counts: each p in [0, 1]
+            annotator_stats["confidence_sum"] += sum(abs(p - 0.5) for p in probs if p is not None and 0 <= p <= 1)
         n_used = all_sum(dict(n=counts["pairs"]), world, device)["n"]
         loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps, used, LOSSES[cfg.loss], beta,
                                                                int(n_used), world, cfg.labels == "soft")
@@ -1135,7 +1185,8 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     bar.close()
     background.shutdown()
     whole = all_sum(annotator_stats, world, device) if annotator_stats else {}  # the annotator's: all ranks, whole run
-    summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **{k: int(v) for k, v in whole.items()})
+    summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **judge_health(whole),
+                   **{k: int(v) for k, v in whole.items() if k not in HEALTH})
     model_state = gathered_state(policy) if cfg.fsdp else None
     if rank == 0:
         log.close()
@@ -1178,6 +1229,8 @@ def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, cost: Op
     if "annotator_requests" in summary:
         line += (f"; annotator: {summary['annotator_requests']} requests, {summary['annotator_failures']} "
                  f"without verdict, {summary['input_tokens']} in / {summary['output_tokens']} out tokens")
+    for k in ("position_bias", "order_agreement", "judge_confidence"):
+        line += f", {k.replace('_', ' ')} {summary[k]:.3f}" if k in summary else ""
     print(line + (f", about ${cost:.2f}" if cost else "") + f"; saved to {cfg.output_dir}", file=sys.stderr)
 
 

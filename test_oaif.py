@@ -1169,3 +1169,129 @@ def test_claude_answering_preferred_colon_digit_labels_its_pairs(api):
     server = api(reply=lambda a, b: f"Preferred: {1 if len(a) < len(b) else 2}")  # no "Response"
     claude = oaif.ClaudeAnnotator(client=server.client())
     assert claude(*PAIRS) == [1.0, 0.0] and claude.stats["annotator_failures"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Judge health in metrics.jsonl, and the reward-model annotator (issue 16)
+
+
+class StandInJudge:
+    """A judge function v(prompt, first, second) -> raw P(first), asked in both orders as the LLM judges are."""
+
+    def __init__(self, v):
+        self.v, self.stats = v, dict.fromkeys(oaif.ANNOTATOR_STATS, 0)
+
+    def judge(self, prompts, first, second):
+        return [self.v(*x) for x in zip(prompts, first, second)]
+
+    def __call__(self, prompts, first, second):
+        return oaif.both_orders(self.judge, prompts, first, second, self.stats)
+
+
+class OrderBlind(StandInJudge):
+    """Pointwise, like a reward model: one call per response, no order, so no position bias; a confidence."""
+
+    def __call__(self, prompts, first, second):
+        return [0.75] * len(prompts)
+
+
+HEALTH_FIELDS = ("position_bias", "order_agreement", "judge_confidence")
+
+
+@pytest.mark.parametrize("v,expected", [
+    (lambda x, a, b: 0.9, (0.9, 0.0, 0.0)),  # always leans to the first: (0.9 + 1 - 0.9) / 2 = 1/2 after both orders
+    (lambda x, a, b: None if a == b else 0.8 if a < b else 0.2, (0.5, 1.0, 0.3)),  # consistent in both orders
+    (lambda x, a, b: None if a == b else 0.9 if a < b else 0.3, (0.6, 1.0, 0.3))])  # consistent, leaning first
+def test_judge_health_of_stand_in_judges_of_known_bias(tiny, tmp_path, v, expected):
+    out = oaif.train(oaif.parse_args(run_args(tiny, tmp_path)), annotator=StandInJudge(v))
+    rows = read_metrics(tmp_path)
+    for row in rows + [out["summary"]]:
+        assert [row[k] for k in HEALTH_FIELDS] == pytest.approx(expected, abs=1e-9)
+
+
+def test_judge_health_fields_absent_where_undefined(tiny, tmp_path):
+    oaif.train(oaif.parse_args(run_args(tiny, tmp_path / "rule")))  # --annotator shorter: a rule, no judge
+    assert not any(k in row for row in read_metrics(tmp_path / "rule") for k in HEALTH_FIELDS)
+    out = oaif.train(oaif.parse_args(run_args(tiny, tmp_path / "blind")), annotator=OrderBlind(None))
+    for row in read_metrics(tmp_path / "blind") + [out["summary"]]:
+        assert "position_bias" not in row and "order_agreement" not in row and row["judge_confidence"] == 0.25
+    rows = [{"prompt": "Why?", "chosen": "Because.", "rejected": "It is a long story, really."}] * 3
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = oaif.train(oaif.parse_args(run_args(tiny, tmp_path / "file", "--offline-data", str(tmp_path / "pairs.jsonl"))),
+                     annotator=OrderBlind(None))  # the file's labels, not the judge's: no confidence to report
+    assert not any(k in row for row in read_metrics(tmp_path / "file") + [out["summary"]] for k in HEALTH_FIELDS)
+
+
+def confidence_judge(x, a, b):
+    """Consistent in both orders, its confidence varying with the pair: run-wide means weigh the steps."""
+    return None if a == b else 1 / (1 + math.exp(len(b) - len(a)))
+
+
+def test_judge_health_summary_counts_the_whole_resumed_run(tiny, tmp_path):
+    run = lambda out, *extra: oaif.train(oaif.parse_args(run_args(tiny, out, *extra)),
+                                         annotator=StandInJudge(confidence_judge))
+    whole = run(tmp_path / "straight", "--steps", "4")["summary"]
+    rows = read_metrics(tmp_path / "straight")
+    verdicts = [r["pairs"] + r["ties"] + r["low_confidence"] for r in rows]
+    assert len({round(r["judge_confidence"], 9) for r in rows}) > 1  # the steps differ
+    assert whole["judge_confidence"] == pytest.approx(
+        sum(r["judge_confidence"] * n for r, n in zip(rows, verdicts)) / sum(verdicts), abs=1e-12)
+    run(tmp_path / "resumed", "--steps", "2", "--save-every", "2")
+    resumed = run(tmp_path / "resumed", "--steps", "4", "--resume")["summary"]
+    assert [resumed[k] for k in HEALTH_FIELDS] == pytest.approx([whole[k] for k in HEALTH_FIELDS], abs=1e-12)
+
+
+def test_claude_position_bias_in_metrics(api, tiny, tmp_path):
+    server = api(reply=lambda a, b: "Preferred Response=1")  # a judge that always picks the first it sees
+    claude = oaif.ClaudeAnnotator(client=server.client())
+    out = oaif.train(oaif.parse_args(run_args(tiny, tmp_path, "--steps", "1")), annotator=claude)
+    row = read_metrics(tmp_path)[0]
+    assert (row["position_bias"], row["order_agreement"], row["judge_confidence"]) == (1.0, 0.0, 0.0)
+    assert claude.stats["order_pairs"] == server.requests / 2 == out["summary"]["annotator_requests"] / 2
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny, tmp_path_factory) -> str:
+    """A tiny random reward model: GPT-2 with a one-logit head, the tiny model's config and tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    path = str(tmp_path_factory.mktemp("tiny_rm"))
+    torch.manual_seed(1)
+    GPT2ForSequenceClassification(GPT2Config.from_pretrained(tiny, num_labels=1)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_reward_model_annotator_is_bradley_terry_of_unpadded_scores(tiny_rm, chat):
+    model, tok = oaif.load_model(tiny_rm, torch.device("cpu"), "AutoModelForSequenceClassification")
+    if chat:
+        tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    rm = oaif.RewardModelAnnotator(model, tok)
+    prompts = ["Why do we dream?", "Hi", "What is a prime number?"]
+    first = ["Because.", "Hello there, my friend, how are you today?", "A number"]
+    second = ["Nobody knows why we dream, not even the experts.", "Hey", "A number"]
+    p = rm(prompts, first, second)
+
+    text = lambda x, y: f"<user>{x}\n<assistant>{y}\n" if chat else f"{x}\n\n{y}"
+
+    @torch.no_grad()
+    def score(x, y):  # one response alone, no padding: the head at its last token
+        ids = tok(text(x, y), return_tensors="pt").input_ids
+        return float(model.score(model.transformer(ids).last_hidden_state[0, -1])[0])
+
+    expected = [1 / (1 + math.exp(score(x, b) - score(x, a))) for x, a, b in zip(prompts, first, second)]
+    assert p == pytest.approx(expected, abs=1e-6) and len(set(p)) == 3 and p[2] == 0.5  # identical: a tie
+    assert rm(prompts, second, first) == pytest.approx([1 - q for q in p], abs=1e-6)  # order-blind
+    tokens = sum(len(tok(text(x, y)).input_ids) for x, y in zip(prompts * 2, first + second))
+    assert rm.stats["annotator_requests"] == 12 and rm.stats["input_tokens"] == 2 * tokens  # two calls
+
+
+def test_cli_with_reward_model(tiny, tiny_rm, tmp_path, capsys):
+    out = oaif.main(run_args(tiny, tmp_path, "--annotator", f"rm:{tiny_rm}"))
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 2 and all(r["annotator_requests"] == 8 and "position_bias" not in r for r in rows)
+    assert all(0 <= r["judge_confidence"] < 0.5 for r in rows) and out["summary"]["annotator_requests"] == 16
+    assert "judge confidence" in capsys.readouterr().err
+    assert "cannot load model" in bad_run(run_args(tiny, tmp_path / "b", "--annotator", f"rm:{tmp_path / 'nothing'}"), capsys)
+    assert "num_labels" in bad_run(run_args(tiny, tmp_path / "c", "--annotator", f"rm:{tiny}"), capsys)

@@ -53,6 +53,7 @@ def main(argv=None):
                    "--eval-every", str(a.eval_every or a.steps), "--eval-prompts", str(a.eval_prompts),
                    "--sample-every", "5" if a.parallel else "0", *passthrough]
             for name, (instruction, rule) in INSTRUCTIONS.items()}
+    args = {k: v for k, v in args.items() if not os.path.isfile(os.path.join(out, k, "oaif_config.json"))}
     if a.parallel:  # one process each, half the cores each: both curves grow side by side
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
         os.makedirs(out, exist_ok=True)
@@ -65,8 +66,8 @@ def main(argv=None):
         for name, arg in args.items():
             print(f"--- {name}: {INSTRUCTIONS[name][0]!r} ---", flush=True)
             oaif.main(arg)
-    runs = {}
-    for name in args:
+    runs = {}  # an arm already finished in --out is not run again: its metrics are read
+    for name in INSTRUCTIONS:
         with open(os.path.join(out, name, "metrics.jsonl")) as f:
             runs[name] = [json.loads(line) for line in f]
     train = {k: [r for r in v if not r.get("eval")] for k, v in runs.items()}
