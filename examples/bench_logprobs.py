@@ -82,7 +82,7 @@ def parse_shapes(spec, default_sizes):
 def inputs(N, H, V, device, dtype, seed=0, frozen_head=False):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
-    W = (torch.randn(V, H, generator=g) * 0.02).to(device, dtype).requires_grad_(not frozen_head)
+    W = torch.randn(V, H, generator=g).mul_(0.02).to(device, dtype).requires_grad_(not frozen_head)  # no temporary
     labels = torch.randint(0, V, (N,), generator=g).to(device)
     upstream = torch.randn(N, generator=g).to(device)
     return h, W, labels, upstream
