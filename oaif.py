@@ -167,26 +167,29 @@ class _FusedLogprobs(torch.autograd.Function):
         T, C = ctx.temperature, ctx.chunk_size
         rows, h, lab, w, V = _rows_and_head(hidden, weight, labels, T)
         g = grad_out[rows].float()
-        grad_h, grad_w = torch.zeros_like(hidden), torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # float32
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
         # d logp / d logits = onehot(label) - P, so grad_h = g (w[label] - P @ w) / T, grad_w = onehot.T @ (g h) -
-        # P.T @ (g h): the big buffer sees one matmul, one softmax and two matmul reads; no onehot is ever built.
+        # P.T @ (g h), none for a frozen head (LoRA: no float32 (V, H) buffer, 2 GEMMs a chunk, not 3); no onehot built.
         for s in range(0, len(rows), C):
             hc, gc = h[s:s + C], g[s:s + C, None]
             gh = (gc * hc.float()).to(h.dtype)  # (C, H): g h
             if h.dtype == torch.float32:  # z - lse folded into the matmul, exp in place: P.T, (V, C)
                 Pt = torch.addmm(-lse[None, s:s + C], w, hc.T).exp_()
                 Pt[V:] = 0
-                Pw = Pt.T @ w
-                grad_w.addmm_(Pt, gh, alpha=-1)
             else:  # one fused kernel: bf16 logits in, float32 inside, bf16 P out for the matmuls
                 z = hc @ w.T
                 z[:, V:] = -math.inf
-                P = torch.softmax(z, -1)  # (C, V)
-                Pw = (P @ w).float()
-                grad_w.sub_((P.T @ gh).float())
-            grad_h[rows[s:s + C]] = ((w[lab[s:s + C]].float() - Pw) * gc / T).to(hidden.dtype)
+                Pt = torch.softmax(z, -1).T  # (V, C)
+            grad_h[rows[s:s + C]] = ((w[lab[s:s + C]].float() - (Pt.T @ w).float()) * gc / T).to(hidden.dtype)
+            if grad_w is None:
+                continue
+            if h.dtype == torch.float32:
+                grad_w.addmm_(Pt, gh, alpha=-1)  # in place: no (V, H) temporary
+            else:
+                grad_w.sub_((Pt @ gh).float())
             grad_w.index_add_(0, lab[s:s + C], gh.float())
-        return grad_h, grad_w[:V].to(weight.dtype), None, None, None
+        return grad_h, None if grad_w is None else grad_w[:V].to(weight.dtype), None, None, None
 
 
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import oaif
 
@@ -158,6 +159,40 @@ def test_fused_logprobs_bf16_inputs():
     # bf16 hidden states: logits are rounded to bf16 (8-bit mantissa) before the float32 logsumexp, so the
     # values and gradients are good to about 1e-2 relative, like any bf16 matmul.
     check_against_oracle(N=40, H=32, V=211, chunk=16, dtype=torch.bfloat16, tol=3e-2)
+
+
+class OutputShapes(TorchDispatchMode):
+    """Records the shape and dtype of every tensor each aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen += [(tuple(t.shape), t.dtype) for t in (out if isinstance(out, (tuple, list)) else [out])
+                      if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_backward_makes_no_head_gradient(dtype):
+    # LoRA freezes the LM head: its backward must neither allocate nor write the float32 (V, H) gradient buffer,
+    # and grad_h must be bit-identical to a trainable head's (itself checked against float64 above).
+    N, H, V = 40, 24, 211
+    hidden, weight = torch.randn(N, H).to(dtype), torch.randn(V, H) * 0.5
+    labels = torch.randint(0, V, (N,))
+    grads, shapes = [], []
+    for trainable in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(trainable)
+        out = oaif.fused_logprobs(h, w, labels, chunk_size=16)
+        with OutputShapes() as rec:
+            out.sum().backward()
+        grads.append(h.grad)
+        shapes.append(rec.seen.count(((V, H), torch.float32)))
+        assert (w.grad is not None) == trainable
+    assert torch.equal(grads[0], grads[1])
+    assert shapes[0] > 0 and shapes[1] == 0  # the first: the recorder sees the buffer when there is one
 
 
 def test_fused_logprobs_batch_dims_and_all_ignored():
@@ -745,7 +780,7 @@ def test_two_gloo_ranks_match_one_process(tiny, tmp_path, fixed):
 
 
 EXAMPLES = ["bench_logprobs.py", "bench_sampler.py", "bench_step.py", "bench_vs_trl.py", "custom_annotator.py",
-            "length_control.py", "memory_table.py", "online_vs_offline.py", "plot_metrics.py",
+            "from_gguf.py", "length_control.py", "memory_table.py", "online_vs_offline.py", "plot_metrics.py",
             "standin_messages_api.py", "tiny_model.py"]
 
 

@@ -17,6 +17,7 @@ states' gradient). float32 on CPU, bfloat16 on CUDA (logsumexp in float32 for ev
     python examples/bench_logprobs.py --quick          # small shapes, seconds
     python examples/bench_logprobs.py --shapes qwen2.5-0.5b:2048,gpt2:4096 --chunks ""   # named LM heads
     python examples/bench_logprobs.py --device cuda --shapes llama3.2-1b,gemma3     # N from --sizes
+    python examples/bench_logprobs.py --shapes qwen2.5-0.5b:2048 --frozen-head      # LoRA: no head gradient
 
 --shapes: comma-separated NAME[:N[+N...]], NAME one of SHAPES below or HxV (e.g. 896x151936); without :N the
 sizes come from --sizes.
@@ -78,10 +79,10 @@ def parse_shapes(spec, default_sizes):
     return out
 
 
-def inputs(N, H, V, device, dtype, seed=0):
+def inputs(N, H, V, device, dtype, seed=0, frozen_head=False):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
-    W = (torch.randn(V, H, generator=g) * 0.02).to(device, dtype).requires_grad_()
+    W = torch.randn(V, H, generator=g).mul_(0.02).to(device, dtype).requires_grad_(not frozen_head)  # no temporary
     labels = torch.randint(0, V, (N,), generator=g).to(device)
     upstream = torch.randn(N, generator=g).to(device)
     return h, W, labels, upstream
@@ -91,10 +92,10 @@ def rss_peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(variant, N, H, V, chunk, device, repeats):
+def measure(variant, N, H, V, chunk, device, repeats, frozen_head=False):
     """One variant at one size: median time, extra peak memory, max error against float64."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    h, W, labels, upstream = inputs(N, H, V, device, dtype)
+    h, W, labels, upstream = inputs(N, H, V, device, dtype, frozen_head=frozen_head)
     fn = VARIANTS[variant]
 
     def run():
@@ -135,14 +136,14 @@ def run_one(a, variant, N, H, V, chunk):
     """One measurement: on CPU in a fresh process (its peak RSS is its own), else here. None if it failed."""
     if a.device == "cpu" and not a.quick:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(N), str(chunk),
-               "--repeats", str(a.repeats), "--hidden", str(H), "--vocab", str(V)]
+               "--repeats", str(a.repeats), "--hidden", str(H), "--vocab", str(V)] + ["--frozen-head"] * a.frozen_head
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             print(f"{N:>6} {variant:>10} failed: {r.stderr.strip().splitlines()[-1:]}")
             return None
         return json.loads(r.stdout.strip().splitlines()[-1])
     try:
-        return measure(variant, N, H, V, chunk or None, a.device, a.repeats)
+        return measure(variant, N, H, V, chunk or None, a.device, a.repeats, a.frozen_head)
     except torch.cuda.OutOfMemoryError:
         print(f"{N:>6} {variant:>10} out of memory")
         return None
@@ -164,13 +165,15 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes (N=256, H=64, V=2048), one repeat, one "
                    "process (so CPU memory numbers are not isolated): a smoke test")
     p.add_argument("--json", default="", help="also write the rows to this file")
+    p.add_argument("--frozen-head", action="store_true", help="the LM head needs no gradient (LoRA): hidden-state "
+                   "gradients only")
     p.add_argument("--worker", nargs=3, metavar=("VARIANT", "N", "CHUNK"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
         a.sizes, a.hidden, a.vocab, a.repeats, a.chunks = a.sizes or "256", 64, 2048, 1, "64,100"
     if a.worker:  # one measurement in this fresh process, printed as JSON
         v, N, chunk = a.worker
-        print(json.dumps(measure(v, int(N), a.hidden, a.vocab, int(chunk) or None, a.device, a.repeats)))
+        print(json.dumps(measure(v, int(N), a.hidden, a.vocab, int(chunk) or None, a.device, a.repeats, a.frozen_head)))
         return
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_logprobs: --device cuda but no CUDA device is available")
@@ -181,7 +184,7 @@ def main(argv=None):
         runs.append(("torch_lce", 0))
     rows = []
     print(f"device={a.device} dtype={'float32' if a.device == 'cpu' else 'bfloat16'} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
+          f"threads={torch.get_num_threads()} torch={torch.__version__} frozen_head={a.frozen_head}", flush=True)
     for shape, H, V, Ns in shapes:
         print(f"{shape}: H={H} V={V}", flush=True)
         print(f"{'N':>6} {'variant':>10} {'chunk':>7} {'time s':>9} {'x naive':>8} {'extra MiB':>10} {'x naive':>8} "
@@ -197,6 +200,7 @@ def main(argv=None):
                     row["default"] = True
                 base = next((r for r in rows if (r["shape"], r["N"], r["variant"]) == (shape, N, "naive")), row)
                 flops = (6 if variant in ("naive", "selective") else 8) * N * H * V  # chunked ones recompute
+                flops -= 2 * N * H * V * a.frozen_head  # no head gradient
                 row.update(time_ratio=row["time_s"] / base["time_s"],
                            mem_ratio=row["extra_mb"] / max(base["extra_mb"], 1e-9), tflops=flops / row["time_s"] / 1e12)
                 rows.append(row)
@@ -205,7 +209,7 @@ def main(argv=None):
                       f"{row['extra_mb']:>10.0f} {row['mem_ratio']:>8.3f} {row['max_err']:>9.1e}  {row['tflops']:.2f}",
                       flush=True)
     print("fused* = the default chunk size; TFLOP/s counts 6NHV for naive/selective, 8NHV for fused and torch_lce "
-          "(they recompute the logits)")
+          "(they recompute the logits), 2NHV less with --frozen-head")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

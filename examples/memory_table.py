@@ -8,7 +8,8 @@ and read peak_mem_gb in metrics.jsonl.
 What oaif holds, per parameter P of the policy:
   full fine-tuning   policy float32 (4) + gradients float32 (4) + AdamW moments (8) + reference float32 (4) = 20 P
   --lora-rank R      the frozen base in the compute dtype, bf16 (2): it is the reference too (adapter off);
-                     the adapter's own weights, gradients and AdamW state at 16 bytes each
+                     the adapter's own weights, gradients and AdamW state at 16 bytes each; no gradient
+                     for the frozen LM head (the fused head's backward skips it)
   --fsdp on N GPUs   full fine-tuning's 20 P divided by N (the reference sharded too), plus one layer gathered
 Activations (bf16 autocast, kept for the backward of one log-prob pass over prompts x 2 sequences):
   per token and layer ~ 2 bytes x (4 H + 2 KV + 3 I) + 4 bytes x 2 H (the norms' float32 inputs);
