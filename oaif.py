@@ -511,7 +511,7 @@ class LocalJudgeAnnotator:
         """log P("Yes") - log P("No") per response: the shared head's KV cache once, batches by length, float32 head."""
         head = self.tokenizer(self.ask("", "")[0], add_special_tokens=False).input_ids
         seqs = [self.tokenizer(self.ask(*x)[1], add_special_tokens=False).input_ids for x in zip(prompts, responses)]
-        if self.context and len(head) + max(map(len, seqs)) > self.context:
+        if self.context and len(head) + max(map(len, seqs), default=0) > self.context:
             raise OAIFError(f"a judge prompt is over the judge's context of {self.context} tokens: shorten responses")
         W = self.model.get_output_embeddings().weight[self.words].float()  # (2, H): only two logits are needed
         kv = "cache" if "cache" in inspect.signature(self.model.base_model.forward).parameters else "past_key_values"

@@ -491,7 +491,9 @@ def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
     p_ab = judge(prompts, a, b)
     assert p_ab == pytest.approx([1 / (1 + math.exp(s[i + 2] - s[i])) for i in range(2)], abs=1e-5)
     assert judge(prompts, b, a) == pytest.approx([1 - p for p in p_ab], abs=1e-6)  # order-blind
-    assert judge(["x"], ["same"], ["same"]) == [0.5]
+    assert judge(["x"], ["same"], ["same"]) == [0.5] and judge([], [], []) == []
+    with pytest.raises(oaif.OAIFError, match="over the judge's context of 1024 tokens"):
+        judge(["x"], ["word " * 1100], ["y"])
     assert judge.stats["annotator_requests"] == 4 + 4 + 4 + 2  # one forward per response, none per order
     assert judge.stats["input_tokens"] == 3 * sum(map(len, ids)) + 2 * len(tokens("x", "same"))
 
