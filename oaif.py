@@ -422,6 +422,7 @@ QUESTION = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"), 
 # "**Preferred Response** = 1", "Preferred Response: Response 2"; with a colon or "=": "Preferred: 2", "Preference: 1"
 ANCHOR = re.compile(r"\bprefer\w*(?:\W+(?:response|summary)|\W*?[:=])\W*(?:(?:response|summary)\W*)?(\w*)", re.I)
 BARE = re.compile(r"[\s*\"'`(\[]*([12])[\s.!?*)\]\"'`]*")  # a whole reply that is just "2." ("1 beats 2" is not)
+CRITERION = re.compile(r"prefer (?:the |a )?(?:more )?(.+?)\.?", re.I)  # "Prefer the more concise response."
 
 
 def render_judge_prompt(task: str, instruction: str, prompt: str, first: str, second: str) -> str:
@@ -496,52 +497,53 @@ class ClaudeAnnotator:
 def judge_question(task: str, instruction: str) -> str:
     """The criterion as a yes/no question about one response: "Prefer the more concise response." -> "Is this a
     concise response?" (small judges follow that, not "meets: <instruction>?"); no instruction: the task's quality."""
-    m = re.fullmatch(r"prefer (?:the |a )?(?:more )?(.+?)\.?", instruction.strip(), re.I)
-    if m:
-        return f"Is this {'an' if m.group(1)[0] in 'aeiouAEIOU' else 'a'} {m.group(1)}?"
-    item = QUESTION[task][1].lower()
-    return f"Does it follow the instruction: {instruction}" if instruction else f"Is this a good {item}?"
+    m = CRITERION.fullmatch(instruction.strip() or f"Prefer a good {QUESTION[task][1].lower()}.")
+    article = "an" if m and m.group(1)[0] in "aeiouAEIOU" else "a"
+    return f"Is this {article} {m.group(1)}?" if m else f"Does it follow the instruction: {instruction.strip()}"
 
 
 class LocalJudgeAnnotator:
-    """Any Hugging Face causal LM as the annotator, offline and pointwise: each response alone gets s = log P("Yes") -
-    log P("No") to judge_question, and P(first better) = sigmoid(s1 - s2) (Bradley-Terry). Asked for a pairwise
-    verdict, small judges ignore the instruction and favour the first, longer response (README: the judge check)."""
+    """Any Hugging Face causal LM as the annotator, offline, pointwise (README: why): each response alone gets s =
+    log P("Yes") - log P("No") to judge_question; P(first better) = sigmoid(s1 - s2), Bradley-Terry, order-blind."""
 
     def __init__(self, model, tokenizer, task: str = "helpful", instruction: str = "", batch_size: int = 8):
         self.model, self.tokenizer, self.task, self.instruction = model, tokenizer, task, instruction.strip()
         self.question, self.batch_size = judge_question(task, self.instruction), batch_size
         self.chat, self.context = getattr(tokenizer, "chat_template", None), context_length(model.config)
-        yes_no = ("Yes", "No") if self.chat else (" Yes", " No")  # unchatted, the answer follows "Answer:"
-        self.words = [tokenizer(w, add_special_tokens=False).input_ids[-1] for w in yes_no]
+        self.words = [tokenizer(w, add_special_tokens=False).input_ids[-1] for w in ("Yes", "No")]  # after a newline
         self.stats = dict(annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0)
 
-    def ask(self, prompt: str, response: str) -> str:
-        """The whole judge input for one response, up to where its answer (Yes or No) begins."""
+    def ask(self, prompt: str, response: str) -> tuple:
+        """(The head every response shares, the rest): the judge's input for one response, up to its Yes or No."""
         context, item = QUESTION[self.task]
         rubric = "" if self.instruction else TEMPLATES[self.task] + "\n\n"  # the instruction alone decides "better"
         text = f"{rubric}{context}:\n{prompt}\n\n{item}:\n{response}\n\n{self.question} Answer Yes or No."
-        return user_turn(self.tokenizer, text) if self.chat else text + "\nAnswer:"
+        text = user_turn(self.tokenizer, text) if self.chat else text + "\nAnswer:\n"
+        before, label, rest = text.partition(f"{context}:\n")  # the head ends with "Conversation:\n", never empty
+        return before + label, rest
 
     @torch.inference_mode()
     def scores(self, prompts: list, responses: list) -> list:
-        """s = log P("Yes") - log P("No") per response, float32 head; batched by length: little padding."""
-        seqs = [self.tokenizer(self.ask(p, r), add_special_tokens=False).input_ids for p, r in zip(prompts, responses)]
-        if self.context and max(map(len, seqs)) > self.context:
-            raise OAIFError(f"a judge prompt has {max(map(len, seqs))} tokens, over the judge's context of "
-                            f"{self.context}: use a judge with a longer context or shorter responses")
+        """log P("Yes") - log P("No") per response: the shared head's KV cache once, batches by length, float32 head."""
+        head = self.tokenizer(self.ask("", "")[0], add_special_tokens=False).input_ids
+        seqs = [self.tokenizer(self.ask(*x)[1], add_special_tokens=False).input_ids for x in zip(prompts, responses)]
+        if self.context and len(head) + max(map(len, seqs), default=0) > self.context:
+            raise OAIFError(f"a judge prompt is over the judge's context of {self.context} tokens: shorten responses")
         W = self.model.get_output_embeddings().weight[self.words].float()  # (2, H): only two logits are needed
+        kv = "cache" if "cache" in inspect.signature(self.model.base_model.forward).parameters else "past_key_values"
+        cache = self.model.base_model(torch.tensor([head], device=self.model.device), use_cache=True)[1]  # head's KV
         order, out = sorted(range(len(seqs)), key=lambda i: len(seqs[i])), {}
         for i in range(0, len(order), self.batch_size):
             rows = order[i:i + self.batch_size]
-            ids, mask = left_pad([seqs[j] for j in rows], 0, self.model.device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                      use_cache=False).last_hidden_state[:, -1].float()  # (b, H), left padding
-            s = h @ W.T / head_temperature(self.model.config)  # (b, 2)
+            n = torch.tensor([len(seqs[j]) for j in rows])  # right-padded: causal attention never sees the pads
+            ids = torch.tensor([seqs[j] + [0] * (int(n.max()) - len(seqs[j])) for j in rows], device=self.model.device)
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(rows))  # the head's keys and values, one copy per row
+            h = self.model.base_model(input_ids=ids, **{kv: past}).last_hidden_state  # (b, L, H)
+            s = h[torch.arange(len(rows)), n - 1].float() @ W.T / head_temperature(self.model.config)  # (b, 2)
             out.update(zip(rows, (s[:, 0] - s[:, 1]).tolist()))
             self.stats["annotator_requests"] += len(rows)
-            self.stats["input_tokens"] += int(mask.sum())
+            self.stats["input_tokens"] += len(rows) * len(head) + int(n.sum())
         return [out[i] for i in range(len(seqs))]
 
     def __call__(self, prompts: list, first: list, second: list) -> list:

@@ -532,21 +532,27 @@ def test_cli_stops_on_bad_key(api, tiny, tmp_path):
     assert "oaif: error: the Claude API refused the annotator's request: 401" in r.stderr
 
 
-def test_local_judge_is_pointwise_yes_no_log_odds(model_tok):
+@pytest.mark.parametrize("instruction", ["Prefer the more concise response.", ""])
+def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
     model, tok = model_tok
-    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.", batch_size=3)
-    assert judge.question == "Is this a concise response?"
-    prompts, a, b = ["Why do we dream?", "Hi"], ["Because.", "Hello there, how are you today?"], ["Nobody knows.", "Hey"]
-    ids = [tok(judge.ask(p, r)).input_ids for p, r in zip(prompts + prompts, a + b)]
-    yes, no = tok(" Yes").input_ids[-1], tok(" No").input_ids[-1]
-    with torch.no_grad():  # the oracle: each response alone, unpadded, the model's own logits
+    judge = oaif.LocalJudgeAnnotator(model, tok, task="tldr", instruction=instruction, batch_size=3)
+    assert judge.question == ("Is this a concise response?" if instruction else "Is this a good summary?")
+    prompts, a, b = ["Why do we dream?", "Hi"], ["Because.", "Hello there, how are you?"], ["Nobody knows.", "Hey"]
+    tokens = lambda p, r: sum((tok(t).input_ids for t in judge.ask(p, r)), [])  # noqa: E731 (the head, the rest)
+    ids = [tokens(p, r) for p, r in zip(prompts + prompts, a + b)]
+    yes, no = tok("Yes").input_ids[-1], tok("No").input_ids[-1]
+    with torch.no_grad():  # the plain path: each whole input alone, unpadded, uncached, the model's own logits
         s = [float(lg[yes] - lg[no]) for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)]
-    p_ab = judge(prompts, a, b)  # 4 responses of 3 lengths in batches of 3: padding is tested too
+    # the head's KV cache copied into batches of 3 right-padded inputs (then 1): the same log-odds and verdicts
+    assert judge.scores(prompts + prompts, a + b) == pytest.approx(s, abs=1e-5)
+    p_ab = judge(prompts, a, b)
     assert p_ab == pytest.approx([1 / (1 + math.exp(s[i + 2] - s[i])) for i in range(2)], abs=1e-5)
     assert judge(prompts, b, a) == pytest.approx([1 - p for p in p_ab], abs=1e-6)  # order-blind
-    assert judge(["x"], ["same"], ["same"]) == [0.5]
-    assert judge.stats["annotator_requests"] == 4 + 4 + 2  # one forward per response, none per order
-    assert judge.stats["input_tokens"] == 2 * sum(map(len, ids)) + 2 * len(tok(judge.ask("x", "same")).input_ids)
+    assert judge(["x"], ["same"], ["same"]) == [0.5] and judge([], [], []) == []
+    with pytest.raises(oaif.OAIFError, match="over the judge's context of 1024 tokens"):
+        judge(["x"], ["word " * 1100], ["y"])
+    assert judge.stats["annotator_requests"] == 4 + 4 + 4 + 2  # one forward per response, none per order
+    assert judge.stats["input_tokens"] == 3 * sum(map(len, ids)) + 2 * len(tokens("x", "same"))
 
 
 def test_local_judge_runs_in_the_fast_dtype_whatever_the_policy_trains_in(tiny, monkeypatch):

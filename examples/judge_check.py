@@ -67,7 +67,9 @@ class FewShot(oaif.LocalJudgeAnnotator):
         for p, r, q, a in FEWSHOT + [(prompt, response, self.question, None)]:
             turns.append(dict(role="user", content=f"Conversation:\n{p}\n\nResponse:\n{r}\n\n{q} Answer Yes or No."))
             turns += [dict(role="assistant", content=a)] if a else []
-        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        before, label, rest = text.rpartition("Conversation:\n")  # the examples are part of the shared head
+        return before + label, rest
 
 
 class Pairwise(oaif.LocalJudgeAnnotator):
