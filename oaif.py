@@ -525,8 +525,10 @@ class LocalJudgeAnnotator:
     @torch.inference_mode()
     def scores(self, prompts: list, responses: list) -> list:
         """log P("Yes") - log P("No") per response: the shared head's KV cache once, batches by length, float32 head."""
-        head = self.tokenizer(self.ask("", "")[0], add_special_tokens=False).input_ids
-        seqs = [self.tokenizer(self.ask(*x)[1], add_special_tokens=False).input_ids for x in zip(prompts, responses)]
+        texts = [self.ask("", "")[0]] + ["".join(self.ask(*x)) for x in zip(prompts, responses)]  # head, each whole
+        head, *seqs = self.tokenizer(texts, add_special_tokens=False).input_ids  # each tokenized as if alone, then
+        head = os.path.commonprefix([head] + [s[:-1] for s in seqs])  # cut where all agree ("\n\n" BPE, SP "▁Why")
+        seqs = [s[len(head):] for s in seqs]
         if self.context and len(head) + max(map(len, seqs), default=0) > self.context:
             raise OAIFError(f"a judge prompt is over the judge's context of {self.context} tokens: shorten responses")
         W = self.model.get_output_embeddings().weight[self.words].float()  # (2, H): only two logits are needed

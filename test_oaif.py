@@ -555,6 +555,28 @@ def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
     assert judge.stats["input_tokens"] == 3 * sum(map(len, ids)) + 2 * len(tokens("x", "same"))
 
 
+def test_local_judge_scores_the_tokens_of_each_whole_input():
+    # SentencePiece as Llama and Mistral use it: text tokenized alone starts with a word-start piece ("▁Why"), in
+    # the whole input after "Conversation:\n" it does not ("Why"): the cached head must not change the tokens
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    sp = Tokenizer(models.BPE(byte_fallback=True))
+    newline = pre_tokenizers.Split("\n", "isolated")  # a piece of its own, as Llama's <0x0A>
+    sp.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first"), newline])
+    sp.train_from_iterator(oaif.DEFAULT_PROMPTS + ["Conversation:\nWhy Yes No"] * 4, trainers.BpeTrainer(vocab_size=300))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2)).eval()
+    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.", batch_size=2)
+    prompts, responses = ["Why do we dream?", "Why is the sky blue?", "Hi"], ["Because.", "Light scatters.", "Hey"]
+    ids = [tok("".join(judge.ask(*x)), add_special_tokens=False).input_ids for x in zip(prompts, responses)]
+    apart = [sum((tok(t, add_special_tokens=False).input_ids for t in judge.ask(*x)), []) for x in zip(prompts, responses)]
+    assert all(a != b for a, b in zip(apart, ids))  # the head and the rest tokenized apart: other tokens
+    with torch.no_grad():
+        s = [float(lg[judge.words[0]] - lg[judge.words[1]]) for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)]
+    assert judge.scores(prompts, responses) == pytest.approx(s, abs=1e-5)
+
+
 def test_local_judge_runs_in_the_fast_dtype_whatever_the_policy_trains_in(tiny, monkeypatch):
     for dtype in (torch.bfloat16, torch.float32):  # judge_dtype's answer, stood in: its timing is the machine's
         monkeypatch.setattr(oaif, "judge_dtype", lambda device, d=dtype: d)
