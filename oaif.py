@@ -389,10 +389,9 @@ def both_orders(judge: Callable, prompts: list, first: list, second: list, stats
     stats, over pairs with both verdicts, adds: order_pairs, first_sum (raw P(first)), order_agree (same pick)."""
     v, n = judge(prompts + prompts, first + second, second + first), len(prompts)
     both = [(a, b) for a, b in zip(v[:n], v[n:]) if None not in (a, b) and math.isfinite(a + b)]
-    if stats is not None:
-        stats["order_pairs"] = stats.get("order_pairs", 0) + len(both)
-        stats["first_sum"] = stats.get("first_sum", 0) + sum(a + b for a, b in both) / 2
-        stats["order_agree"] = stats.get("order_agree", 0) + sum((a - 0.5) * (b - 0.5) < 0 for a, b in both)
+    for k, x in dict(order_pairs=len(both), first_sum=sum(a + b for a, b in both) / 2,
+                     order_agree=sum((a - 0.5) * (b - 0.5) < 0 for a, b in both)).items() if stats is not None else ():
+        stats[k] = stats.get(k, 0) + x
     return [None if a is None or b is None else (a + 1 - b) / 2 for a, b in zip(v[:n], v[n:])]
 
 
@@ -907,12 +906,13 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
     if cfg.resume == cfg.overwrite and any(re.fullmatch(RUN_FILES, n) for n in names):
         raise OAIFError(f"--output-dir {cfg.output_dir} holds a previous run: --resume it, --overwrite it (deletes "
                         "its checkpoints, metrics and model) or choose another folder")
-    if cfg.resume and not complete_checkpoints(cfg.output_dir):
-        raise OAIFError(f"--resume: no complete checkpoint in {cfg.output_dir}")
+    doomed = [os.path.realpath(os.path.join(cfg.output_dir, n)) for n in names if re.fullmatch(RUN_FILES, n)]
+    if cfg.overwrite and os.path.realpath(cfg.model) in doomed + [os.path.realpath(cfg.output_dir)]:
+        raise OAIFError(f"--overwrite would delete --model {cfg.model}, the previous run's: choose another folder")
+    path = os.path.join((complete_checkpoints(cfg.output_dir) or [os.devnull])[-1], "oaif_config.json")
+    if cfg.resume and not os.path.isfile(path):  # none complete, or an older oaif's (optimizer keyed by number)
+        raise OAIFError(f"--resume: no complete checkpoint of this oaif in {cfg.output_dir}; start a new run")
     if cfg.resume:
-        path = os.path.join(complete_checkpoints(cfg.output_dir)[-1], "oaif_config.json")
-        if not os.path.isfile(path):  # and its optimizer state is keyed by number, not name
-            raise OAIFError(f"--resume: {path} not found: a checkpoint of an older oaif; start a new run")
         with open(path) as f:
             saved = json.load(f)
         same = lambda k: (saved[k] > 0) == (config[k] > 0) if k == "eval_every" else saved.get(k) == config[k]

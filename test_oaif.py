@@ -729,6 +729,18 @@ def test_reused_output_dir_needs_resume_or_overwrite(tiny, tmp_path, capsys):
     assert "is a file" in bad_run(run_args(tiny, tmp_path / "out" / "notes.txt"), capsys)
 
 
+def test_overwrite_refuses_to_delete_the_model_it_starts_from(tiny, tmp_path, capsys):
+    # "train more from my result, in place": deleted at the start, a crash would leave neither run's model
+    oaif.main(run_args(tiny, tmp_path, "--steps", "1", "--save-every", "1"))
+    before = sorted(os.listdir(tmp_path))
+    for model in (tmp_path / "checkpoint-1", tmp_path):
+        msg = bad_run(run_args(tiny, tmp_path, "--model", str(model), "--overwrite"), capsys)
+        assert f"--overwrite would delete --model {model}" in msg
+    assert sorted(os.listdir(tmp_path)) == before and "model.safetensors" in before
+    os.remove(tmp_path / "checkpoint-1" / "oaif_config.json")  # a checkpoint of an oaif before name-keyed state
+    assert "no complete checkpoint of this oaif" in bad_run(run_args(tiny, tmp_path, "--resume"), capsys)
+
+
 def test_checkpoint_before_any_update_resumes_exactly(tiny, tmp_path):
     # the optimizer has no state yet: saving it must not take the zero step that would shift AdamW's bias correction
     def hedging_first(prompts, first, second):
