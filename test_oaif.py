@@ -842,6 +842,19 @@ def test_online_vs_offline_tiny_two_steps(tmp_path, capsys):
     assert "win rate against the initial policy" in capsys.readouterr().out
 
 
+def test_length_control_reads_a_finished_arm_only_if_its_flags_match(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import length_control
+
+    run = lambda *extra: length_control.main(["--tiny", "--out", str(tmp_path), "--batch-size", "2",  # noqa: E731
+                                              "--max-new-tokens", "4", "--eval-prompts", "1", *extra])
+    first = run("--steps", "1")
+    assert run("--steps", "1") == first  # the same flags: both arms read, not run again
+    with pytest.raises(SystemExit, match="holds a previous run"):  # other flags: never the old arms' numbers
+        run("--steps", "2")
+    assert [len(r) for r in run("--steps", "2", "--overwrite").values()] == [3, 3]  # 2 steps and the evaluation
+
+
 def test_bench_logprobs_quick(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "examples", "bench_logprobs.py"), "--quick", "--json",
                         str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300)

@@ -12,6 +12,7 @@ Flags it does not know go to oaif.py unchanged (--temperature 0.9, --dtype bfloa
         --steps 40 --batch-size 4 --max-new-tokens 256 --lr 1e-5 --parallel --png control.png
 """
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,6 +26,18 @@ from tiny_model import resolve  # noqa: E402
 
 INSTRUCTIONS = {"detailed": ("Prefer the more detailed response.", "longer"),
                 "concise": ("Prefer the more concise response.", "shorter")}
+
+
+def finished(arg: list) -> bool:
+    """An arm already run in --out with these very flags (its oaif_config.json says so): read, not run again."""
+    path = os.path.join(arg[arg.index("--output-dir") + 1], "oaif_config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        saved = json.load(f)
+    cfg = dataclasses.asdict(oaif.parse_args(arg))
+    cfg["beta"] = oaif.DEFAULT_BETA[cfg["loss"]] if cfg["beta"] is None else cfg["beta"]  # as the run saved it
+    return all(saved.get(k) == v for k, v in cfg.items() if k not in ("sample_every", "resume", "overwrite"))
 
 
 def main(argv=None):
@@ -53,7 +66,7 @@ def main(argv=None):
                    "--eval-every", str(a.eval_every or a.steps), "--eval-prompts", str(a.eval_prompts),
                    "--sample-every", "5" if a.parallel else "0", *passthrough]
             for name, (instruction, rule) in INSTRUCTIONS.items()}
-    args = {k: v for k, v in args.items() if not os.path.isfile(os.path.join(out, k, "oaif_config.json"))}
+    args = {k: v for k, v in args.items() if not finished(v)}  # other flags: run again (--overwrite to replace it)
     if a.parallel:  # one process each, half the cores each: both curves grow side by side
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
         os.makedirs(out, exist_ok=True)
@@ -66,7 +79,7 @@ def main(argv=None):
         for name, arg in args.items():
             print(f"--- {name}: {INSTRUCTIONS[name][0]!r} ---", flush=True)
             oaif.main(arg)
-    runs = {}  # an arm already finished in --out is not run again: its metrics are read
+    runs = {}
     for name in INSTRUCTIONS:
         with open(os.path.join(out, name, "metrics.jsonl")) as f:
             runs[name] = [json.loads(line) for line in f]
