@@ -418,8 +418,8 @@ TEMPLATES = {
                  "only to decide between equally harmless responses."),
 }
 QUESTION = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"), harmless=("Conversation", "Response"))
-# "**Preferred Response** = 1", "Preferred Response: Response 2"; with a colon or "=": "Preferred: 2", "Preference: 1"
-ANCHOR = re.compile(r"\bprefer\w*(?:\W+(?:response|summary)|\W*?[:=])\W*(?:(?:response|summary)\W*)?(\w*)", re.I)
+# "**Preferred Response** = 1", "Preferred: 2", "Preference: 1"; never the verb: "some prefer Response 2" after it
+ANCHOR = re.compile(r"(?i)\bprefer[re]\w*(?:\W+(?:response|summary)|\W*[:=])\W*(?:(?:response|summary)\W*)?(\w*)")
 BARE = re.compile(r"[\s*\"'`(\[]*([12])[\s.!?*)\]\"'`]*")  # a whole reply that is just "2." ("1 beats 2" is not)
 CRITERION = re.compile(r"prefer (?:the |a )?(?:more )?(.+?)\.?", re.I)  # "Prefer the more concise response."
 

@@ -298,7 +298,10 @@ def test_shorter_and_both_orders():
     ("Preferred: 2", 0.0), ("Preferred response: 2", 0.0), ("**Preferred:** Response 1", 1.0), ("Preference: 1", 1.0),
     ("Preferred = **2**", 0.0), ("Response 2 is preferred because it is shorter", None), ("1 beats 2", None),
     ("My preference for 1 over 2 is weak", None), ("Unpreferred: 2", None), ("Preferred: neither", None),
-    ("Preferred Response=1. Response 2 is preferred by some", 1.0)])
+    ("Preferred Response=1. Response 2 is preferred by some", 1.0),
+    ("Preferred Response=1 (some readers may prefer Response 2's detail)", 1.0),
+    ("Preferred Response=2\nReaders who prefer response 1's tone would still find it wrong.", 0.0),
+    ("Preferred Response=1. I prefer responses that get to the point.", 1.0)])
 def test_parse_verdict(reply, verdict):
     assert oaif.parse_verdict(reply) == verdict
 
