@@ -421,7 +421,7 @@ QUESTION = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"), 
 # "**Preferred Response** = 1", "Preferred: 2", "Preference: 1"; never the verb: "some prefer Response 2" after it
 ANCHOR = re.compile(r"(?i)\bprefer[re]\w*(?:\W+(?:response|summary)|\W*[:=])\W*(?:(?:response|summary)\W*)?(\w*)")
 BARE = re.compile(r"[\s*\"'`(\[]*([12])[\s.!?*)\]\"'`]*")  # a whole reply that is just "2." ("1 beats 2" is not)
-CRITERION = re.compile(r"prefer (?:the |a )?(?:more )?(.+?)\.?", re.I)  # "Prefer the more concise response."
+CRITERION = re.compile(r"prefer (?:the |an? )?(?:more )?(.+?)\.?", re.I)  # "Prefer the more concise response."
 
 
 def render_judge_prompt(task: str, instruction: str, prompt: str, first: str, second: str) -> str:

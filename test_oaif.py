@@ -540,6 +540,7 @@ def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
     model, tok = model_tok
     judge = oaif.LocalJudgeAnnotator(model, tok, task="tldr", instruction=instruction, batch_size=3)
     assert judge.question == ("Is this a concise response?" if instruction else "Is this a good summary?")
+    assert oaif.judge_question("helpful", "Prefer an accurate response.") == "Is this an accurate response?"
     prompts, a, b = ["Why do we dream?", "Hi"], ["Because.", "Hello there, how are you?"], ["Nobody knows.", "Hey"]
     tokens = lambda p, r: sum((tok(t).input_ids for t in judge.ask(p, r)), [])  # noqa: E731 (the head, the rest)
     ids = [tokens(p, r) for p, r in zip(prompts + prompts, a + b)]
