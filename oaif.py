@@ -94,7 +94,8 @@ class Config:
 
 
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
-RUN_FILES = r"checkpoint-\d+|metrics\.jsonl|oaif_config\.json|adapter_config\.json|(adapter_)?model.*\.safetensors.*"
+RUN_FILES = (r"checkpoint-\d+|metrics\.jsonl|oaif_config\.json|adapter_config\.json|(adapter_)?model.*\.safetensors.*"
+             r"|chat_template\.\w+")  # a previous model's template would outlive it (a model without one saved over it)
 FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "annotator_workers", "sample_every", "resume", "overwrite",
                   "output_dir", "device", "fsdp", "eval_annotator", "eval_annotator_model"}  # they train alike
 # and --eval-every's value: only its > 0 shapes training (the held-out split)

@@ -6,6 +6,7 @@ stand-in Messages API on 127.0.0.1 for the Claude annotator (the real anthropic 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -743,6 +744,19 @@ def test_overwrite_refuses_to_delete_the_model_it_starts_from(tiny, tmp_path, ca
     assert sorted(os.listdir(tmp_path)) == before and "model.safetensors" in before
     os.remove(tmp_path / "checkpoint-1" / "oaif_config.json")  # a checkpoint of an oaif before name-keyed state
     assert "no complete checkpoint of this oaif" in bad_run(run_args(tiny, tmp_path, "--resume"), capsys)
+
+
+def test_overwrite_leaves_no_chat_template_of_the_previous_model(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    chat = shutil.copytree(tiny, tmp_path / "chat")
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    tok.save_pretrained(chat)
+    oaif.main(run_args(str(chat), tmp_path / "out", "--steps", "1"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == tok.chat_template
+    oaif.main(run_args(tiny, tmp_path / "out", "--steps", "1", "--overwrite"))  # a model without a template
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template is None  # it would format every prompt
 
 
 def test_checkpoint_before_any_update_resumes_exactly(tiny, tmp_path):
