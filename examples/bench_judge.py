@@ -2,7 +2,7 @@
 what makes it cheaper, on the same pairs, configurations alternating:
 
     plain   every input whole, in the order given, left-padded to its batch's longest (the judge before issue 16's
-            item 3, verbatim but for the ask's split)
+            item 3, verbatim)
     cached  oaif.LocalJudgeAnnotator: the head every response shares (chat template, "Conversation:") run once and
             its KV cache copied into each batch; batches of neighbours in length, right-padded
 
@@ -30,7 +30,7 @@ class Plain(oaif.LocalJudgeAnnotator):
     @torch.inference_mode()
     def scores(self, prompts, responses):
         tok = lambda t: self.tokenizer(t, add_special_tokens=False).input_ids  # noqa: E731
-        seqs = [tok(head) + tok(rest) for head, rest in (self.ask(p, r) for p, r in zip(prompts, responses))]
+        seqs = [tok("".join(self.ask(p, r))) for p, r in zip(prompts, responses)]  # each whole input's own tokens
         W = self.model.get_output_embeddings().weight[self.words].float()
         out = []
         for i in range(0, len(seqs), self.batch_size):
