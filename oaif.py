@@ -616,12 +616,11 @@ def sample_answers(model, tokenizer, prompts: list, max_new_tokens: int = 64, te
 
 def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator: Callable) -> dict:
     """The paper's evaluation, annotator(prompts, policy's, reference's answers): ties 1/2, no verdict left out."""
-    probs = annotator(prompts, policy_texts, reference_texts)
-    none, ties = sum(p is None for p in probs), sum(p == 0.5 for p in probs)
-    wins, losses = sum(p is not None and p > 0.5 for p in probs), sum(p is not None and p < 0.5 for p in probs)
-    n = wins + ties + losses
+    used, counts = triage(annotator(prompts, policy_texts, reference_texts), 0.0)  # ties and none: as training's
+    wins, losses = sum(p is not None and p > 0.5 for p in used), sum(p is not None and p < 0.5 for p in used)
+    n, ties = wins + counts["ties"] + losses, counts["ties"]
     return dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties,
-                losses=losses, no_verdict=none, policy_chars=sum(map(len, policy_texts)) / len(prompts),
+                losses=losses, no_verdict=counts["no_verdict"], policy_chars=sum(map(len, policy_texts)) / len(prompts),
                 reference_chars=sum(map(len, reference_texts)) / len(prompts))
 
 

@@ -608,6 +608,17 @@ def test_win_rate_against_itself_is_one_half_with_ties(model_tok):
         win_rate=0.5, n=6, wins=0, ties=6, losses=0, no_verdict=0)
 
 
+def test_win_rate_counts_ties_as_training_does():
+    # indifferent but leaning to the first position, in both orders: (0.9 + 1 - 0.9) / 2 is 0.49999999999999994
+    judge = lambda prompts, first, second: oaif.both_orders(lambda *x: [0.9] * len(x[0]), prompts, first, second)
+    p = judge(["x"] * 3, ["a", "b", "c"], ["d", "e", "f"])
+    assert oaif.triage(p, 0.0)[1]["ties"] == 3  # training drops them as ties
+    out = oaif.win_rate(["x"] * 4, ["a", "b", "c", "d"], ["e", "f", "g", "h"], judge)
+    assert (out["win_rate"], out["ties"], out["losses"]) == (0.5, 4, 0)
+    nonsense = oaif.win_rate(["x"] * 2, ["a", "b"], ["c", "d"], lambda *x: [float("nan"), 1.5])
+    assert (nonsense["n"], nonsense["no_verdict"]) == (0, 2)  # as triage: no verdict, not vanished or a win
+
+
 def test_win_rate_of_a_policy_forced_short_is_one(model_tok):
     import copy
 
