@@ -1082,7 +1082,6 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     """Run OAIF (or --offline) as `cfg` says -> last metrics, summary; `annotator`: a callable for --annotator."""
     from tqdm import tqdm
     rank, world, device, config = setup_run(cfg, annotator)
-    spec, beta = config["annotator"], config["beta"]
     prompts = load_prompts(cfg.prompts)
     random.Random(cfg.seed).shuffle(prompts)  # the held-out split is fixed by the seed
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
@@ -1096,7 +1095,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     policy, ref_model, tokenizer, saved, reference = load_policy(cfg, device, resume_from, sampled)
     # a judge that is --model shares the reference, unless it is LoRA's base or FSDP's shards: then its own copy
     models = {"device": device, **({} if cfg.lora_rank or cfg.fsdp else {cfg.model: (ref_model, tokenizer)})}
-    annotator = annotator or make_annotator(spec, cfg, models, cfg.annotator_model)
+    annotator = annotator or make_annotator(config["annotator"], cfg, models, cfg.annotator_model)
     annotator_stats = getattr(annotator, "stats", {})  # requests, failures, tokens: the summary and cost add them up
     annotator_stats.update({k: annotator_stats.get(k, 0) for k in HEALTH if hasattr(annotator, "stats")})
     eval_annotator = make_annotator(cfg.eval_annotator, cfg, models, cfg.eval_annotator_model or cfg.annotator_model) \
@@ -1160,8 +1159,8 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             annotator_stats["verdicts"] += len(probs) - counts["no_verdict"]  # as triage counts: each p in [0, 1]
             annotator_stats["confidence_sum"] += sum(abs(p - 0.5) for p in probs if p is not None and 0 <= p <= 1)
         n_used = all_sum(dict(n=counts["pairs"]), world, device)["n"]
-        loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps, used, LOSSES[cfg.loss], beta,
-                                                               int(n_used), world, cfg.labels == "soft")
+        loss, loss_sum, margin_sum, acc_sum = preference_batch(logps, ref_logps, used, LOSSES[cfg.loss],
+                                                               config["beta"], int(n_used), world, cfg.labels == "soft")
         grad_norm, nonfinite = update(loss, params, optimizer, cfg.max_grad_norm, world, device) if n_used else (0.0, 0)
         if n_used and not nonfinite and all_sum(dict(bad=not finite_weights(policy)), world, device)["bad"]:
             raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)
