@@ -141,7 +141,7 @@ def main():
                        p_good=[round(x, 4) for x in p_good])
             if a.mode == "pairwise":
                 res.update(bias=sum(raw_ab + raw_ba) / (2 * len(kept)),
-                           agree=sum((x > 0.5) == (y < 0.5) for x, y in zip(raw_ab, raw_ba)) / len(kept))
+                           agree=sum((x - 0.5) * (y - 0.5) < 0 for x, y in zip(raw_ab, raw_ba)) / len(kept))
             f = lambda k: f"{res[k]:.2f}" if k in res else "—"  # noqa: E731
             print(f"| {instruction} | {len(kept)} | {f('accuracy')} | {f('confidence')} | {f('bias')} | {f('agree')} "
                   f"| {seconds:.1f} |", flush=True)
