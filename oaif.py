@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -390,8 +391,9 @@ def both_orders(judge: Callable, prompts: list, first: list, second: list, stats
     stats, over pairs with both verdicts, adds: order_pairs, first_sum (raw P(first)), order_agree (same pick)."""
     v, n = judge(prompts + prompts, first + second, second + first), len(prompts)
     both = [(a, b) for a, b in zip(v[:n], v[n:]) if None not in (a, b) and math.isfinite(a + b)]
-    for k, x in dict(order_pairs=len(both), first_sum=sum(a + b for a, b in both) / 2,
-                     order_agree=sum((a - 0.5) * (b - 0.5) < 0 for a, b in both)).items() if stats is not None else ():
+    counts = dict(order_pairs=len(both), first_sum=sum(a + b for a, b in both) / 2,
+                  order_agree=sum((a - 0.5) * (b - 0.5) < 0 for a, b in both))  # opposite sides of 1/2: one pick
+    for k, x in counts.items() if stats is not None else ():
         stats[k] = stats.get(k, 0) + x
     return [None if a is None or b is None else (a + 1 - b) / 2 for a, b in zip(v[:n], v[n:])]
 
@@ -629,10 +631,8 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
 
 
 def load_model(name: str, device: torch.device, auto: str = "AutoModelForCausalLM", dtype=torch.float32) -> tuple:
-    """(model, tokenizer) from a hub id or folder, ready to sample: pad token set, left padding, eval mode.
-    `auto`: the transformers class (a reward model: AutoModelForSequenceClassification, its logits left unchecked).
-    dtype: float32 for what trains, whatever the file holds (AdamW's small updates round away in bf16); a judge
-    loads straight in bf16 (a float32 copy first would leave the process 2x the judge's size: 11 vs 7 GB, 1.5B)."""
+    """(model, tokenizer) from a hub id or folder, ready to sample: pad token set, left padding, eval mode. `auto`:
+    the class (a reward model's logits go unchecked); float32 trains (bf16 rounds AdamW's steps away), a judge: bf16."""
     import transformers
     transformers.utils.logging.disable_progress_bar()  # one bar per run is enough: ours
     try:
@@ -897,7 +897,10 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
     spec = getattr(custom_annotator, "__name__", "custom") if custom_annotator is not None else spec
     beta = DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
-    config = dict(dataclasses.asdict(cfg), beta=beta, annotator=spec)  # the run's: checkpoints and oaif_config.json
+    # the run's: checkpoints and oaif_config.json; the data files' contents too (--resume: same path, new file?)
+    digest = lambda path: hashlib.sha256(open(path, "rb").read()).hexdigest()[:16] if os.path.isfile(path) else ""
+    config = dict(dataclasses.asdict(cfg), beta=beta, annotator=spec, prompts_sha256=digest(cfg.prompts),
+                  offline_data_sha256=digest(cfg.offline_data))
     if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
         raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
     if os.path.isfile(cfg.output_dir):
@@ -1078,20 +1081,25 @@ def reference_side(cfg: Config, initial, tokenizer, train_prompts: list, eval_pr
     return fixed, held_out, answers
 
 
+def split_prompts(cfg: Config) -> tuple:
+    """(evaluation prompts, training prompts): a held-out split fixed by the seed, refused if it starves training."""
+    prompts = load_prompts(cfg.prompts)
+    random.Random(cfg.seed).shuffle(prompts)
+    n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
+    if n_eval and len(prompts) - n_eval < cfg.batch_size and not cfg.offline_data:  # one prompt many times a batch
+        raise OAIFError(f"{len(prompts)} prompts: {n_eval} held out for evaluation leave {len(prompts) - n_eval} to "
+                        f"train on, under --batch-size {cfg.batch_size}: lower --eval-prompts or --batch-size")
+    return prompts[:n_eval], prompts[n_eval:]
+
+
 def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     """Run OAIF (or --offline) as `cfg` says -> last metrics, summary; `annotator`: a callable for --annotator."""
     from tqdm import tqdm
     rank, world, device, config = setup_run(cfg, annotator)
-    prompts = load_prompts(cfg.prompts)
-    random.Random(cfg.seed).shuffle(prompts)  # the held-out split is fixed by the seed
-    n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
-    eval_prompts, train_prompts = prompts[:n_eval], prompts[n_eval:]
-    if n_eval and len(train_prompts) < cfg.batch_size and not cfg.offline_data:  # not one prompt many times a batch
-        raise OAIFError(f"{len(prompts)} prompts: {n_eval} held out for evaluation leave {len(train_prompts)} to "
-                        f"train on, under --batch-size {cfg.batch_size}: lower --eval-prompts or --batch-size")
+    eval_prompts, train_prompts = split_prompts(cfg)
     resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    sampled = eval_prompts if cfg.offline_data else prompts  # checked against the context with --max-new-tokens
+    sampled = eval_prompts + ([] if cfg.offline_data else train_prompts)  # checked against the context
     policy, ref_model, tokenizer, saved, reference = load_policy(cfg, device, resume_from, sampled)
     # a judge that is --model shares the reference, unless it is LoRA's base or FSDP's shards: then its own copy
     models = {"device": device, **({} if cfg.lora_rank or cfg.fsdp else {cfg.model: (ref_model, tokenizer)})}

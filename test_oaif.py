@@ -1412,3 +1412,12 @@ def test_cli_with_reward_model(tiny, tiny_rm, tmp_path, capsys):
     assert "judge confidence" in capsys.readouterr().err
     assert "cannot load model" in bad_run(run_args(tiny, tmp_path / "b", "--annotator", f"rm:{tmp_path / 'nothing'}"), capsys)
     assert "num_labels" in bad_run(run_args(tiny, tmp_path / "c", "--annotator", f"rm:{tiny}"), capsys)
+
+
+def test_resume_refuses_a_prompts_file_whose_content_changed(tiny, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"Question {i}?\n" for i in range(8)))
+    out = tmp_path / "out"
+    oaif.main(run_args(tiny, out, "--steps", "1", "--save-every", "1", "--prompts", str(prompts)))
+    prompts.write_text("".join(f"Another question {i}?\n" for i in range(8)))  # same path, other prompts
+    assert "--prompts-sha256" in bad_run(run_args(tiny, out, "--resume", "--prompts", str(prompts)), capsys)

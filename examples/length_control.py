@@ -100,12 +100,15 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4))
-        for name, rows in train.items():
-            ax.plot([r["step"] for r in rows], [r["response_tokens"] for r in rows],
-                    label=f"{INSTRUCTIONS[name][0]} (win rate {wins[name]:.2f})")
+        for name, rows in train.items():  # thin: each step (its prompts set the level); thick: 5-step mean
+            steps, tokens = [r["step"] for r in rows], [r["response_tokens"] for r in rows]
+            line = ax.plot(steps, tokens, lw=0.7, alpha=0.5)[0]
+            mean = [sum(tokens[max(0, i - 4):i + 1]) / len(tokens[max(0, i - 4):i + 1]) for i in range(len(tokens))]
+            ax.plot(steps, mean, color=line.get_color(), lw=2, label=f"{INSTRUCTIONS[name][0]} (win rate "
+                    f"{wins[name]:.2f})")
         ax.axhline(a.max_new_tokens, color="grey", lw=0.5, ls="--")
         ax.set(xlabel="step", ylabel="mean response tokens", title=f"{os.path.basename(a.model.rstrip('/'))}, "
-               f"annotator {judge or 'rules'}")
+               f"annotator {os.path.basename(judge.rstrip('/')) if judge else 'rules'}, lr {lr}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(a.png, dpi=120)
