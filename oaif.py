@@ -421,10 +421,15 @@ TEMPLATES = {
                  "only to decide between equally harmless responses."),
 }
 QUESTION = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"), harmless=("Conversation", "Response"))
-# "**Preferred Response** = 1", "Preferred: 2", "Preference: 1"; never the verb: "some prefer Response 2" after it
-ANCHOR = re.compile(r"(?i)\bprefer[re]\w*(?:\W+(?:response|summary)|\W*[:=])\W*(?:(?:response|summary)\W*)?(\w*)")
+# "**Preferred Response** = 1", "Preferred: 2", "Preference: 1": the "=" or ":" makes it the verdict; never the verb
+# after it ("some prefer Response 2", "readers preferred Response 2")
+ANCHOR = re.compile(r"(?i)\bprefer(?:red|ence)\b[^\w:=]*(?:(?:response|summary)\b[^\w:=]*)?[:=]\W*"
+                    r"(?:(?:response|summary)\b\W*)?(\w*)")
 BARE = re.compile(r"[\s*\"'`(\[]*([12])[\s.!?*)\]\"'`]*")  # a whole reply that is just "2." ("1 beats 2" is not)
-CRITERION = re.compile(r"prefer (?:the |an? )?(?:more )?(.+?)\.?", re.I)  # "Prefer the more concise response."
+# "Prefer the more concise response." -> "concise response": an article, a phrase naming the response, at most a
+# relative clause ("the response that answers the question"); anything else is asked as the instruction itself
+CRITERION = re.compile(r"prefer (?:the|an?) (?:more )?((?:\w+[ -])*?(?:response|summary|answer)(?: (?:that|which) .+?)?)\.?",
+                       re.I)
 
 
 def render_judge_prompt(task: str, instruction: str, prompt: str, first: str, second: str) -> str:
@@ -499,9 +504,10 @@ class ClaudeAnnotator:
 def judge_question(task: str, instruction: str) -> str:
     """The criterion as a yes/no question about one response: "Prefer the more concise response." -> "Is this a
     concise response?" (small judges follow that, not "meets: <instruction>?"); no instruction: the task's quality."""
-    m = CRITERION.fullmatch(instruction.strip() or f"Prefer a good {QUESTION[task][1].lower()}.")
+    instruction = " ".join(instruction.split())  # spacing is not meaning
+    m = CRITERION.fullmatch(instruction or f"Prefer a good {QUESTION[task][1].lower()}.")
     article = "an" if m and m.group(1)[0] in "aeiouAEIOU" else "a"
-    return f"Is this {article} {m.group(1)}?" if m else f"Does it follow the instruction: {instruction.strip()}"
+    return f"Is this {article} {m.group(1)}?" if m else f"Does it follow the instruction: {instruction}"
 
 
 class LocalJudgeAnnotator:
@@ -512,7 +518,10 @@ class LocalJudgeAnnotator:
         self.model, self.tokenizer, self.task, self.instruction = model, tokenizer, task, instruction.strip()
         self.question, self.batch_size = judge_question(task, self.instruction), batch_size
         self.chat, self.context = getattr(tokenizer, "chat_template", None), context_length(model.config)
-        self.words = [tokenizer(w, add_special_tokens=False).input_ids[-1] for w in ("Yes", "No")]  # after a newline
+        # the tokens the judge would write next: after "assistant\n" SentencePiece's is "Yes", not "▁Yes" as alone
+        text = "".join(self.ask("", ""))
+        n = len(tokenizer(text, add_special_tokens=False).input_ids)
+        self.words = [tokenizer(text + w, add_special_tokens=False).input_ids[n] for w in ("Yes", "No")]
         self.stats = dict(annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0)
 
     def ask(self, prompt: str, response: str) -> tuple:
@@ -897,6 +906,13 @@ def setup_run(cfg: Config, custom_annotator: Optional[Callable]) -> tuple:
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
     spec = getattr(custom_annotator, "__name__", "custom") if custom_annotator is not None else spec
     beta = DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
+    # a rule or a reward model reads no instruction: a run that asks for one would silently learn something else
+    judges = [spec, cfg.eval_annotator or spec]
+    if custom_annotator is None and not any(j == "claude" or j.startswith("hf:") for j in judges):
+        for flag, asked in (("--instruction", cfg.instruction.strip()), ("--task", cfg.task != "helpful")):
+            if asked:
+                raise OAIFError(f"{flag} acts only on an LLM judge (--annotator claude or hf:MODEL); the annotator "
+                                f"here is {spec}, which cannot follow it")
     # the run's: checkpoints and oaif_config.json; the data files' contents too (--resume: same path, new file?)
     digest = lambda path: hashlib.sha256(open(path, "rb").read()).hexdigest()[:16] if os.path.isfile(path) else ""
     config = dict(dataclasses.asdict(cfg), beta=beta, annotator=spec, prompts_sha256=digest(cfg.prompts),
@@ -1069,7 +1085,8 @@ def reference_side(cfg: Config, initial, tokenizer, train_prompts: list, eval_pr
             chunk = train_prompts[i:i + cfg.batch_size]
             s = sample_pairs(initial, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
             rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
-            probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
+            # Python floats: a numpy verdict would make offline_pairs.pt unloadable with weights_only
+            probs = [None if p is None else float(p) for p in annotator(chunk, s["texts"][0::2], s["texts"][1::2])]
             fixed += [(x, ids, rows[2 * j], rows[2 * j + 1], probs[j], s["texts"][2 * j:2 * j + 2])
                       for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk)))]
         box = [fixed]
@@ -1158,6 +1175,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             logps, ref_logps = logps / n_tok, ref_logps / n_tok
         t2 = time.perf_counter()
         probs, annotate_s = pending.result() if fixed is None else ([r[4] for r in rows], 0.0)
+        probs = [None if p is None else float(p) for p in probs]  # numpy scalars from a user's annotator too
         wait_s = time.perf_counter() - t2
         # 4) loss over usable pairs (hedges within --min-confidence of 1/2 dropped), AdamW step unless none or inf
         for group in optimizer.param_groups:  # linear warm-up; a function of the step, so nothing to checkpoint

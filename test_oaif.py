@@ -545,7 +545,7 @@ def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
     prompts, a, b = ["Why do we dream?", "Hi"], ["Because.", "Hello there, how are you?"], ["Nobody knows.", "Hey"]
     tokens = lambda p, r: sum((tok(t).input_ids for t in judge.ask(p, r)), [])  # noqa: E731 (the head, the rest)
     ids = [tokens(p, r) for p, r in zip(prompts + prompts, a + b)]
-    yes, no = tok("Yes").input_ids[-1], tok("No").input_ids[-1]
+    yes, no = judge.words  # the first token of each answer as it follows the input (its own test below)
     with torch.no_grad():  # the plain path: each whole input alone, unpadded, uncached, the model's own logits
         s = [float(lg[yes] - lg[no]) for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)]
     # the head's KV cache copied into batches of 3 right-padded inputs (then 1): the same log-odds and verdicts
@@ -1421,3 +1421,88 @@ def test_resume_refuses_a_prompts_file_whose_content_changed(tiny, tmp_path, cap
     oaif.main(run_args(tiny, out, "--steps", "1", "--save-every", "1", "--prompts", str(prompts)))
     prompts.write_text("".join(f"Another question {i}?\n" for i in range(8)))  # same path, other prompts
     assert "--prompts-sha256" in bad_run(run_args(tiny, out, "--resume", "--prompts", str(prompts)), capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels that mean what the instruction says: five defects that gave silent wrong labels
+
+
+@pytest.mark.parametrize("instruction,question", [
+    ("Prefer the more concise response.", "Is this a concise response?"),
+    ("Prefer the  concise   response.", "Is this a concise response?"),  # spacing is not meaning
+    ("Prefer an accurate response.", "Is this an accurate response?"),
+    ("Prefer the response that answers the question asked.", "Is this a response that answers the question asked?"),
+    ("Prefer more detail.", "Does it follow the instruction: Prefer more detail."),  # not "Is this a detail?"
+    ("Prefer more formal language.", "Does it follow the instruction: Prefer more formal language."),
+    ("Prefer brevity.", "Does it follow the instruction: Prefer brevity."),
+    ("Prefer whichever response is shorter.", "Does it follow the instruction: Prefer whichever response is shorter."),
+    ("Prefer the more concise response and avoid lists.",
+     "Does it follow the instruction: Prefer the more concise response and avoid lists."),
+    ("", "Is this a good response?")])
+def test_judge_question_never_garbles_the_instruction(instruction, question):
+    assert oaif.judge_question("helpful", instruction) == question
+
+
+def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    for annotator in (f"rm:{tmp_path / 'rm'}", "shorter", ""):  # "" with no key: shorter
+        for extra in (["--instruction", "Prefer the more detailed response."], ["--task", "tldr"]):
+            msg = bad_run(run_args(tiny, tmp_path / "out", "--annotator", annotator, *extra), capsys)
+            assert "acts only on an LLM judge" in msg and extra[0] in msg
+    assert not (tmp_path / "out").exists()
+    # an LLM judge anywhere in the run (here the evaluation's) can follow it: not refused
+    oaif.main(run_args(tiny, tmp_path / "ok", "--steps", "1", "--instruction", "Prefer the more concise response.",
+                       "--eval-every", "1", "--eval-prompts", "4", "--eval-annotator", f"hf:{tiny}"))
+
+
+def sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer (Metaspace, '▁' before the first word, newlines their own pieces) that has
+    both '▁Yes' (a word after a space, or alone) and 'Yes' (after a newline, as a judge answers)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    sp = Tokenizer(models.BPE(byte_fallback=True))
+    newline = pre_tokenizers.Split("\n", "isolated")
+    sp.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first"), newline])
+    corpus = oaif.DEFAULT_PROMPTS + ["Answer:\nYes", "Answer:\nNo", "I say Yes or No"] * 8
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400))
+    return PreTrainedTokenizerFast(tokenizer_object=sp)
+
+
+def test_local_judge_reads_the_answer_tokens_it_would_produce():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tok = sentencepiece_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).eval()
+    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+    text = "".join(judge.ask("Why do we dream?", "Because."))  # no chat template: ends "Answer:\n"
+    before = tok(text, add_special_tokens=False).input_ids
+    for word, token in zip(("Yes", "No"), judge.words):  # the oracle: what follows the judge's input
+        after = tok(text + word, add_special_tokens=False).input_ids
+        assert after[:len(before)] == before and token == after[len(before)]
+        assert tok.convert_ids_to_tokens(token) == word != tok.convert_ids_to_tokens(tok(word).input_ids[-1])
+
+
+@pytest.mark.parametrize("reply,verdict", [
+    ("Response 1 is tighter.\nPreferred Response=1\n\nSome readers preferred Response 2.", 1.0),
+    ("Preferred Response=1 (I preferred response 2's tone, though.)", 1.0),
+    ("Preferred Response=2. Many preferred Response 1 at first.", 0.0),
+    ("Preferred Response: 2", 0.0), ("**Preferred Response** = 1", 1.0), ("Preferred Summary=2", 0.0)])
+def test_parse_verdict_ignores_preferred_as_a_verb(reply, verdict):
+    assert oaif.parse_verdict(reply) == verdict
+
+
+def test_offline_resume_with_numpy_labels(tiny, tmp_path):
+    import numpy as np
+    (tmp_path / "p.txt").write_text("Why do we dream?\nWhat is inflation?\nHow do bees make honey?\nWhat is a prime?\n")
+
+    def numpy_shorter(prompts, first, second):  # a user's annotator computing its verdicts in numpy
+        return [None if p is None else np.float32(p) for p in oaif.shorter(prompts, first, second)]
+
+    run = lambda out, *extra: oaif.train(oaif.parse_args(run_args(tiny, out, "--offline", "--prompts",  # noqa: E731
+                                                                  str(tmp_path / "p.txt"), *extra)), numpy_shorter)
+    run(tmp_path / "straight", "--steps", "4")
+    run(tmp_path / "resumed", "--steps", "2", "--save-every", "2")
+    run(tmp_path / "resumed", "--steps", "4", "--resume")  # offline_pairs.pt loads with weights_only
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pairs = lambda out: [r["pairs"] for r in read_metrics(out)]  # noqa: E731
+    assert pairs(tmp_path / "straight") == pairs(tmp_path / "resumed") and sum(pairs(tmp_path / "straight")) > 0

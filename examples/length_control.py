@@ -62,7 +62,8 @@ def main(argv=None):
     print(f"annotator: {judge or 'rule annotators longer / shorter (no ANTHROPIC_API_KEY, no --judge)'}")
     args = {name: ["--model", a.model, "--output-dir", os.path.join(out, name), "--steps", str(a.steps),
                    "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens), "--lr", str(lr),
-                   "--annotator", judge or rule, "--instruction", instruction, "--seed", str(a.seed),
+                   "--annotator", judge or rule, "--seed", str(a.seed),
+                   *(["--instruction", instruction] if judge else []),  # a rule reads no instruction
                    "--eval-every", str(a.eval_every or a.steps), "--eval-prompts", str(a.eval_prompts),
                    "--sample-every", "5" if a.parallel else "0", *passthrough]
             for name, (instruction, rule) in INSTRUCTIONS.items()}
