@@ -730,10 +730,8 @@ def oaif_step(
     grad_norm, skipped = update(loss, optimizer, cfg.max_grad_norm, wiring) if n_used else (0.0, 0)
     out.update(probs=probs, logps=logps.detach(), ref_logps=ref_logps, losses=losses.detach())
     # The implicit reward margin, beta h, for the log.
-    margins = beta * preference_margin(chosen, rejected, ref_chosen, ref_rejected).detach()
-    return dict(
-        out, margins=margins, usable=usable, n_used=n_used, grad_norm=grad_norm, nonfinite=skipped
-    )
+    out["margins"] = beta * preference_margin(chosen, rejected, ref_chosen, ref_rejected).detach()
+    return dict(out, usable=usable, n_used=n_used, grad_norm=grad_norm, nonfinite=skipped)
 
 
 # ==================================================================================================
@@ -837,16 +835,14 @@ DEFAULT_PROMPTS = re.split(
 def parse_args(argv: Optional[list] = None) -> Config:
     """The command line -> Config: one flag per field, its comment the --help."""
     helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    about = (
-        "Online AI Feedback: DPO/IPO/SLiC on pairs the policy samples, labelled by an annotator."
+    parser = argparse.ArgumentParser(
+        description="Online AI Feedback: DPO, IPO or SLiC on pairs "
+        "the policy samples, labelled by an annotator as it trains."
     )
-    parser = argparse.ArgumentParser(description=about)
     kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
     for f in dataclasses.fields(Config):
-        kind = kinds.get(f.type, dict(type=f.type))
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), default=f.default, help=helps[f.name], **kind
-        )
+        flag, kind = "--" + f.name.replace("_", "-"), kinds.get(f.type, dict(type=f.type))
+        parser.add_argument(flag, default=f.default, help=helps[f.name], **kind)
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -855,9 +851,9 @@ def parse_args(argv: Optional[list] = None) -> Config:
 
 
 def load_model(name: str, device, auto="AutoModelForCausalLM", dtype=torch.float32) -> tuple:
-    """(model, tokenizer) from a hub id or a folder, ready to sample: a pad token, left padding, eval
-    mode. auto: the class (a reward model's logits go unchecked). A policy trains in float32 (bf16
-    would round AdamW's small steps away); a judge may run in bf16."""
+    """(model, tokenizer) from a hub id or a folder, ready to sample: a pad token, left padding,
+    eval mode. auto: the class (a reward model's logits go unchecked). A policy trains in float32
+    (bf16 would round AdamW's small steps away); a judge may run in bf16."""
     import transformers
 
     # One progress bar per run is enough: ours.
@@ -883,7 +879,7 @@ def load_model(name: str, device, auto="AutoModelForCausalLM", dtype=torch.float
 @torch.no_grad()
 def check_logprobs(model, tolerance: float = 1e-3) -> None:
     """Refuse a model whose own log-probs sequence_logprobs misses by over `tolerance` nats a token
-    (a 2 x 8 probe): a transform after the head that oaif does not know would train on wrong ones."""
+    (a 2 x 8 probe): after a transform past the head that oaif does not know, it would be wrong."""
     V = model.get_output_embeddings().weight.shape[0]
     ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0)).to(model.device)
     ones = torch.ones_like(ids)
@@ -905,7 +901,9 @@ def judge_dtype(device) -> torch.dtype:
     AVX512-BF16 ~4x faster; without, far slower)."""
     # Its own generator: the run's random stream is left alone.
     a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
-    seconds = [min(timeit.repeat(lambda: x @ x.T, number=4, repeat=3)) for x in (a, a.bfloat16())]
+    seconds = [
+        min(timeit.repeat(lambda x=x: x @ x.T, number=4, repeat=3)) for x in (a, a.bfloat16())
+    ]
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
     return torch.bfloat16 if fast else torch.float32
 
@@ -913,39 +911,37 @@ def judge_dtype(device) -> torch.dtype:
 def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
     """--annotator SPEC -> the annotator. models caches (model, tokenizer) by name, and holds
     "device": a judge that is --model is the reference model itself, not a third copy."""
+    name, device = spec[3:], models["device"]
     if spec in ("shorter", "longer"):
         return {"shorter": shorter, "longer": longer}[spec]
     if spec == "claude":
         return ClaudeAnnotator(
             claude_model, cfg.task, cfg.instruction, max_workers=cfg.annotator_workers
         )
-    name = spec[3:]
     if spec.startswith("hf:"):
         if name not in models:
             # The judge in bf16 where bf16 is fast, whatever --dtype the policy trains in.
-            models[name] = load_model(name, models["device"], dtype=judge_dtype(models["device"]))
+            models[name] = load_model(name, device, dtype=judge_dtype(device))
             models[name][0].requires_grad_(False)
         return LocalJudgeAnnotator(*models[name], task=cfg.task, instruction=cfg.instruction)
     if spec.startswith("rm:"):
         # Loaded for each use: never the reference.
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        rm, tokenizer = load_model(
-            name, models["device"], "AutoModelForSequenceClassification", dtype
-        )
+        rm, tokenizer = load_model(name, device, "AutoModelForSequenceClassification", dtype)
         return RewardModelAnnotator(rm.requires_grad_(False), tokenizer)
     raise OAIFError(
         f"unknown annotator {spec!r}; use shorter, longer, claude, hf:MODEL or rm:MODEL"
     )
 
 
-def make_annotators(cfg: Config, spec: str, custom, device, ref_model, tokenizer) -> tuple:
+def make_annotators(cfg: Config, config: dict, custom, ref_model, tokenizer) -> tuple:
     """(The training annotator, the evaluation's, the stats the training one keeps (requests,
     failures, tokens), with the judge-health counters added where it keeps any)."""
     # A judge that is --model shares the reference, unless that is LoRA's base or FSDP's shards.
-    models = {"device": device}
+    models = {"device": ref_model.device}
     if not (cfg.lora_rank or cfg.fsdp):
         models[cfg.model] = (ref_model, tokenizer)
-    annotator = custom or make_annotator(spec, cfg, models, cfg.annotator_model)
+    annotator = custom or make_annotator(config["annotator"], cfg, models, cfg.annotator_model)
     stats = getattr(annotator, "stats", {})
     if hasattr(annotator, "stats"):
         stats.update({k: stats.get(k, 0) for k in HEALTH})
@@ -998,19 +994,18 @@ def load_offline_pairs(path: str, tokenizer, end_id: int, context: Optional[int]
     """A .jsonl of prompt/chosen/rejected -> [(prompt, prompt ids, chosen ids, rejected ids, 1.0,
     texts)], each response ended by `end_id` as a sampled one is. A prompt with its longer response
     over `context` tokens is refused, naming the file and line."""
+    keys = ("prompt", "chosen", "rejected")
     expected = 'non-empty "prompt", "chosen" and "rejected" strings'
     texts = lambda row: all(isinstance(s, str) and s.strip() for s in row)  # noqa: E731
     pairs = []
-    for i, (x, yw, yl) in read_lines(
-        path, "offline data", ("prompt", "chosen", "rejected"), expected, texts
-    ):
+    for i, (x, yw, yl) in read_lines(path, "offline data", keys, expected, texts):
         ids = [tokenizer(y, add_special_tokens=False).input_ids + [end_id] for y in (yw, yl)]
         pairs.append((x, encode_prompts(tokenizer, [x])[0], *ids, 1.0, [yw, yl]))
         n = len(pairs[-1][1]) + max(map(len, ids))
         if context and n > context:
             raise OAIFError(
-                f"{path}:{i}: the prompt with its longer response has {n} tokens, over the "
-                f"model's context of {context}: shorten or remove the pair"
+                f"{path}:{i}: the prompt with its longer response has {n} tokens, over "
+                f"the model's context of {context}: shorten or remove the pair"
             )
     return pairs
 
@@ -1027,12 +1022,12 @@ def pair_batch(prompt_ids: list, first_ids: list, second_ids: list, pad_id: int,
     return dict(batch, response_tokens=r_mask.sum(1))
 
 
-def offline_batch(rows: list, pad_id: int, device) -> dict:
-    """A step's fixed pairs as oaif_step takes them: pair_batch with the texts and the labels."""
-    batch = pair_batch(
-        [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], pad_id, device
-    )
-    return dict(batch, texts=[t for r in rows for t in r[5]], probs=[r[4] for r in rows])
+def offline_batch(rows: list, pad_id: int, device) -> tuple:
+    """A step's fixed pairs -> (prompts, oaif_step's pairs: pair_batch with texts and labels)."""
+    prompt_ids, first, second = [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
+    batch = pair_batch(prompt_ids, first, second, pad_id, device)
+    batch.update(texts=[t for r in rows for t in r[5]], probs=[r[4] for r in rows])
+    return [r[0] for r in rows], batch
 
 
 def turn_end(tokenizer, generation_config) -> int:
@@ -1046,12 +1041,13 @@ def turn_end(tokenizer, generation_config) -> int:
         # ValueError: no template; jinja2's TemplateError: it refused this conversation.
         text = ""
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    eos = generation_config.eos_token_id  # None, one id or a list of them
-    eos = (
-        eos[0] if isinstance(eos, (list, tuple)) else tokenizer.eos_token_id if eos is None else eos
-    )
     after = tokenizer(text, add_special_tokens=False).input_ids[:1]
-    return after[0] if after and after[0] in special else eos
+    if after and after[0] in special:
+        return after[0]
+    eos = generation_config.eos_token_id  # None, one id or a list of them
+    if eos is None:
+        return tokenizer.eos_token_id
+    return eos[0] if isinstance(eos, (list, tuple)) else eos
 
 
 def context_length(config) -> Optional[int]:
@@ -1065,11 +1061,11 @@ def split_prompts(cfg: Config) -> tuple:
     prompts = load_prompts(cfg.prompts)
     random.Random(cfg.seed).shuffle(prompts)
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
-    left = len(prompts) - n_eval
-    if n_eval and left < cfg.batch_size and not cfg.offline_data:
+    left, batch = len(prompts) - n_eval, cfg.batch_size
+    if n_eval and left < batch and not cfg.offline_data:
         raise OAIFError(
-            f"{len(prompts)} prompts: {n_eval} held out for evaluation leave {left} to train "
-            f"on, under --batch-size {cfg.batch_size}: lower --eval-prompts or --batch-size"
+            f"{len(prompts)} prompts: {n_eval} held out for evaluation leave {left} to "
+            f"train on, under --batch-size {batch}: lower --eval-prompts or --batch-size"
         )
     return prompts[:n_eval], prompts[n_eval:]
 
@@ -1087,34 +1083,22 @@ def step_slice(items: list, step: int, batch_size: int, rank: int = 0, world: in
 def check_numbers(cfg: Config) -> None:
     """Every number in range before anything loads: one clear line, not a traceback or a run that
     does nothing."""
-    positive = {
-        "steps",
-        "batch_size",
-        "max_new_tokens",
-        "annotator_workers",
-        "max_grad_norm",
-        "beta",
-    }
-    positive |= {"eval_prompts"} if cfg.eval_every > 0 else set()
+    positive = {"steps", "batch_size", "max_new_tokens", "annotator_workers", "max_grad_norm"}
+    positive |= {"beta"} | ({"eval_prompts"} if cfg.eval_every > 0 else set())
     positive |= {"lora_alpha"} if cfg.lora_rank else set()
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
         if f.type not in (int, float, Optional[float]) or v is None:
             continue
         if not math.isfinite(v) or (v <= 0 if f.name in positive else v < 0):
-            flag, must = (
-                "--" + f.name.replace("_", "-"),
-                "positive" if f.name in positive else "0 or more",
-            )
-            raise OAIFError(f"{flag} must be {must} (and finite), not {v}")
+            must = "positive" if f.name in positive else "0 or more"
+            raise OAIFError(f"--{f.name.replace('_', '-')} must be {must} (and finite), not {v}")
     if cfg.min_confidence > 0.5:
         raise OAIFError(
             f"--min-confidence is a distance from 1/2: at most 0.5, not {cfg.min_confidence}"
         )
     if cfg.lora_dropout >= 1 or (cfg.lora_rank and cfg.fsdp):
-        raise OAIFError(
-            "--lora-dropout must be below 1, and --lora-rank and --fsdp do not go together"
-        )
+        raise OAIFError("--lora-dropout must be below 1; --lora-rank and --fsdp do not go together")
     # --offline-data samples only the evaluation's answers.
     if cfg.temperature == 0 and not cfg.offline_data:
         raise OAIFError(
@@ -1134,8 +1118,9 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
     check_numbers(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
-    spec = getattr(custom_annotator, "__name__", "custom") if custom_annotator is not None else spec
-    # A rule or a reward model reads no instruction: a run asking for one would learn something else.
+    if custom_annotator is not None:
+        spec = getattr(custom_annotator, "__name__", "custom")
+    # A rule or a reward model reads no instruction: a run asking for one would learn otherwise.
     judges = [spec, cfg.eval_annotator or spec]
     if custom_annotator is None and not any(j == "claude" or j.startswith("hf:") for j in judges):
         for flag, asked in (
@@ -1148,38 +1133,31 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
                     f"the annotator here is {spec}, which cannot follow it"
                 )
     # The data files' contents too: --resume refuses another file at the same path.
-    config = dataclasses.asdict(cfg)
-    config.update(beta=DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta, annotator=spec)
-    config.update(prompts_sha256=digest(cfg.prompts), offline_data_sha256=digest(cfg.offline_data))
+    config = dict(
+        dataclasses.asdict(cfg), beta=DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
+    )
+    config.update(annotator=spec, prompts_sha256=digest(cfg.prompts))
+    config.update(offline_data_sha256=digest(cfg.offline_data))
     if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
         raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
     check_output_dir(cfg, config)
     if not cfg.annotator and custom_annotator is None and rank == 0:
-        why = (
-            ""
-            if spec == "claude"
-            else " (no ANTHROPIC_API_KEY: --annotator claude or hf:MODEL for a judge)"
-        )
+        why = "" if spec == "claude" else " (no ANTHROPIC_API_KEY; hf:MODEL for a local judge)"
         print(f"oaif: annotator: {spec}{why}", file=sys.stderr)
-    device = torch.device(
-        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OAIFError(
-            "--device cuda: torch.cuda.is_available() is False here; use --device cpu or auto"
-        )
+    cuda = torch.cuda.is_available()
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if cuda else "cpu")
+    if device.type == "cuda" and not cuda:
+        raise OAIFError("--device cuda: torch.cuda.is_available() is False here; use cpu or auto")
     if cfg.fsdp and world == 1:
         raise OAIFError(
-            "--fsdp shards across ranks: launch with torchrun --nproc_per_node N (N >= 2)"
+            "--fsdp shards across ranks: launch with torchrun --nproc_per_node N (N > 1)"
         )
+    if world > 1 and cfg.batch_size % world:
+        raise OAIFError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if world > 1:
-        if cfg.batch_size % world:
-            raise OAIFError(
-                f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks"
-            )
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # Each rank samples its own responses.
     for seed in (random.seed, np.random.seed, torch.manual_seed):
@@ -1198,46 +1176,40 @@ def digest(path: str) -> str:
 def check_output_dir(cfg: Config, config: dict) -> None:
     """A folder that holds a run is never written over unless --resume (same flags) or --overwrite
     (which never deletes --model itself)."""
-    if os.path.isfile(cfg.output_dir):
-        raise OAIFError(f"--output-dir {cfg.output_dir} is a file, not a folder")
-    names = os.listdir(cfg.output_dir) if os.path.isdir(cfg.output_dir) else []
-    ours = [
-        os.path.realpath(os.path.join(cfg.output_dir, n)) for n in names if RUN_FILES.fullmatch(n)
-    ]
+    out = cfg.output_dir
+    if os.path.isfile(out):
+        raise OAIFError(f"--output-dir {out} is a file, not a folder")
+    names = os.listdir(out) if os.path.isdir(out) else []
+    ours = [os.path.realpath(os.path.join(out, n)) for n in names if RUN_FILES.fullmatch(n)]
     if ours and cfg.resume == cfg.overwrite:
         raise OAIFError(
-            f"--output-dir {cfg.output_dir} holds a previous run: --resume it, --overwrite "
-            "it (deletes its checkpoints, metrics and model) or choose another folder"
+            f"--output-dir {out} holds a previous run: --resume it, --overwrite it "
+            "(deletes its checkpoints, metrics and model) or choose another folder"
         )
-    if cfg.overwrite and os.path.realpath(cfg.model) in ours + [os.path.realpath(cfg.output_dir)]:
+    if cfg.overwrite and os.path.realpath(cfg.model) in ours + [os.path.realpath(out)]:
         raise OAIFError(
-            f"--overwrite would delete --model {cfg.model}, the previous run's: choose "
-            "another folder"
+            f"--overwrite would delete --model {cfg.model}, the previous run's: "
+            "choose another folder"
         )
     if not cfg.resume:
         return
-    path = os.path.join(
-        (complete_checkpoints(cfg.output_dir) or [os.devnull])[-1], "oaif_config.json"
-    )
     # None complete, or an older oaif's (its optimizer state keyed by number).
-    if not os.path.isfile(path):
-        raise OAIFError(
-            f"--resume: no complete checkpoint of this oaif in {cfg.output_dir}; start a new run"
-        )
-    with open(path) as f:
+    last = (complete_checkpoints(out) or [os.devnull])[-1]
+    if not os.path.isfile(os.path.join(last, "oaif_config.json")):
+        raise OAIFError(f"--resume: no complete checkpoint of this oaif in {out}; start a new run")
+    with open(os.path.join(last, "oaif_config.json")) as f:
         saved = json.load(f)
-    same = lambda k: (
-        (saved[k] > 0) == (config[k] > 0) if k == "eval_every" else saved.get(k) == config[k]
-    )  # noqa: E731
-    changed = [
-        f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}"
-        for k in config
-        if k not in FREE_ON_RESUME and not same(k)
-    ]
+
+    def same(k):
+        # --eval-every may change, but not whether it is 0: that decides the held-out split.
+        return (saved[k] > 0) == (config[k] > 0) if k == "eval_every" else saved.get(k) == config[k]
+
+    changed = [k for k in config if k not in FREE_ON_RESUME and not same(k)]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in changed]
     if changed:
         raise OAIFError(
-            f"--resume with other flags than the checkpoint's: {', '.join(changed)}; resume "
-            "with the same ones or start a new run"
+            f"--resume with other flags than the checkpoint's: {', '.join(changed)}; "
+            "resume with the same ones or start a new run"
         )
 
 
@@ -1247,11 +1219,8 @@ def check_output_dir(cfg: Config, config: dict) -> None:
 
 def finite_weights(model_or_tensors) -> bool:
     """No inf or nan in the weights (this rank's shards, under FSDP)."""
-    ts = (
-        model_or_tensors.parameters()
-        if hasattr(model_or_tensors, "parameters")
-        else model_or_tensors
-    )
+    ts = model_or_tensors
+    ts = ts.parameters() if hasattr(ts, "parameters") else ts
     ts = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in ts]
     return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
 
@@ -1276,15 +1245,13 @@ def gathered_state(module, optimizer=None) -> dict:
     return dcp.get_optimizer_state_dict(module, optimizer, options=full)
 
 
-def save_checkpoint(cfg, step, policy, tokenizer, optimizer, rank, wiring, stats, config, fixed):
+def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, config, fixed) -> None:
     """OUTPUT_DIR/checkpoint-STEP, written under a temporary name, then renamed; trainer_state.pt
     last marks it complete. config: the run's flags (resume compares them); fixed: --offline's
     labelled set, kept so that a resume never labels it again."""
-    out_dir, world = cfg.output_dir, wiring.world
-    final, tmp = (
-        os.path.join(out_dir, f"checkpoint-{step}"),
-        os.path.join(out_dir, f".tmp-checkpoint-{step}"),
-    )
+    rank, world = rank_and_world()
+    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(cfg.output_dir, f".tmp-checkpoint-{step}")
     model_state = gathered_state(policy) if cfg.fsdp else None
     # No state before the first update: gathering it would take an AdamW step (lr 0) that counts.
     optimizer_state = gathered_state(wiring.score, optimizer) if optimizer.state else None
@@ -1294,14 +1261,12 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, rank, wiring, stats
         with open(os.path.join(tmp, "oaif_config.json"), "w") as f:
             json.dump(config, f, indent=2)
         torch.save(fixed if cfg.offline else None, os.path.join(tmp, "offline_pairs.pt"))
-    barrier(world)
+    barrier()
     # Each rank samples from its own random stream.
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    rng.update(
-        annotator=stats, cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    )
-    torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))
-    barrier(world)
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.save(dict(rng, annotator=stats), os.path.join(tmp, f"rng-{rank}.pt"))
+    barrier()
     if rank == 0:
         # The data's position and the learning rate are functions of the step: the step is all.
         torch.save(
@@ -1309,10 +1274,10 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, rank, wiring, stats
         )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        if cfg.keep_checkpoints > 0:
-            for old in complete_checkpoints(out_dir)[: -cfg.keep_checkpoints]:
+        for old in complete_checkpoints(cfg.output_dir)[: -cfg.keep_checkpoints]:
+            if cfg.keep_checkpoints > 0:
                 shutil.rmtree(old)
-    barrier(world)
+    barrier()
 
 
 def complete_checkpoints(out_dir: str) -> list:
@@ -1323,18 +1288,17 @@ def complete_checkpoints(out_dir: str) -> list:
     return [os.path.join(out_dir, n) for n in sorted(done, key=lambda n: int(n.split("-")[1]))]
 
 
-def open_run(out_dir, resume_from, optimizer, rank, world, root, seed, stats) -> tuple:
+def open_run(out_dir: str, resume_from, optimizer, root, seed: int, stats: dict) -> tuple:
     """-> (the last step done, its records, metrics.jsonl open on rank 0). A resume restores the
     optimizer, the random streams, the annotator's stats and the metrics up to its step; a fresh
     run first deletes a previous run's files (setup_run let them through only with --overwrite)."""
+    rank, world = rank_and_world()
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     os.makedirs(out_dir, exist_ok=True)
     if not resume_from:
-        for path in [
-            os.path.join(out_dir, n) for n in os.listdir(out_dir) if RUN_FILES.fullmatch(n)
-        ]:
-            if rank == 0:
-                (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+        old = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if RUN_FILES.fullmatch(n)]
+        for path in old if rank == 0 else []:
+            (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
         return 0, [], open(metrics_path, "w") if rank == 0 else None
     from torch.distributed.checkpoint import state_dict as dcp
 
@@ -1371,7 +1335,7 @@ def open_run(out_dir, resume_from, optimizer, rank, world, root, seed, stats) ->
                 line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]
             ]
         # Every rank has read it before rank 0 writes it again.
-        barrier(world)
+        barrier()
         if rank == 0:
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
@@ -1383,14 +1347,21 @@ def open_run(out_dir, resume_from, optimizer, rank, world, root, seed, stats) ->
 # DDP, FSDP2 and LoRA
 
 
-def barrier(world: int) -> None:
-    if world > 1:
+def barrier() -> None:
+    if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
-def all_sum(values: dict, world: int, device) -> dict:
+def rank_and_world() -> tuple:
+    """(This process's rank, the number of ranks): (0, 1) without torchrun."""
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def all_sum(values: dict, device) -> dict:
     """The values summed over all ranks."""
-    if world == 1:
+    if not torch.distributed.is_initialized():
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
@@ -1404,12 +1375,9 @@ class _Scorer(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        # peft builds LoRA dropout in training mode: off, except in a loss pass (resume samples first).
-        self.dropouts = [
-            m.eval()
-            for n, m in model.named_modules()
-            if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)
-        ]
+        # peft builds LoRA dropout in training mode: off but in a loss pass (resume samples first).
+        dropouts = [m for n, m in model.named_modules() if "lora_dropout" in n]
+        self.dropouts = [m.eval() for m in dropouts if isinstance(m, torch.nn.Dropout)]
 
     def forward(self, fn: Callable, *args):
         # LoRA dropout acts in the loss pass only: the samples and the reference stay exact.
@@ -1451,8 +1419,8 @@ class _Scorer(torch.nn.Module):
 
 class Distributed(Wiring):
     """oaif_step's models across ranks (Part 1's Wiring): the policy's passes go through _Scorer,
-    DDP-wrapped (which syncs the gradients in backward) or FSDP2-sharded (which gathers each block as
-    it runs); LoRA's reference is the policy's own base model with the adapter switched off."""
+    DDP-wrapped (which syncs the gradients in backward) or FSDP2-sharded (which gathers each block
+    as it runs); LoRA's reference is the policy's own base model with the adapter switched off."""
 
     def __init__(self, policy, ref_model, base: Callable, fsdp: bool, world: int, device):
         super().__init__(policy, ref_model)
@@ -1476,7 +1444,7 @@ class Distributed(Wiring):
             return self.ref_score(fn, *args)
 
     def total(self, **values) -> dict:
-        return all_sum(values, self.world, self.device)
+        return all_sum(values, self.device)
 
 
 def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) -> tuple:
@@ -1486,24 +1454,20 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
     # A prompt too long for the context is refused, never truncated.
     lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
     i = max(range(len(prompts)), key=lengths.__getitem__, default=0)
-    context = context_length(ref_model.config)
-    if context and prompts and lengths[i] + cfg.max_new_tokens > context:
-        words, over = (
-            " ".join(prompts[i].split()[:8])[:60],
-            lengths[i] + cfg.max_new_tokens - context,
-        )
+    context, new = context_length(ref_model.config), cfg.max_new_tokens
+    if context and prompts and lengths[i] + new > context:
+        words, over = " ".join(prompts[i].split()[:8])[:60], lengths[i] + new - context
         raise OAIFError(
-            f'{cfg.prompts or "the built-in prompts"}: the prompt "{words}..." has {lengths[i]} '
-            f"tokens; with --max-new-tokens {cfg.max_new_tokens} that is {over} over the model's "
-            f"context of {context}: shorten it or lower --max-new-tokens"
+            f'{cfg.prompts or "the built-in prompts"}: the prompt "{words}..." has '
+            f"{lengths[i]} tokens; with --max-new-tokens {new} that is {over} over the "
+            f"model's context of {context}: shorten it or lower --max-new-tokens"
         )
     ref_model.requires_grad_(False)
+    if not cfg.lora_rank and resume_from:
+        policy = load_model(resume_from, device)[0]
+        return policy, ref_model, tokenizer, policy, contextlib.nullcontext
     if not cfg.lora_rank:
-        policy = (
-            load_model(resume_from, device)[0]
-            if resume_from
-            else copy.deepcopy(ref_model).requires_grad_(True)
-        )
+        policy = copy.deepcopy(ref_model).requires_grad_(True)
         return policy, ref_model, tokenizer, policy, contextlib.nullcontext
     try:
         import peft
@@ -1511,13 +1475,8 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
         raise OAIFError("--lora-rank needs peft: pip install peft") from None
     base = ref_model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-    config = peft.LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
+    lora = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+    config = peft.LoraConfig(**lora, target_modules=targets, task_type="CAUSAL_LM")
     try:
         if resume_from:
             lora = peft.PeftModel.from_pretrained(base, resume_from, is_trainable=True)
@@ -1525,10 +1484,9 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
             lora = peft.get_peft_model(base, config)
     except ValueError as e:
         raise OAIFError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
-    # sequence_logprobs reads the head's weight; an adapter there would be skipped.
-    if any(
-        hasattr(m, "lora_A") for m in (base.get_output_embeddings(), base.get_input_embeddings())
-    ):
+    # sequence_logprobs reads the head's weight: an adapter there, or on the embeddings, is refused.
+    ends = (base.get_output_embeddings(), base.get_input_embeddings())
+    if any(hasattr(m, "lora_A") for m in ends):
         raise OAIFError("--lora-targets: not the embeddings or the LM head")
     return lora.get_base_model(), ref_model, tokenizer, lora, lora.disable_adapter
 
@@ -1538,111 +1496,109 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
 
 
 def sample_answers(
-    model, tokenizer, prompts: list, max_new_tokens=64, temperature=0.9, batch_size=8, seed=None
-) -> list:
+    model, tokenizer, prompts, max_new_tokens=64, temperature=0.9, batch_size=8, seed=None
+):
     """One response per prompt. With a seed, any model gets the same random draws (two models that
-    agree answer alike) and the run's random stream is left alone."""
+    agree answer alike), and the run's random stream is left alone."""
     devices = [model.device] if model.device.type == "cuda" else []
+    answers = []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-        return [
-            t
-            for c in chunks
-            for t in sample_pairs(model, tokenizer, c, 1, max_new_tokens, temperature)["texts"]
-        ]
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            answers += sample_pairs(model, tokenizer, chunk, 1, max_new_tokens, temperature)[
+                "texts"
+            ]
+    return answers
 
 
 def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator: Callable) -> dict:
     """The paper's evaluation: annotator(prompts, the policy's answers, the reference's); ties count
-    1/2, and pairs without a verdict are left out. Ties are decided as training decides them."""
+    1/2 and pairs without a verdict are left out, ties decided as in training."""
     used, counts = triage(annotator(prompts, policy_texts, reference_texts), 0.0)
     wins = sum(p is not None and p > 0.5 for p in used)
     losses = sum(p is not None and p < 0.5 for p in used)
     n, ties = wins + counts["ties"] + losses, counts["ties"]
-    rate = (wins + 0.5 * ties) / n if n else float("nan")
-    chars = dict(
-        policy_chars=sum(map(len, policy_texts)) / len(prompts),
-        reference_chars=sum(map(len, reference_texts)) / len(prompts),
-    )
-    return dict(
-        win_rate=rate,
-        n=n,
-        wins=wins,
-        ties=ties,
-        losses=losses,
-        no_verdict=counts["no_verdict"],
-        **chars,
-    )
+    rate = dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties)
+    rate.update(losses=losses, no_verdict=counts["no_verdict"])
+    rate["policy_chars"] = sum(map(len, policy_texts)) / len(prompts)
+    rate["reference_chars"] = sum(map(len, reference_texts)) / len(prompts)
+    return rate
 
 
-def reference_side(
-    cfg, initial, tokenizer, train_prompts, eval_prompts, annotator, rank, world, resume_from
-) -> tuple:
+def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotator) -> tuple:
     """What comes from the initial model: (the offline set [(prompt, prompt ids, first ids, second
     ids, P(first), texts)] or None, how many --offline-data pairs are held out, the reference's
     answers for the evaluation or None). --offline's set is labelled once, on rank 0."""
-    fixed, held_out = None, 0
+    (rank, world), fixed, held_out, answers = rank_and_world(), None, 0, None
     if cfg.offline_data:
         end = turn_end(tokenizer, initial.generation_config)
         pairs = load_offline_pairs(cfg.offline_data, tokenizer, end, context_length(initial.config))
         fixed = [r for r in pairs if r[0] not in set(eval_prompts)]
         if not fixed:
-            raise OAIFError(
-                f"{cfg.offline_data}: every pair's prompt is held out for evaluation (--eval-prompts)"
-            )
+            raise OAIFError(f"{cfg.offline_data}: every pair's prompt is held out for evaluation")
         held_out = len(pairs) - len(fixed)
         if held_out and rank == 0:
             print(
-                f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are held out for "
-                "evaluation",
+                f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are "
+                "held out for evaluation",
                 file=sys.stderr,
             )
-    elif cfg.offline and resume_from:
+    elif cfg.offline and cfg.resume:
         # Labelled once, before step 1, and kept: never labelled (nor paid for) twice.
-        fixed = torch.load(os.path.join(resume_from, "offline_pairs.pt"))
+        last = complete_checkpoints(cfg.output_dir)[-1]
+        fixed = torch.load(os.path.join(last, "offline_pairs.pt"))
     elif cfg.offline:
-        fixed = (
+        box = [
             label_offline_set(cfg, initial, tokenizer, train_prompts, annotator)
             if rank == 0
             else []
-        )
-        box = [fixed]
+        ]
         if world > 1:
             torch.distributed.broadcast_object_list(box, 0)
         fixed = box[0]
-    answers = None
     if eval_prompts and (rank == 0 or cfg.fsdp):
-        answers = sample_answers(
-            initial,
-            tokenizer,
-            eval_prompts,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.batch_size,
-            cfg.seed,
-        )
+        sampling = (cfg.max_new_tokens, cfg.temperature, cfg.batch_size, cfg.seed)
+        answers = sample_answers(initial, tokenizer, eval_prompts, *sampling)
     return fixed, held_out, answers
 
 
 def label_offline_set(cfg, initial, tokenizer, prompts, annotator) -> list:
-    """The offline baseline's fixed set: one pair per prompt from the initial policy, labelled once."""
+    """The offline baseline's set: a pair per prompt from the initial policy, labelled once."""
     fixed = []
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i : i + cfg.batch_size]
         s = sample_pairs(initial, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
         rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
         # Python floats: a numpy verdict would make offline_pairs.pt unloadable with weights_only.
-        probs = [
-            None if p is None else float(p)
-            for p in annotator(chunk, s["texts"][0::2], s["texts"][1::2])
-        ]
+        probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
+        probs = [None if p is None else float(p) for p in probs]
         for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk))):
-            fixed.append(
-                (x, ids, rows[2 * j], rows[2 * j + 1], probs[j], s["texts"][2 * j : 2 * j + 2])
-            )
+            texts = s["texts"][2 * j : 2 * j + 2]
+            fixed.append((x, ids, rows[2 * j], rows[2 * j + 1], probs[j], texts))
     return fixed
+
+
+def evaluate(step, cfg, wiring, tokenizer, prompts, ref_answers, judge) -> Optional[dict]:
+    """The win rate against the initial policy on the held-out prompts (on rank 0; under FSDP every
+    rank samples, as the gathered weights need them all)."""
+    if ref_answers is not None:
+        # The same random draws as the reference's answers.
+        sampling = (
+            tokenizer,
+            prompts,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.batch_size,
+            cfg.seed,
+        )
+        answers = wiring.sample(sample_answers, *sampling)
+    result = None
+    if rank_and_world()[0] == 0:
+        result = dict(step=step, eval=True, **win_rate(prompts, answers, ref_answers, judge))
+    barrier()
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1656,33 +1612,27 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     if "verdicts" in stats and not cfg.offline_data:
         stats["verdicts"] += len(probs) - counts["no_verdict"]
         stats["confidence_sum"] += sum(abs(p - 0.5) for p in probs if p is not None and 0 <= p <= 1)
-    logps = out["logps"]
+    logps, ids = out["logps"], (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     # The loss pass ran with LoRA dropout on: the kl takes the policy's own log-probs.
     if cfg.lora_rank and cfg.lora_dropout:
-        ids = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-        with (
-            torch.no_grad(),
-            torch.autocast(logps.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"),
-        ):
+        bf16 = cfg.dtype == "bfloat16"
+        with torch.no_grad(), torch.autocast(logps.device.type, torch.bfloat16, enabled=bf16):
             logps = wiring.policy(sequence_logprobs, *ids)
     texts, usable, margins = batch["texts"], out["usable"], out["margins"]
     sums = dict(counts, loss=float(out["losses"].sum()), margin=float((margins * usable).sum()))
     sums.update(acc=float(((margins > 0).float() * usable).sum()))
-    sums.update(kl=float((logps - out["ref_logps"]).sum()))
     sums.update(
-        tokens=float(batch["response_tokens"].sum()), chars=sum(map(len, texts)), seqs=len(texts)
+        kl=float((logps - out["ref_logps"]).sum()), tokens=float(batch["response_tokens"].sum())
     )
+    sums.update(chars=sum(map(len, texts)), seqs=len(texts))
     sums = wiring.total(**sums, **{k: v - stats0.get(k, 0) for k, v in stats.items()})
     used, seqs = max(sums["pairs"], 1), sums["seqs"]
     record = dict(step=step, loss=sums["loss"] / used, pairs=int(sums["pairs"]))
-    record.update(dropped=int(sums["ties"] + sums["no_verdict"] + sums["low_confidence"]))
+    record["dropped"] = int(sums["ties"] + sums["no_verdict"] + sums["low_confidence"])
     record.update({k: int(sums[k]) for k in ("ties", "no_verdict", "low_confidence")})
-    record.update(
-        reward_margin=sums["margin"] / used,
-        reward_accuracy=sums["acc"] / used,
-        kl=sums["kl"] / seqs,
-    )
-    record.update(response_tokens=sums["tokens"] / seqs, response_chars=sums["chars"] / seqs)
+    record.update(reward_margin=sums["margin"] / used, reward_accuracy=sums["acc"] / used)
+    record.update(kl=sums["kl"] / seqs, response_tokens=sums["tokens"] / seqs)
+    record.update(response_chars=sums["chars"] / seqs)
     record.update({k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums}, **judge_health(sums))
     record.update(nonfinite=out["nonfinite"], grad_norm=out["grad_norm"], lr=lr)
     record.update(updated=out["n_used"] > 0 and not out["nonfinite"], seconds=seconds)
@@ -1704,51 +1654,41 @@ def judge_health(s: dict) -> dict:
     return health
 
 
-def report(record: dict, log, bar, sample_every=0, prompt="", pair=(), p=None) -> None:
+def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None:
     """One metrics.jsonl line, the progress bar, and now and then a judged pair or a win rate."""
     print(json.dumps(record), file=log, flush=True)
     step = record["step"]
     if record.get("eval"):
-        bar.write(
-            f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({record['n']} "
-            f"judged, {record['ties']} ties, {record['no_verdict']} no verdict)"
-        )
+        judged = f"{record['n']} judged, {record['ties']} ties, {record['no_verdict']} no verdict"
+        bar.write(f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({judged})")
         return
+    loss, margin = f"{record['loss']:.3f}", f"{record['reward_margin']:.2f}"
     bar.set_postfix(
-        loss=f"{record['loss']:.3f}",
-        margin=f"{record['reward_margin']:.2f}",
-        len=f"{record['response_tokens']:.1f}",
-        pairs=record["pairs"],
+        loss=loss, margin=margin, len=f"{record['response_tokens']:.1f}", pairs=record["pairs"]
     )
     if record["nonfinite"]:
         bar.write(f"step {step}: the loss or gradient is not finite (inf or nan): update skipped")
     elif not record["updated"]:
         bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
+    p = out["probs"][0] if out else None
     if sample_every and step % sample_every == 0 and p not in (None, 0.5):
-        win, lose = pair if p > 0.5 else pair[::-1]
-        bar.write(
-            f"step {step} | prompt: {prompt!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}"
-        )
+        win, lose = out["batch"]["texts"][:2] if p > 0.5 else out["batch"]["texts"][1::-1]
+        shown = f"prompt: {prompts[0]!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}"
+        bar.write(f"step {step} | {shown}")
 
 
-def finish(
-    cfg: Config, policy, tokenizer, config: dict, summary: dict, cost, model_state=None
-) -> None:
+def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, cost, model_state) -> None:
     """Save the policy, its tokenizer and the run's config; print the run's one-line summary."""
     save_model(policy, tokenizer, cfg.output_dir, model_state)
     with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     s = summary
-    line = (
-        f"oaif: {cfg.steps} steps, {s['pairs']} pairs used, {s['dropped']} dropped ({s['ties']} ties, "
-        f"{s['no_verdict']} no verdict, {s['low_confidence']} low confidence), {s['nonfinite']} "
-        "updates skipped as not finite"
-    )
+    line = f"oaif: {cfg.steps} steps, {s['pairs']} pairs used, {s['dropped']} dropped ({s['ties']} "
+    line += f"ties, {s['no_verdict']} no verdict, {s['low_confidence']} low confidence), "
+    line += f"{s['nonfinite']} updates skipped as not finite"
     if "annotator_requests" in s:
-        line += (
-            f"; annotator: {s['annotator_requests']} requests, {s['annotator_failures']} without "
-            f"verdict, {s['input_tokens']} in / {s['output_tokens']} out tokens"
-        )
+        line += f"; annotator: {s['annotator_requests']} requests, {s['annotator_failures']} "
+        line += f"without verdict, {s['input_tokens']} in / {s['output_tokens']} out tokens"
     for k in ("position_bias", "order_agreement", "judge_confidence"):
         line += f", {k.replace('_', ' ')} {s[k]:.3f}" if k in s else ""
     line += f", about ${cost:.2f}" if cost else ""
@@ -1757,9 +1697,8 @@ def finish(
 
 def diverged(step: int, what: str, cfg: Config) -> OAIFError:
     last = (complete_checkpoints(cfg.output_dir) or ["none (--save-every N keeps some)"])[-1]
-    return OAIFError(
-        f"step {step}: {what}: the run diverged (--lr {cfg.lr} too high?); last good checkpoint: {last}"
-    )
+    why = f"the run diverged (--lr {cfg.lr} too high?); last good checkpoint: {last}"
+    return OAIFError(f"step {step}: {what}: {why}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1777,27 +1716,17 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     # Every prompt that will be sampled from is checked against the context.
     sampled = eval_prompts + ([] if cfg.offline_data else train_prompts)
     policy, ref_model, tokenizer, saved, base = load_policy(cfg, device, resume_from, sampled)
-    annotator, judge, stats = make_annotators(
-        cfg, config["annotator"], annotator, device, ref_model, tokenizer
-    )
+    annotator, judge, stats = make_annotators(cfg, config, annotator, ref_model, tokenizer)
     # Everything drawn from the initial model comes first, before anything is sharded.
     with base():
         fixed, held_out, ref_answers = reference_side(
-            cfg,
-            ref_model,
-            tokenizer,
-            train_prompts,
-            eval_prompts,
-            annotator,
-            rank,
-            world,
-            resume_from,
+            cfg, ref_model, tokenizer, train_prompts, eval_prompts, annotator
         )
     wiring = Distributed(policy, ref_model, base, cfg.fsdp, world, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, done, log = open_run(
-        cfg.output_dir, resume_from, optimizer, rank, world, wiring.score, cfg.seed, stats
+        cfg.output_dir, resume_from, optimizer, wiring.score, cfg.seed, stats
     )
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
     totals = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}
@@ -1807,64 +1736,33 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         # A linear warm-up: a function of the step, so there is nothing to checkpoint.
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-        if fixed is None:
-            prompts, pairs = step_slice(train_prompts, step, cfg.batch_size, rank, world), None
-        else:
+        prompts, pairs = step_slice(train_prompts, step, cfg.batch_size, rank, world), None
+        if fixed is not None:
             rows = step_slice(fixed, step, cfg.batch_size, rank, world)
-            prompts, pairs = (
-                [r[0] for r in rows],
-                offline_batch(rows, tokenizer.pad_token_id, device),
-            )
+            prompts, pairs = offline_batch(rows, tokenizer.pad_token_id, device)
         try:
             out = oaif_step(
                 policy, ref_model, tokenizer, prompts, annotator, optimizer, cfg, pairs, wiring
             )
         except FloatingPointError as e:
             raise diverged(step, str(e), cfg) from None
-        if (
-            out["n_used"]
-            and not out["nonfinite"]
-            and wiring.total(bad=not finite_weights(policy))["bad"]
-        ):
+        updated = out["n_used"] > 0 and not out["nonfinite"]
+        if updated and wiring.total(bad=not finite_weights(policy))["bad"]:
             raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)
         lr, seconds = optimizer.param_groups[0]["lr"], time.perf_counter() - begin
         record = step_record(step, out, cfg, wiring, stats, stats0, lr, seconds)
         totals = {k: v + record[k] for k, v in totals.items()}
         if rank == 0:
-            report(
-                record,
-                log,
-                bar,
-                cfg.sample_every,
-                prompts[0],
-                out["batch"]["texts"][:2],
-                out["probs"][0],
-            )
+            report(record, log, bar, cfg.sample_every, prompts, out)
         if eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
-            # On rank 0, or on every rank under FSDP; the reference's answers' random draws.
-            if ref_answers is not None:
-                sampling = (
-                    tokenizer,
-                    eval_prompts,
-                    cfg.max_new_tokens,
-                    cfg.temperature,
-                    cfg.batch_size,
-                    cfg.seed,
-                )
-                answers = wiring.sample(sample_answers, *sampling)
+            last_eval = evaluate(step, cfg, wiring, tokenizer, eval_prompts, ref_answers, judge)
             if rank == 0:
-                last_eval = dict(
-                    step=step, eval=True, **win_rate(eval_prompts, answers, ref_answers, judge)
-                )
                 report(last_eval, log, bar)
-            barrier(world)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(
-                cfg, step, saved, tokenizer, optimizer, rank, wiring, stats, config, fixed
-            )
+            save_checkpoint(cfg, step, saved, tokenizer, optimizer, wiring, stats, config, fixed)
     bar.close()
     # The annotator's counters over all ranks and the whole run.
-    whole = all_sum(stats, world, device) if stats else {}
+    whole = all_sum(stats, device) if stats else {}
     summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **judge_health(whole))
     summary.update({k: int(v) for k, v in whole.items() if k not in HEALTH})
     model_state = gathered_state(policy) if cfg.fsdp else None
@@ -1874,7 +1772,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         finish(cfg, saved, tokenizer, config, summary, cost, model_state)
     if world > 1:
         # Every rank is done before any tears its process group down.
-        barrier(world)
+        barrier()
         torch.distributed.destroy_process_group()
     return dict(last=record, eval=last_eval, summary=summary)
 
