@@ -1598,6 +1598,15 @@ def test_length_control_parallel_stops_the_other_arm_when_one_fails(tmp_path, mo
                 p.kill()
 
 
+def test_length_control_parallel_makes_its_out_folder(tiny, tmp_path):
+    import length_control
+
+    out = tmp_path / "new" / "run"  # not there yet: each arm's log goes into it
+    argv = ["--model", tiny, "--parallel", "--out", str(out), "--steps", "1", "--batch-size", "2"]
+    runs = length_control.main(argv + ["--max-new-tokens", "4", "--eval-prompts", "1"])
+    assert [len(rows) for rows in runs.values()] == [2, 2] and (out / "concise.log").is_file()
+
+
 def readme_links() -> list:
     """Local files the README links or shows: [text](path), ![alt](path), [ref]: path, <img src>;
     not URLs, not #anchors, not inside code."""

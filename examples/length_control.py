@@ -14,7 +14,7 @@ instructions (the script says which). Flags it does not know go to oaif.py uncha
     python examples/length_control.py --model gpt2 --steps 200    # Claude, with a key
 
 --paper: SmolLM2-135M-Instruct trained, Qwen2.5-Coder-1.5B-Instruct judging (hf:, pointwise), 150
-steps of 16 prompts, 160 new tokens, lr 1e-5, --dtype bfloat16, --min-confidence 0.01, 16 held-out
+steps of 16 prompts, 128 new tokens, lr 1e-5, --dtype bfloat16, --min-confidence 0.01, 16 held-out
 prompts, both arms side by side (--parallel); a flag given as well wins (--paper --steps 300).
 --smoke: the same code path on the tests' tiny random GPT-2, its own judge, 2 steps of 2 prompts.
 Each invocation writes a new oaif-out/length_control/run-N (or --out DIR): control.md (the result
@@ -47,7 +47,7 @@ PRESETS = {  # what a flag left out means
         model="HuggingFaceTB/SmolLM2-135M-Instruct",
         steps=150,
         batch_size=16,
-        max_new_tokens=160,
+        max_new_tokens=128,
         lr=1e-5,
         eval_prompts=16,
         parallel=True,
@@ -66,6 +66,7 @@ def run_side_by_side(args: dict, out: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
     logs = {name: os.path.join(out, f"{name}.log") for name in args}
     procs, t0, shown = {}, time.time(), time.time()
+    total = {name: oaif.parse_args(arg).steps for name, arg in args.items()}
     try:
         for name, arg in args.items():
             with open(logs[name], "w") as log:
@@ -86,10 +87,15 @@ def run_side_by_side(args: dict, out: str) -> None:
                         f"length_control: the {name} arm failed (exit "
                         f"{proc.returncode}: {why}); log: {logs[name]}{stopped}"
                     )
-            if time.time() - shown > 60:  # a long run says how far it is
+            if time.time() - shown > 60:  # a long run says how far it is, and how long to go
                 shown = time.time()
-                done = [f"{name} {len(metrics(arg))}" for name, arg in args.items()]
-                print(f"{shown - t0:.0f} s, steps done: {', '.join(done)}", flush=True)
+                done = {k: sum(not r.get("eval") for r in metrics(arg)) for k, arg in args.items()}
+                left = max((shown - t0) * (total[k] - n) / max(n, 1) for k, n in done.items())
+                steps = ", ".join(f"{k} {n}/{total[k]}" for k, n in done.items())
+                print(
+                    f"{shown - t0:.0f} s: steps {steps}; about {left / 60:.0f} min to go",
+                    flush=True,
+                )
             time.sleep(0.2)
     finally:  # an arm failed, Ctrl-C, anything: no arm is left running
         for proc in procs.values():
@@ -173,7 +179,7 @@ def table(train: dict, evals: dict, neutral: dict, judge: str) -> str:
     return "\n".join(lines) + f"\n\n({note}; a tie counts 1/2; goal: detailed / concise ≥ 2x)\n"
 
 
-def plot(train: dict, evals: dict, path: str, title: str, cap: int) -> None:
+def plot(train: dict, evals: dict, neutral: dict, path: str, title: str, cap: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +191,8 @@ def plot(train: dict, evals: dict, path: str, title: str, cap: int) -> None:
         steps, tokens = [r["step"] for r in rows], [r["response_tokens"] for r in rows]
         line = ax.plot(steps, tokens, lw=0.7, alpha=0.5)[0]
         smooth = [sum(tokens[max(0, i - 4) : i + 1]) / min(i + 1, 5) for i in range(len(tokens))]
-        label = f"{INSTRUCTIONS[name][0]} (win rate {evals[name]['win_rate']:.2f})"
+        fair = f", neutral {neutral[name]['win_rate']:.2f}" if name in neutral else ""
+        label = f"{INSTRUCTIONS[name][0]} (win rate {evals[name]['win_rate']:.2f}{fair})"
         ax.plot(steps, smooth, color=line.get_color(), lw=2, label=label)
     ax.axhline(cap, color="grey", lw=0.5, ls="--")
     ax.set(xlabel="step", ylabel="mean response tokens", title=title)
@@ -214,7 +221,7 @@ def main(argv=None):
     )
     p.add_argument("--steps", type=int, default=None, help="default 60 (--paper 150)")
     p.add_argument("--batch-size", type=int, default=None, help="default 8 (--paper 16)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 48 (--paper 160)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 48 (--paper 128)")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 with --tiny, else 1e-5")
     p.add_argument("--eval-prompts", type=int, default=None, help="default 8 (--paper 16)")
     p.add_argument("--eval-every", type=int, default=0, help="win rate every N steps (0: at end)")
@@ -250,6 +257,8 @@ def main(argv=None):
             *passthrough,
         ]
     todo = {k: v for k, v in args.items() if not finished(v)}  # other flags: run (--overwrite)
+    for name in args.keys() - todo.keys():
+        print(f"{name}: finished with these flags, read from {out}")
     t0 = time.time()
     if a.parallel and todo:
         run_side_by_side(todo, out)
@@ -273,9 +282,10 @@ def main(argv=None):
         f.write(result)
     print(f"\n{result}")
     png, short = a.png or os.path.join(out, "control.png"), os.path.basename
-    title = f"{short(a.model.rstrip('/'))}, annotator {short(judge) or 'rules'}, lr {lr}"
+    title = f"{short(a.model.rstrip('/'))}, annotator {short(judge) or 'rules'}, lr {lr}, "
+    title += f"{a.steps} steps x {a.batch_size} prompts"
     try:
-        plot(train, evals, png, title, a.max_new_tokens)
+        plot(train, evals, neutral, png, title, a.max_new_tokens)
         print(f"plot: {png}")
     except ImportError:
         if a.png:

@@ -63,9 +63,11 @@ def main(argv=None):
     ]
     arms = {}
     for arm in ("online", "offline"):
-        print(f"--- {arm} ---", flush=True)
         arg = common + ["--output-dir", os.path.join(out, arm)] + ["--offline"] * (arm == "offline")
-        if not finished(arg):  # the same flags, already run in --out: read it
+        if finished(arg):  # --out DIR, the same flags: read, not run again
+            print(f"--- {arm}: finished with these flags, read from {out} ---", flush=True)
+        else:
+            print(f"--- {arm} ---", flush=True)
             oaif.main(arg)
         arms[arm] = read(os.path.join(out, arm))
     print(

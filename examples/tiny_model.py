@@ -93,6 +93,7 @@ def resolve(parser, args, name: str) -> tuple:
     if not args.model and not args.tiny:
         parser.error("give --model or --tiny")
     out = args.out or new_run_folder(os.path.join("oaif-out", name))
+    os.makedirs(out, exist_ok=True)
     print(f"output: {out}", flush=True)
     model = build_tiny_model(os.path.join(out, "tiny")) if args.tiny else args.model
     return model, out, args.lr if args.lr is not None else 3e-3 if args.tiny else 1e-5
