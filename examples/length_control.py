@@ -143,22 +143,23 @@ def neutral_win_rates(args: dict, judge: str) -> dict:
     return wins
 
 
-def mean(rows: list) -> float:
-    return sum(r["response_tokens"] for r in rows) / max(1, len(rows))
+def mean(rows: list, key: str = "response_tokens") -> float:
+    return sum(r[key] for r in rows) / max(1, len(rows))
 
 
 def table(train: dict, evals: dict, neutral: dict, judge: str) -> str:
     """The result, markdown: mean response tokens of the first and the last steps' samples, each
-    arm's direction, the arms' ratio, the held-out answers' length, the win rates vs the start."""
+    arm's direction, the arms' ratio, how far each policy went (KL), the held-out answers' length
+    and the win rates against the initial policy."""
     n = min(len(rows) for rows in train.values())
     first, last = min(FIRST, n), min(LAST, n)
     span = lambda a, b: f"step {a}" if a == b else f"steps {a}–{b}"  # noqa: E731
     won = lambda e: f"{e['win_rate']:.2f} ({e['wins']} won, {e['ties']} tied of {e['n']})"  # noqa: E731
     lines = [
         f"| mean response tokens | {span(1, first)} | {span(n - last + 1, n)} | direction "
-        "| held-out answer chars, initial → final | win rate vs initial, neutral judge "
-        "| win rate vs initial, own instruction |",
-        "|---|---|---|---|---|---|---|",
+        "| KL to initial, nats/response | held-out answer chars, initial → final "
+        "| win rate vs initial, neutral judge | win rate vs initial, own instruction |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ends = {}
     for name, rows in train.items():
@@ -167,14 +168,15 @@ def table(train: dict, evals: dict, neutral: dict, judge: str) -> str:
         ends[name] = start, end
         moved = "longer" if end > start else "shorter" if end < start else "unchanged"
         direction = f"{moved}, {end / start:.2f}x, {'as asked' if moved == way else 'NOT as asked'}"
+        kl = mean(rows[n - last : n], "kl")  # summed log-ratio of the samples: how far it went
         chars = f"{e['reference_chars']:.0f} → {e['policy_chars']:.0f}"
         fair = won(neutral[name]) if name in neutral else "–"
         lines.append(
-            f'| "{instruction}" | {start:.1f} | {end:.1f} | {direction} | {chars} | '
+            f'| "{instruction}" | {start:.1f} | {end:.1f} | {direction} | {kl:.1f} | {chars} | '
             f"{fair} | {won(e)} |"
         )
     (d0, d1), (c0, c1) = ends["detailed"], ends["concise"]
-    lines.append(f"| detailed / concise | {d0 / c0:.2f}x | {d1 / c1:.2f}x | | | | |")
+    lines.append(f"| detailed / concise | {d0 / c0:.2f}x | {d1 / c1:.2f}x | | | | | |")
     note = f"neutral judge: {judge or 'none (rule annotators: give --neutral-judge SPEC)'}"
     return "\n".join(lines) + f"\n\n({note}; a tie counts 1/2; goal: detailed / concise ≥ 2x)\n"
 
