@@ -250,12 +250,16 @@ def main(argv=None):
     print(f"annotator: {judge or 'rule annotators longer / shorter (no API key, no --judge)'}")
     args = {}
     for name, (instruction, rule) in INSTRUCTIONS.items():
+        # a rule reads no instruction (oaif refuses one): the rule itself stands in for it
+        annotator = (
+            ["--annotator", judge, "--instruction", instruction] if judge else ["--annotator", rule]
+        )
         args[name] = [
             *("--model", a.model, "--output-dir", os.path.join(out, name), "--seed", str(a.seed)),
             *("--steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr", str(lr)),
-            *("--max-new-tokens", str(a.max_new_tokens), "--annotator", judge or rule),
-            *("--instruction", instruction, "--eval-prompts", str(a.eval_prompts)),
+            *("--max-new-tokens", str(a.max_new_tokens), "--eval-prompts", str(a.eval_prompts)),
             *("--eval-every", str(a.eval_every or a.steps), "--sample-every", str(5 * a.parallel)),
+            *annotator,
             *passthrough,
         ]
     todo = {k: v for k, v in args.items() if not finished(v)}  # other flags: run (--overwrite)
