@@ -1506,3 +1506,133 @@ def test_offline_resume_with_numpy_labels(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     pairs = lambda out: [r["pairs"] for r in read_metrics(out)]  # noqa: E731
     assert pairs(tmp_path / "straight") == pairs(tmp_path / "resumed") and sum(pairs(tmp_path / "straight")) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples: run again, --paper's code path (--smoke), --parallel failures, the README's files
+
+
+def test_tiny_model_prints_only_its_path(tmp_path):
+    path = str(tmp_path / "t")
+    script = os.path.join(HERE, "examples", "tiny_model.py")
+    r = subprocess.run([sys.executable, script, path], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == path + "\n", r.stdout  # no blank lines before it
+
+
+@pytest.mark.parametrize("example", ["length_control", "online_vs_offline"])
+def test_example_runs_again_with_the_same_command(example, tmp_path, monkeypatch, capsys):
+    """No --out: every invocation its own oaif-out/EXAMPLE/run-N, printed; none is refused."""
+    import importlib
+
+    module = importlib.import_module(example)
+    monkeypatch.chdir(tmp_path)
+    arms = ("detailed", "concise") if example == "length_control" else ("online", "offline")
+    argv = ["--tiny", "--steps", "1", "--batch-size", "2", "--max-new-tokens", "4"]
+    for n in (1, 2):
+        module.main(argv + ["--eval-prompts", "2"])
+        out = os.path.join("oaif-out", example, f"run-{n}")
+        assert f"output: {out}" in capsys.readouterr().out
+        assert all(len(read_metrics(os.path.join(out, arm))) == 2 for arm in arms)  # step, eval
+
+
+def test_online_vs_offline_reads_its_finished_arms_under_out(tmp_path, monkeypatch):
+    import online_vs_offline
+
+    argv = ["--tiny", "--out", str(tmp_path), "--steps", "1", "--batch-size", "2"]
+    argv += ["--max-new-tokens", "4", "--eval-prompts", "2"]
+    first = online_vs_offline.main(argv)
+    with monkeypatch.context() as m:  # the same flags: both arms read, neither run again
+        m.setattr(oaif, "main", lambda argv: pytest.fail(f"ran again: {argv}"))
+        assert online_vs_offline.main(argv) == first
+    with pytest.raises(SystemExit, match="holds a previous run"):  # other flags: oaif's rules
+        online_vs_offline.main(argv + ["--seed", "1"])
+
+
+def test_length_control_smoke_takes_the_paper_code_path(tmp_path, monkeypatch, capsys):
+    """--smoke: --paper's path (two processes, an hf: judge, the neutral judge, the table, the plot)
+    on the tiny model, 2 steps."""
+    import length_control
+
+    monkeypatch.chdir(tmp_path)
+    runs = length_control.main(["--smoke"])
+    out = tmp_path / "oaif-out" / "length_control" / "run-1"
+    table = (out / "control.md").read_text()
+    assert [len([r for r in rows if not r.get("eval")]) for rows in runs.values()] == [2, 2]
+    assert "| detailed / concise |" in table and table.count(" won, ") == 4  # 2 arms x 2 judges
+    assert table in capsys.readouterr().out  # printed, to paste into the README
+    with open(out / "detailed" / "oaif_config.json") as f:
+        cfg = json.load(f)  # --paper's oaif flags, and an hf: judge
+    assert (cfg["dtype"], cfg["min_confidence"], cfg["annotator"][:3]) == ("bfloat16", 0.01, "hf:")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "control.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("failing", ["detailed", "concise"])
+def test_length_control_parallel_stops_the_other_arm_when_one_fails(tmp_path, monkeypatch, failing):
+    import length_control
+
+    (tmp_path / failing).mkdir()
+    (tmp_path / failing / "metrics.jsonl").write_text("")  # a previous run: this arm is refused
+    started, popen = [], subprocess.Popen
+
+    def record(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", record)
+    argv = ["--tiny", "--out", str(tmp_path), "--parallel", "--steps", "100000"]
+    try:  # the other arm would run 100000 steps
+        with pytest.raises(SystemExit) as e:
+            length_control.main(argv + ["--batch-size", "2", "--max-new-tokens", "4"])
+        message = str(e.value)
+        assert f"the {failing} arm failed" in message and "holds a previous run" in message
+        assert os.path.join(str(tmp_path), f"{failing}.log") in message and "\n" not in message
+        assert len(started) == 2 and all(p.poll() is not None for p in started)  # none left
+        assert sorted(p.returncode > 0 for p in started) == [False, True]  # one failed, one stopped
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_length_control_parallel_makes_its_out_folder(tiny, tmp_path):
+    import length_control
+
+    out = tmp_path / "new" / "run"  # not there yet: each arm's log goes into it
+    argv = ["--model", tiny, "--parallel", "--out", str(out), "--steps", "1", "--batch-size", "2"]
+    runs = length_control.main(argv + ["--max-new-tokens", "4", "--eval-prompts", "1"])
+    assert [len(rows) for rows in runs.values()] == [2, 2] and (out / "concise.log").is_file()
+
+
+def readme_links() -> list:
+    """Local files the README links or shows: [text](path), ![alt](path), [ref]: path, <img src>;
+    not URLs, not #anchors, not inside code."""
+    import re
+
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)  # [`oaif.py`](oaif.py) keeps its link
+    targets = re.findall(r"\]\(\s*<?([^)\s>]+)", text)  # inline links and images
+    targets += re.findall(r"(?m)^ {0,3}\[[^\]]+\]:\s*(\S+)", text)  # reference definitions
+    targets += re.findall(r"<img[^>]*\ssrc=[\"']([^\"']+)", text)
+    local = [t.split("#")[0] for t in targets if not re.match(r"[a-zA-Z][\w+.-]*:|#", t)]
+    return sorted({os.path.normpath(t) for t in local if t})
+
+
+def test_readme_links_only_files_in_the_repository():
+    git = lambda *args: subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)  # noqa: E731
+    try:
+        files = set(git("ls-files").stdout.splitlines())
+    except OSError:
+        files = set()
+    if not files:
+        pytest.skip("not a git checkout")
+    links = readme_links()
+    assert "examples/first_run.png" in links and "oaif.py" in links  # the parser finds them
+    missing = [t for t in links if t not in files and not any(f.startswith(t + "/") for f in files)]
+    assert not missing, f"the README links files not in the repository (git ls-files): {missing}"
+    ignored = git("check-ignore", "--no-index", *links).stdout.split()
+    assert not ignored, f".gitignore hides files the README links: {ignored}"

@@ -1,119 +1,303 @@
-"""The paper's controllability result: the same run twice, the annotator told two different things ("prefer the
-more detailed response" / "prefer the more concise response"), the mean response length per step side by side,
-then each run's win rate against the initial policy judged under its own instruction.
+"""The paper's controllability result: the same run twice, the annotator told two different things
+("prefer the more detailed response" / "prefer the more concise response"), the mean response length
+per step side by side, then each run's win rate against the initial policy: under its own
+instruction (oaif's evaluation) and under a neutral judge (the same judge with no instruction).
 
-The annotator: --judge (hf:MODEL a local LLM judge, claude, rm:MODEL); else Claude when ANTHROPIC_API_KEY is
-set; else the rule annotators `longer` and `shorter` stand in for the two instructions (the script says which).
-Flags it does not know go to oaif.py unchanged (--temperature 0.9, --dtype bfloat16, ...).
+The annotator: --judge (hf:MODEL a local LLM judge, claude, rm:MODEL); else Claude when
+ANTHROPIC_API_KEY is set; else the rule annotators `longer` and `shorter` stand in for the two
+instructions (the script says which). Flags it does not know go to oaif.py unchanged
+(--temperature 0.9, --dtype bfloat16, ...).
 
-    python examples/length_control.py --tiny                            # offline, rule annotators
-    python examples/length_control.py --model gpt2 --steps 200          # Claude, with a key
-    python examples/length_control.py --model HuggingFaceTB/SmolLM2-135M-Instruct --judge hf:Qwen/Qwen2.5-Coder-1.5B-Instruct \
-        --steps 40 --batch-size 4 --max-new-tokens 256 --lr 1e-5 --parallel --png control.png
+    python examples/length_control.py --smoke     # CPU, a minute: --paper's code path, tiny model
+    python examples/length_control.py --paper     # one GPU: the paper-sized run, both arms at once
+    python examples/length_control.py --tiny      # offline, rule annotators
+    python examples/length_control.py --model gpt2 --steps 200    # Claude, with a key
+
+--paper: SmolLM2-135M-Instruct trained, Qwen2.5-Coder-1.5B-Instruct judging (hf:, pointwise), 150
+steps of 16 prompts, 128 new tokens, lr 1e-5, --dtype bfloat16, --min-confidence 0.01, 16 held-out
+prompts, both arms side by side (--parallel); a flag given as well wins (--paper --steps 300).
+--smoke: the same code path on the tests' tiny random GPT-2, its own judge, 2 steps of 2 prompts.
+Each invocation writes a new oaif-out/length_control/run-N (or --out DIR): control.md (the result
+table, markdown), control.png (with matplotlib), ARM.log (--parallel) and a folder per arm.
 """
+
 import argparse
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
+
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
+from tiny_model import finished, resolve  # noqa: E402
+
 import oaif  # noqa: E402
-from tiny_model import resolve  # noqa: E402
 
-INSTRUCTIONS = {"detailed": ("Prefer the more detailed response.", "longer"),
-                "concise": ("Prefer the more concise response.", "shorter")}
+INSTRUCTIONS = {  # arm: its instruction, and the rule standing in for it (where lengths should go)
+    "detailed": ("Prefer the more detailed response.", "longer"),
+    "concise": ("Prefer the more concise response.", "shorter"),
+}
+PRESETS = {  # what a flag left out means
+    "paper": dict(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        steps=150,
+        batch_size=16,
+        max_new_tokens=128,
+        lr=1e-5,
+        eval_prompts=16,
+        parallel=True,
+        judge="hf:Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    ),
+    "smoke": dict(steps=2, batch_size=2, max_new_tokens=8, eval_prompts=2, parallel=True),
+    "none": dict(steps=60, batch_size=8, max_new_tokens=48, eval_prompts=8, parallel=False),
+}
+PRESET_OAIF = ["--dtype", "bfloat16", "--min-confidence", "0.01"]  # the judge's p sits near 1/2
+FIRST, LAST = 10, 20  # the table's windows: the first steps and the last
 
 
-def finished(arg: list) -> bool:
-    """An arm already run in --out with these very flags (its oaif_config.json says so): read, not run again."""
-    path = os.path.join(arg[arg.index("--output-dir") + 1], "oaif_config.json")
+def run_side_by_side(args: dict, out: str) -> None:
+    """Each arm its own oaif.py process (half the CPU cores each; on a GPU they share it), console
+    to OUT/ARM.log. When one fails the other is stopped, and one line says which and its log."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+    logs = {name: os.path.join(out, f"{name}.log") for name in args}
+    procs, t0, shown = {}, time.time(), time.time()
+    total = {name: oaif.parse_args(arg).steps for name, arg in args.items()}
+    try:
+        for name, arg in args.items():
+            with open(logs[name], "w") as log:
+                cmd = [sys.executable, os.path.join(HERE, "..", "oaif.py"), *arg]
+                procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        print(f"{' and '.join(procs)} side by side; logs: {', '.join(logs.values())}", flush=True)
+        while procs:
+            for name, proc in list(procs.items()):
+                if proc.poll() is None:
+                    continue
+                del procs[name]
+                if proc.returncode:
+                    with open(logs[name], errors="replace") as f:
+                        lines = [s for s in f.read().replace("\r", "\n").splitlines() if s.strip()]
+                    why = lines[-1] if lines else "no output"
+                    stopped = f"; stopped {' and '.join(procs)}" if procs else ""
+                    raise SystemExit(
+                        f"length_control: the {name} arm failed (exit "
+                        f"{proc.returncode}: {why}); log: {logs[name]}{stopped}"
+                    )
+            if time.time() - shown > 60:  # a long run says how far it is, and how long to go
+                shown = time.time()
+                done = {k: sum(not r.get("eval") for r in metrics(arg)) for k, arg in args.items()}
+                left = max((shown - t0) * (total[k] - n) / max(n, 1) for k, n in done.items())
+                steps = ", ".join(f"{k} {n}/{total[k]}" for k, n in done.items())
+                print(
+                    f"{shown - t0:.0f} s: steps {steps}; about {left / 60:.0f} min to go",
+                    flush=True,
+                )
+            time.sleep(0.2)
+    finally:  # an arm failed, Ctrl-C, anything: no arm is left running
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def metrics(arg: list) -> list:
+    """An arm's metrics.jsonl rows (training steps, then evaluations); none yet: []."""
+    path = os.path.join(arg[arg.index("--output-dir") + 1], "metrics.jsonl")
     if not os.path.isfile(path):
-        return False
+        return []
     with open(path) as f:
-        saved = json.load(f)
-    cfg = dataclasses.asdict(oaif.parse_args(arg))
-    cfg["beta"] = oaif.DEFAULT_BETA[cfg["loss"]] if cfg["beta"] is None else cfg["beta"]  # as the run saved it
-    return all(saved.get(k) == v for k, v in cfg.items() if k not in ("sample_every", "resume", "overwrite"))
+        return [json.loads(line) for line in f if line.endswith("\n")]  # not one being written
+
+
+def neutral_win_rates(args: dict, judge: str) -> dict:
+    """Each arm's final policy against the initial one, on oaif's held-out prompts and drawn as its
+    evaluation draws them (the same seed), judged by `judge` with no instruction: the task's own
+    criterion ("helpful") alone. (oaif.py's --eval-annotator gets the training --instruction.)"""
+    cfg = oaif.parse_args(next(iter(args.values())))
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    prompts = oaif.split_prompts(cfg)[0]
+    initial, tokenizer = oaif.load_model(cfg.model, device)
+
+    def answers(model):
+        return oaif.sample_answers(
+            model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, cfg.seed
+        )
+
+    models = {"device": device, cfg.model: (initial, tokenizer)}  # a judge that is --model: shared
+    neutral = dataclasses.replace(cfg, instruction="")
+    annotator = oaif.make_annotator(judge, neutral, models, cfg.annotator_model)
+    reference, wins = answers(initial), {}
+    for name, arg in args.items():
+        policy = oaif.load_model(oaif.parse_args(arg).output_dir, device)[0]
+        wins[name] = oaif.win_rate(prompts, answers(policy), reference, annotator)
+    return wins
+
+
+def mean(rows: list, key: str = "response_tokens") -> float:
+    return sum(r[key] for r in rows) / max(1, len(rows))
+
+
+def table(train: dict, evals: dict, neutral: dict, judge: str) -> str:
+    """The result, markdown: mean response tokens of the first and the last steps' samples, each
+    arm's direction, the arms' ratio, how far each policy went (KL), the held-out answers' length
+    and the win rates against the initial policy."""
+    n = min(len(rows) for rows in train.values())
+    first, last = min(FIRST, n), min(LAST, n)
+    span = lambda a, b: f"step {a}" if a == b else f"steps {a}–{b}"  # noqa: E731
+    won = lambda e: f"{e['win_rate']:.2f} ({e['wins']} won, {e['ties']} tied of {e['n']})"  # noqa: E731
+    lines = [
+        f"| mean response tokens | {span(1, first)} | {span(n - last + 1, n)} | direction "
+        "| KL to initial, nats/response | held-out answer chars, initial → final "
+        "| win rate vs initial, neutral judge | win rate vs initial, own instruction |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ends = {}
+    for name, rows in train.items():
+        instruction, way = INSTRUCTIONS[name]
+        start, end, e = mean(rows[:first]), mean(rows[n - last : n]), evals[name]
+        ends[name] = start, end
+        moved = "longer" if end > start else "shorter" if end < start else "unchanged"
+        direction = f"{moved}, {end / start:.2f}x, {'as asked' if moved == way else 'NOT as asked'}"
+        kl = mean(rows[n - last : n], "kl")  # summed log-ratio of the samples: how far it went
+        chars = f"{e['reference_chars']:.0f} → {e['policy_chars']:.0f}"
+        fair = won(neutral[name]) if name in neutral else "–"
+        lines.append(
+            f'| "{instruction}" | {start:.1f} | {end:.1f} | {direction} | {kl:.1f} | {chars} | '
+            f"{fair} | {won(e)} |"
+        )
+    (d0, d1), (c0, c1) = ends["detailed"], ends["concise"]
+    lines.append(f"| detailed / concise | {d0 / c0:.2f}x | {d1 / c1:.2f}x | | | | | |")
+    note = f"neutral judge: {judge or 'none (rule annotators: give --neutral-judge SPEC)'}"
+    return "\n".join(lines) + f"\n\n({note}; a tie counts 1/2; goal: detailed / concise ≥ 2x)\n"
+
+
+def plot(train: dict, evals: dict, neutral: dict, path: str, title: str, cap: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    # thin: each step (its prompts set the level); thick: the mean of 5 steps
+    for name, rows in train.items():
+        steps, tokens = [r["step"] for r in rows], [r["response_tokens"] for r in rows]
+        line = ax.plot(steps, tokens, lw=0.7, alpha=0.5)[0]
+        smooth = [sum(tokens[max(0, i - 4) : i + 1]) / min(i + 1, 5) for i in range(len(tokens))]
+        fair = f", neutral {neutral[name]['win_rate']:.2f}" if name in neutral else ""
+        label = f"{INSTRUCTIONS[name][0]} (win rate {evals[name]['win_rate']:.2f}{fair})"
+        ax.plot(steps, smooth, color=line.get_color(), lw=2, label=label)
+    ax.axhline(cap, color="grey", lw=0.5, ls="--")
+    ax.set(xlabel="step", ylabel="mean response tokens", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Two instructions, two runs: response length per step.")
-    p.add_argument("--model", default="", help="hub id or folder (or --tiny)")
-    p.add_argument("--tiny", action="store_true", help="build the tests' tiny random GPT-2 offline and use it")
-    p.add_argument("--judge", default="", help="the annotator of both runs: hf:MODEL, claude or rm:MODEL")
-    p.add_argument("--out", default="", help="output folder (default: a temporary one)")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--paper", action="store_true", help="the paper-sized run on one GPU (above)")
+    p.add_argument("--smoke", action="store_true", help="--paper's code path, tiny model, 2 steps")
+    p.add_argument("--model", default=None, help="hub id or folder (or --tiny)")
+    p.add_argument("--tiny", action="store_true", help="build the tests' tiny random GPT-2, use it")
+    p.add_argument("--judge", default=None, help="both runs' annotator: hf:MODEL, claude, rm:MODEL")
+    p.add_argument(
+        "--neutral-judge",
+        default=None,
+        help="judges the win rates, no instruction (default: --judge; none: skip)",
+    )
+    p.add_argument(
+        "--out",
+        default="",
+        help="output folder (default: a new oaif-out/length_control/run-N); an arm finished "
+        "there with the same flags is read, not run again",
+    )
+    p.add_argument("--steps", type=int, default=None, help="default 60 (--paper 150)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8 (--paper 16)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 48 (--paper 128)")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 with --tiny, else 1e-5")
-    p.add_argument("--eval-prompts", type=int, default=8)
-    p.add_argument("--eval-every", type=int, default=0, help="win rate every N steps (default: at the end only)")
+    p.add_argument("--eval-prompts", type=int, default=None, help="default 8 (--paper 16)")
+    p.add_argument("--eval-every", type=int, default=0, help="win rate every N steps (0: at end)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parallel", action="store_true", help="both runs at once, each in its own process and "
-                   "half the cores; their consoles go to OUT/NAME.log")
-    p.add_argument("--png", default="", help="plot the two length curves here (needs matplotlib)")
+    p.add_argument(
+        "--parallel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="both runs at once, a process each (half the cores each), consoles to OUT/ARM.log",
+    )
+    p.add_argument("--png", default="", help="the plot's file (default: OUT/control.png)")
     a, passthrough = p.parse_known_args(argv)
-    a.model, out, lr = resolve(p, a, "oaif-length-")
+    preset = "paper" if a.paper else "smoke" if a.smoke else "none"
+    for k, v in PRESETS[preset].items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    a.tiny = a.tiny or a.smoke
+    passthrough = (PRESET_OAIF if preset != "none" else []) + passthrough  # the user's come later
+    if a.paper and not torch.cuda.is_available():
+        print("--paper is sized for a GPU; on this CPU it will take many hours (--smoke: a minute)")
+    a.model, out, lr = resolve(p, a, "length_control")
     judge = a.judge or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "")
-    print(f"annotator: {judge or 'rule annotators longer / shorter (no ANTHROPIC_API_KEY, no --judge)'}")
-    args = {name: ["--model", a.model, "--output-dir", os.path.join(out, name), "--steps", str(a.steps),
-                   "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens), "--lr", str(lr),
-                   "--annotator", judge or rule, "--seed", str(a.seed),
-                   *(["--instruction", instruction] if judge else []),  # a rule reads no instruction
-                   "--eval-every", str(a.eval_every or a.steps), "--eval-prompts", str(a.eval_prompts),
-                   "--sample-every", "5" if a.parallel else "0", *passthrough]
-            for name, (instruction, rule) in INSTRUCTIONS.items()}
-    args = {k: v for k, v in args.items() if not finished(v)}  # other flags: run again (--overwrite to replace it)
-    if a.parallel:  # one process each, half the cores each: both curves grow side by side
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
-        os.makedirs(out, exist_ok=True)
-        logs = {name: open(os.path.join(out, f"{name}.log"), "w") for name in args}
-        procs = {name: subprocess.Popen([sys.executable, os.path.join(HERE, "..", "oaif.py"), *arg], env=env,
-                                        stdout=logs[name], stderr=subprocess.STDOUT) for name, arg in args.items()}
-        if any(proc.wait() for proc in procs.values()):
-            raise SystemExit(f"a run failed: see {out}/*.log")
-    else:
-        for name, arg in args.items():
+    judge = f"hf:{a.model}" if a.smoke and not a.judge else judge  # the tiny model judges itself
+    neutral_judge = "" if a.neutral_judge == "none" else a.neutral_judge or judge
+    print(f"annotator: {judge or 'rule annotators longer / shorter (no API key, no --judge)'}")
+    args = {}
+    for name, (instruction, rule) in INSTRUCTIONS.items():
+        # a rule reads no instruction (oaif refuses one): the rule itself stands in for it
+        annotator = (
+            ["--annotator", judge, "--instruction", instruction] if judge else ["--annotator", rule]
+        )
+        args[name] = [
+            *("--model", a.model, "--output-dir", os.path.join(out, name), "--seed", str(a.seed)),
+            *("--steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr", str(lr)),
+            *("--max-new-tokens", str(a.max_new_tokens), "--eval-prompts", str(a.eval_prompts)),
+            *("--eval-every", str(a.eval_every or a.steps), "--sample-every", str(5 * a.parallel)),
+            *annotator,
+            *passthrough,
+        ]
+    todo = {k: v for k, v in args.items() if not finished(v)}  # other flags: run (--overwrite)
+    for name in args.keys() - todo.keys():
+        print(f"{name}: finished with these flags, read from {out}")
+    t0 = time.time()
+    if a.parallel and todo:
+        run_side_by_side(todo, out)
+    elif todo:
+        for name, arg in todo.items():
             print(f"--- {name}: {INSTRUCTIONS[name][0]!r} ---", flush=True)
             oaif.main(arg)
-    runs = {}
-    for name in INSTRUCTIONS:
-        with open(os.path.join(out, name, "metrics.jsonl")) as f:
-            runs[name] = [json.loads(line) for line in f]
+    t1 = time.time()
+    runs = {name: metrics(arg) for name, arg in args.items()}
     train = {k: [r for r in v if not r.get("eval")] for k, v in runs.items()}
-    print(f"\nmean response tokens per step (cap {a.max_new_tokens})\n{'step':>5} {'detailed':>9} {'concise':>9}")
-    for d, c in zip(train["detailed"], train["concise"]):
-        print(f"{d['step']:>5} {d['response_tokens']:>9.1f} {c['response_tokens']:>9.1f}")
-    wins = {}
-    for name, rows in runs.items():
-        e = [r for r in rows if r.get("eval")][-1]
-        wins[name] = e["win_rate"]
-        print(f"{name}: win rate vs the initial policy under its own instruction {e['win_rate']:.3f} "
-              f"({e['n']} judged, {e['no_verdict']} no verdict); mean answer {e['policy_chars']:.0f} chars "
-              f"vs the initial policy's {e['reference_chars']:.0f}")
-    if a.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, rows in train.items():  # thin: each step (its prompts set the level); thick: 5-step mean
-            steps, tokens = [r["step"] for r in rows], [r["response_tokens"] for r in rows]
-            line = ax.plot(steps, tokens, lw=0.7, alpha=0.5)[0]
-            mean = [sum(tokens[max(0, i - 4):i + 1]) / len(tokens[max(0, i - 4):i + 1]) for i in range(len(tokens))]
-            ax.plot(steps, mean, color=line.get_color(), lw=2, label=f"{INSTRUCTIONS[name][0]} (win rate "
-                    f"{wins[name]:.2f})")
-        ax.axhline(a.max_new_tokens, color="grey", lw=0.5, ls="--")
-        ax.set(xlabel="step", ylabel="mean response tokens", title=f"{os.path.basename(a.model.rstrip('/'))}, "
-               f"annotator {os.path.basename(judge.rstrip('/')) if judge else 'rules'}, lr {lr}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(a.png, dpi=120)
-        print(f"plot: {a.png}")
+    evals = {k: [r for r in v if r.get("eval")][-1] for k, v in runs.items()}
+    print(f"\nmean response tokens per step (cap {a.max_new_tokens})")
+    print(f"{'step':>5} {'detailed':>9} {'concise':>9}")
+    every = max(1, a.steps // 15)  # about 15 lines
+    for d, c in zip(train["detailed"], train["concise"], strict=True):
+        if d["step"] % every == 0 or d["step"] in (1, a.steps):
+            print(f"{d['step']:>5} {d['response_tokens']:>9.1f} {c['response_tokens']:>9.1f}")
+    neutral = neutral_win_rates(args, neutral_judge) if neutral_judge else {}
+    result = table(train, evals, neutral, neutral_judge)
+    with open(os.path.join(out, "control.md"), "w") as f:
+        f.write(result)
+    print(f"\n{result}")
+    png, short = a.png or os.path.join(out, "control.png"), os.path.basename
+    title = f"{short(a.model.rstrip('/'))}, annotator {short(judge) or 'rules'}, lr {lr}, "
+    title += f"{a.steps} steps x {a.batch_size} prompts"
+    try:
+        plot(train, evals, neutral, png, title, a.max_new_tokens)
+        print(f"plot: {png}")
+    except ImportError:
+        if a.png:
+            raise
+        print("(pip install matplotlib for the plot)")
+    print(f"training {t1 - t0:.0f} s, neutral judge and table {time.time() - t1:.0f} s; out: {out}")
     return runs
 
 

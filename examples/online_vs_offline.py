@@ -1,12 +1,16 @@
-"""Online vs offline DAP, the paper's main comparison in miniature: the same loss, beta, optimiser, prompts,
-steps and seed; the only difference is where the pairs come from. Online (OAIF): two fresh samples of the
-current policy per prompt, labelled every step. Offline: two samples per prompt from the initial policy,
-labelled once before training, then reused. Both are evaluated by win rate against the initial policy on
-held-out prompts.
+"""Online vs offline DAP, the paper's main comparison in miniature: the same loss, beta, optimiser,
+prompts, steps and seed; the only difference is where the pairs come from. Online (OAIF): two fresh
+samples of the current policy per prompt, labelled every step. Offline: two samples per prompt from
+the initial policy, labelled once before training, then reused. Both are evaluated by win rate
+against the initial policy on held-out prompts. Flags it does not know go to oaif.py unchanged.
 
-    python examples/online_vs_offline.py --tiny                      # tiny offline GPT-2, a few minutes on 2 cores
+    python examples/online_vs_offline.py --tiny      # tiny offline GPT-2, a few minutes on 2 cores
     python examples/online_vs_offline.py --model gpt2 --annotator claude --steps 500 --eval-every 50
+
+Each invocation writes a new oaif-out/online_vs_offline/run-N (printed); with --out DIR, an arm
+already finished there with the same flags is read, not run again.
 """
+
 import argparse
 import json
 import os
@@ -15,8 +19,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
+from tiny_model import finished, resolve  # noqa: E402
+
 import oaif  # noqa: E402
-from tiny_model import resolve  # noqa: E402
 
 
 def read(path):
@@ -26,10 +31,16 @@ def read(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Online vs offline DAP with the same budget; win rate vs step.")
+    p = argparse.ArgumentParser(
+        description="Online vs offline DAP with the same budget; win rate vs step."
+    )
     p.add_argument("--model", default="", help="hub id or folder (or --tiny)")
-    p.add_argument("--tiny", action="store_true", help="build the tests' tiny random GPT-2 offline and use it")
-    p.add_argument("--out", default="", help="output folder (default: a temporary one)")
+    p.add_argument(
+        "--tiny", action="store_true", help="build the tests' tiny random GPT-2 offline and use it"
+    )
+    p.add_argument(
+        "--out", default="", help="output folder (default: oaif-out/online_vs_offline/run-N)"
+    )
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-prompts", type=int, default=16)
@@ -41,30 +52,43 @@ def main(argv=None):
     p.add_argument("--eval-annotator", default="")
     p.add_argument("--prompts", default="")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    a.model, out, lr = resolve(p, a, "oaif-ovo-")
-    common = ["--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--eval-prompts",
-              str(a.eval_prompts), "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens),
-              "--lr", str(lr), "--loss", a.loss, "--annotator", a.annotator, "--seed", str(a.seed),
-              "--sample-every", "0", "--eval-annotator", a.eval_annotator, "--prompts", a.prompts]
+    a, passthrough = p.parse_known_args(argv)
+    a.model, out, lr = resolve(p, a, "online_vs_offline")
+    common = [
+        *("--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every)),
+        *("--eval-prompts", str(a.eval_prompts), "--batch-size", str(a.batch_size)),
+        *("--max-new-tokens", str(a.max_new_tokens), "--lr", str(lr), "--loss", a.loss),
+        *("--annotator", a.annotator, "--seed", str(a.seed), "--sample-every", "0"),
+        *("--eval-annotator", a.eval_annotator, "--prompts", a.prompts, *passthrough),
+    ]
     arms = {}
     for arm in ("online", "offline"):
-        print(f"--- {arm} ---", flush=True)
-        oaif.main(common + ["--output-dir", os.path.join(out, arm)] + (["--offline"] if arm == "offline" else []))
+        arg = common + ["--output-dir", os.path.join(out, arm)] + ["--offline"] * (arm == "offline")
+        if finished(arg):  # --out DIR, the same flags: read, not run again
+            print(f"--- {arm}: finished with these flags, read from {out} ---", flush=True)
+        else:
+            print(f"--- {arm} ---", flush=True)
+            oaif.main(arg)
         arms[arm] = read(os.path.join(out, arm))
-    print(f"\nwin rate against the initial policy ({a.eval_prompts} held-out prompts, judge: "
-          f"{a.eval_annotator or a.annotator}), and the mean length (characters) of the evaluated responses")
-    print(f"{'step':>5} {'online':>8} {'offline':>8} {'online len':>11} {'offline len':>12} {'initial len':>12}")
-    for e_on, e_off in zip(arms["online"][1], arms["offline"][1]):
-        print(f"{e_on['step']:>5} {e_on['win_rate']:>8.3f} {e_off['win_rate']:>8.3f} {e_on['policy_chars']:>11.1f} "
-              f"{e_off['policy_chars']:>12.1f} {e_on['reference_chars']:>12.1f}")
+    print(
+        f"\nwin rate against the initial policy ({a.eval_prompts} held-out prompts, judge: "
+        f"{a.eval_annotator or a.annotator}), and the mean length (characters) of the evaluated "
+        f"responses\n{'step':>5} {'online':>8} {'offline':>8} {'online len':>11} "
+        f"{'offline len':>12} {'initial len':>12}"
+    )
+    for on, off in zip(arms["online"][1], arms["offline"][1], strict=True):
+        chars = on["policy_chars"], off["policy_chars"], on["reference_chars"]
+        print(
+            f"{on['step']:>5} {on['win_rate']:>8.3f} {off['win_rate']:>8.3f} "
+            f"{chars[0]:>11.1f} {chars[1]:>12.1f} {chars[2]:>12.1f}"
+        )
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"(install matplotlib for a plot) runs in {out}")
+        print(f"(install matplotlib for a plot) output: {out}")
         return arms
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for arm, style in (("online", "-o"), ("offline", "--s")):
@@ -77,7 +101,7 @@ def main(argv=None):
         x.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "online_vs_offline.png"), dpi=100)
-    print(f"plot: {os.path.join(out, 'online_vs_offline.png')}")
+    print(f"plot: {os.path.join(out, 'online_vs_offline.png')}\noutput: {out}")
     return arms
 
 
