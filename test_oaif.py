@@ -1636,3 +1636,130 @@ def test_readme_links_only_files_in_the_repository():
     assert not missing, f"the README links files not in the repository (git ls-files): {missing}"
     ignored = git("check-ignore", "--no-index", *links).stdout.split()
     assert not ignored, f".gitignore hides files the README links: {ignored}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Copy-pasteable pieces: each built alone from the source of exactly the names the README lists
+
+
+COMMON = ["import math", "import torch", "import torch.nn.functional as F"]
+LOGPROBS = ["fused_logprobs", "_FusedLogprobs", "_labelled_rows", "default_chunk_size"]
+SEQUENCE = ["sequence_logprobs", "head_temperature", "OAIFError", *LOGPROBS]
+LOSS_NAMES = ["dpo_loss", "ipo_loss", "slic_loss", "preference_margin"]
+SAMPLER = ["sample_pairs", "sample_tokens", "encode_prompts", "user_turn", "left_pad", "response_mask_after_eos"]
+PROMPT = ["render_judge_prompt", "parse_verdict", "TEMPLATES", "QUESTION", "ANCHOR", "BARE"]
+LOCAL_JUDGE = ["LocalJudgeAnnotator", "judge_question", "CRITERION", "QUESTION", "TEMPLATES", "user_turn",
+               "head_temperature", "OAIFError"]
+CLAUDE = ["ClaudeAnnotator", "both_orders", "OAIFError", *PROMPT]
+STEP = ["oaif_step", "Wiring", "update", "timed", "triage", "LOSSES", "DEFAULT_BETA", *LOSS_NAMES, *SAMPLER,
+        *SEQUENCE]
+# piece -> (the names to copy with it, the imports it needs): the README's "Copy-pasteable pieces" table
+PIECES = {
+    "fused_logprobs": (LOGPROBS, COMMON),
+    "losses": (LOSS_NAMES, COMMON),
+    "sequence_logprobs": (SEQUENCE, COMMON),
+    "sample_pairs": (SAMPLER, ["import inspect", "import torch"]),
+    "render_judge_prompt": (PROMPT, ["import re"]),
+    "both_orders": (["both_orders"], ["import math"]),
+    "LocalJudgeAnnotator": (LOCAL_JUDGE, ["import copy", "import inspect", "import os", "import re", "import torch"]),
+    "ClaudeAnnotator": (CLAUDE, ["import concurrent.futures", "import math", "import re", "import threading"]),
+    "oaif_step": (STEP, COMMON + ["import concurrent.futures", "import inspect", "import time",
+                                 "import numpy as np"]),
+}
+
+
+def build_piece(piece: str) -> dict:
+    """A fresh namespace holding only the piece's imports and the source of its names; every global
+    name any of that source reads, on any branch (a CUDA-only one too), must be among them."""
+    import ast
+    import builtins
+    import inspect
+    import textwrap
+
+    names, imports = PIECES[piece]
+    ns = {"__name__": f"piece_{piece}"}
+    exec("\n".join(imports + ["from typing import Callable, Optional"]), ns)
+    sources = []
+    for name in names:
+        obj = getattr(oaif, name)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            sources.append(textwrap.dedent(inspect.getsource(obj)))
+            exec(sources[-1], ns)
+        else:  # a constant: its value, as its one line of source would make it
+            ns[name] = obj
+    tree = ast.parse("\n".join(sources))
+    bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    bound |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments)
+              for a in n.posonlyargs + n.args + n.kwonlyargs + [n.vararg, n.kwarg] if a}
+    bound |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler))}
+    bound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+              for a in n.names}
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    missing = read - bound - set(ns) - set(dir(builtins))
+    assert not missing, f"{piece} reads {sorted(missing)}, not among the names the README lists for it"
+    return ns
+
+
+def test_copy_pasteable_pieces_run_alone(tiny, api):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ns = {piece: build_piece(piece) for piece in PIECES}
+    # fused_logprobs: both dtype paths and a frozen head, against a float64 oracle
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(9, 8, generator=g), torch.randn(13, 8, generator=g)
+    labels = torch.randint(0, 13, (9,), generator=g).masked_fill(torch.arange(9) % 4 == 0, -100)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
+        h = hidden.to(dtype).detach().requires_grad_()
+        out = ns["fused_logprobs"]["fused_logprobs"](h, weight, labels, 0.7, 4)
+        out.sum().backward()
+        assert (out.double() - oracle_logprobs(hidden, weight, labels, 0.7)).abs().max() < tol and h.grad is not None
+    # the losses: log 2 at h = 0; sequence_logprobs as HF's cross-entropy says
+    zero = [torch.zeros(2)] * 4
+    assert ns["losses"]["dpo_loss"](*zero).tolist() == pytest.approx([math.log(2)] * 2)
+    assert ns["losses"]["ipo_loss"](*zero).tolist() == [0.25] * 2 and ns["losses"]["slic_loss"](*zero).tolist() == [1.0] * 2
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny).eval(), AutoTokenizer.from_pretrained(tiny)
+    tok.pad_token = tok.eos_token
+    # the sampler: raw prompts, then a chat template; greedy and sampled; non-finite weights raise
+    for template in (None, "{% for m in messages %}{{ m.content }}\n{% endfor %}"):
+        tok.chat_template = template
+        for temperature in (0.0, 0.9):
+            batch = ns["sample_pairs"]["sample_pairs"](model, tok, ["Hi", "Why?"], 2, 5, temperature)
+            assert batch["input_ids"].shape[0] == 4 and len(batch["texts"]) == 4
+    logps = ns["sequence_logprobs"]["sequence_logprobs"](model, batch["input_ids"], batch["attention_mask"],
+                                                           batch["response_mask"])
+    assert logps.tolist() == pytest.approx(oaif.sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                                                  batch["response_mask"]).tolist())
+    broken = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError):
+        ns["sample_pairs"]["sample_pairs"](broken, tok, ["Hi"], 2, 3, 0.9)
+    # the annotator's prompt and its parsing; both orders
+    text = ns["render_judge_prompt"]["render_judge_prompt"]("tldr", "Be brief.", "x", "a", "b")
+    assert "Summary 2:\nb" in text and ns["render_judge_prompt"]["parse_verdict"]("Preferred Summary=2") == 0.0
+    stats = {}
+    assert ns["both_orders"]["both_orders"](lambda p, a, b: [1.0] * len(p), ["x"], ["a"], ["b"], stats) == [0.5]
+    assert stats == dict(order_pairs=1, first_sum=1.0, order_agree=0)
+    # the local judge: a chat template and none, with and without an instruction, past its context
+    for template, instruction in ((template, ""), (None, "Prefer the more concise response.")):
+        tok.chat_template = template
+        judge = ns["LocalJudgeAnnotator"]["LocalJudgeAnnotator"](model, tok, instruction=instruction)
+        assert 0 < judge(["Why?"], ["Because."], ["Nobody knows, really."])[0] < 1
+    with pytest.raises(Exception, match="context"):
+        judge(["x"], ["word " * 1100], ["y"])
+    # Claude through the real SDK and the stand-in API
+    claude = ns["ClaudeAnnotator"]["ClaudeAnnotator"](client=api().client())
+    assert claude(*PAIRS) == [1.0, 0.0]
+    # oaif_step: online with a rule, then offline pairs; soft labels and averaged log-probs
+    step = ns["oaif_step"]["oaif_step"]
+    policy, ref = AutoModelForCausalLM.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny).eval()
+    ref.requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    cfg = SimpleNamespace(loss="ipo", beta=None, max_new_tokens=6, temperature=0.9, min_confidence=0.0,
+                          labels="soft", average_logps=True, max_grad_norm=1.0, dtype="float32")
+    out = step(policy, ref, tok, ["Hi", "Why?", "How?"], oaif.shorter, optimizer, cfg)
+    assert out["n_used"] == out["counts"]["pairs"] > 0 and math.isfinite(out["grad_norm"])
+    pairs = dict(oaif.pair_batch([[5, 6]], [[7, 8, 9]], [[10]], tok.pad_token_id, "cpu"), texts=["a b", "c"], probs=[0.9])
+    out = step(policy, ref, tok, ["Hi"], None, optimizer, cfg, pairs)
+    assert out["counts"]["pairs"] == 1 and out["annotate_s"] == 0.0
