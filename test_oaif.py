@@ -1,8 +1,10 @@
-"""Tests for oaif.py: oracles for the math, a tiny random GPT-2 built offline for everything else, and a
-stand-in Messages API on 127.0.0.1 for the Claude annotator (the real anthropic SDK, over real HTTP).
+"""Tests for oaif.py: oracles for the math, a tiny random GPT-2 built offline for everything else,
+and a stand-in Messages API on 127.0.0.1 for the Claude annotator (the real anthropic SDK, over real
+HTTP).
 
     python -m pytest -q test_oaif.py
 """
+
 import json
 import math
 import os
@@ -27,10 +29,12 @@ try:
     import peft
 except ImportError:  # optional (--lora-rank): requirements.txt leaves it out, CI installs it
     peft = None
-needs_peft = pytest.mark.skipif(peft is None, reason="needs peft (pip install peft) for --lora-rank")
+needs_peft = pytest.mark.skipif(
+    peft is None, reason="needs peft (pip install peft) for --lora-rank"
+)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Fixtures
 
 
@@ -50,23 +54,27 @@ def read_metrics(out_dir) -> list:
 
 
 def run_args(tiny, out, *extra) -> list:
-    return ["--model", tiny, "--output-dir", str(out), "--annotator", "shorter", "--steps", "2", "--batch-size",
-            "4", "--max-new-tokens", "8", "--lr", "1e-3", "--sample-every", "0", *extra]
+    args = ["--model", tiny, "--output-dir", str(out), "--annotator", "shorter", "--steps", "2"]
+    args += ["--batch-size", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--sample-every", "0"]
+    return args + list(extra)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Losses: values at hand-computed points and gradient signs
 
 
 def logps(h: float):
-    """Four (1,) log-prob tensors with margin h (policy_chosen carries it), policy ones requiring grad."""
+    """Four (1,) log-prob tensors with margin h (policy_chosen carries it), policy ones requiring
+    grad."""
     pc, pr = torch.tensor([h - 3.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
     return pc, pr, torch.tensor([-3.0]), torch.tensor([-5.0])
 
 
 def test_dpo_at_zero_margin_is_log2():
     assert oaif.dpo_loss(*logps(0.0), beta=0.1).item() == pytest.approx(math.log(2))
-    assert oaif.dpo_loss(*logps(10.0), beta=0.1).item() == pytest.approx(math.log(1 + math.exp(-1.0)))
+    assert oaif.dpo_loss(*logps(10.0), beta=0.1).item() == pytest.approx(
+        math.log(1 + math.exp(-1.0))
+    )
 
 
 def test_ipo_minimum_at_half_over_beta():
@@ -92,26 +100,35 @@ def test_loss_gradient_signs(name):
     loss = oaif.LOSSES[name](pc, pr, rc, rr, oaif.DEFAULT_BETA[name])
     assert loss.shape == (1,)
     loss.sum().backward()
-    assert pc.grad.item() < 0 < pr.grad.item()  # descent raises the chosen log-prob, lowers the rejected
+    # descent raises the chosen log-prob, lowers the rejected
+    assert pc.grad.item() < 0 < pr.grad.item()
 
 
 @pytest.mark.parametrize("h,p", [(0.0, 0.7), (2.0, 0.9), (-3.0, 0.6)])
 def test_soft_label_losses_at_hand_points(h, p):
-    s = lambda x: 1 / (1 + math.exp(-x))
+    def s(x):
+        return 1 / (1 + math.exp(-x))
+
     b = 0.5
+
     assert oaif.dpo_loss(*logps(h), beta=b, label_p=p).item() == pytest.approx(
-        -p * math.log(s(b * h)) - (1 - p) * math.log(s(-b * h)))
-    assert oaif.ipo_loss(*logps(h), beta=b, label_p=p).item() == pytest.approx((h - (2 * p - 1) / (2 * b)) ** 2)
+        -p * math.log(s(b * h)) - (1 - p) * math.log(s(-b * h))
+    )
+    assert oaif.ipo_loss(*logps(h), beta=b, label_p=p).item() == pytest.approx(
+        (h - (2 * p - 1) / (2 * b)) ** 2
+    )
     assert oaif.slic_loss(*logps(h), beta=0.2, label_p=p).item() == pytest.approx(
-        p * max(0, 1 - 0.2 * h) + (1 - p) * max(0, 1 + 0.2 * h))
+        p * max(0, 1 - 0.2 * h) + (1 - p) * max(0, 1 + 0.2 * h)
+    )
     # a (B,) tensor of labels; p = 1 is the hard loss exactly, p = 1/2 has its minimum at h = 0
     x = [torch.tensor([h, h]) for h in (1.0, -2.0, 0.5, 0.25)]
     for name in ("dpo", "ipo", "slic"):
         loss = oaif.LOSSES[name]
         assert torch.equal(loss(*x, beta=0.3, label_p=torch.tensor([1.0, 1.0])), loss(*x, beta=0.3))
-        pc = torch.tensor([0.0], requires_grad=True)
-        loss(pc, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.3, label_p=0.5).sum().backward()
-        assert pc.grad.item() == pytest.approx(0.0, abs=1e-7) or name == "slic"  # the hinge is flat there
+        pc, zeros = torch.tensor([0.0], requires_grad=True), [torch.zeros(1) for _ in range(3)]
+        loss(pc, *zeros, beta=0.3, label_p=0.5).sum().backward()
+        # the hinge is flat there
+        assert pc.grad.item() == pytest.approx(0.0, abs=1e-7) or name == "slic"
 
 
 def test_losses_reject_bad_shapes():
@@ -119,7 +136,7 @@ def test_losses_reject_bad_shapes():
         oaif.dpo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(2))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # fused_logprobs against log_softmax + gather in float64
 
 
@@ -143,7 +160,10 @@ def check_against_oracle(N, H, V, chunk, temperature=1.0, dtype=torch.float32, t
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     ref = oracle_logprobs(h64, w64, labels, temperature)
     (ref * upstream.double()).sum().backward()
-    scale = lambda t: 1 + t.abs().max().item()  # relative to the size of what is compared
+
+    def scale(t):  # relative to the size of what is compared
+        return 1 + t.abs().max().item()
+
     assert (out.double() - ref).abs().max().item() <= tol * scale(ref)
     assert (hidden.grad.double() - h64.grad).abs().max().item() <= tol * scale(h64.grad)
     assert (weight.grad.double() - w64.grad).abs().max().item() <= tol * scale(w64.grad)
@@ -157,8 +177,8 @@ def test_fused_logprobs_matches_float64(chunk, temperature):
 
 
 def test_fused_logprobs_bf16_inputs():
-    # bf16 hidden states: logits are rounded to bf16 (8-bit mantissa) before the float32 logsumexp, so the
-    # values and gradients are good to about 1e-2 relative, like any bf16 matmul.
+    # bf16 hidden states: logits are rounded to bf16 (8-bit mantissa) before the float32 logsumexp,
+    # so the values and gradients are good to about 1e-2 relative, like any bf16 matmul.
     check_against_oracle(N=40, H=32, V=211, chunk=16, dtype=torch.bfloat16, tol=3e-2)
 
 
@@ -171,15 +191,19 @@ class OutputShapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.seen += [(tuple(t.shape), t.dtype) for t in (out if isinstance(out, (tuple, list)) else [out])
-                      if isinstance(t, torch.Tensor)]
+        self.seen += [
+            (tuple(t.shape), t.dtype)
+            for t in (out if isinstance(out, (tuple, list)) else [out])
+            if isinstance(t, torch.Tensor)
+        ]
         return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_frozen_head_backward_makes_no_head_gradient(dtype):
-    # LoRA freezes the LM head: its backward must neither allocate nor write the float32 (V, H) gradient buffer,
-    # and grad_h must be bit-identical to a trainable head's (itself checked against float64 above).
+    # LoRA freezes the LM head: its backward must neither allocate nor write the float32 (V, H)
+    # gradient buffer, and grad_h must be bit-identical to a trainable head's (itself checked
+    # against float64 above).
     N, H, V = 40, 24, 211
     hidden, weight = torch.randn(N, H).to(dtype), torch.randn(V, H) * 0.5
     labels = torch.randint(0, V, (N,))
@@ -193,7 +217,8 @@ def test_frozen_head_backward_makes_no_head_gradient(dtype):
         shapes.append(rec.seen.count(((V, H), torch.float32)))
         assert (w.grad is not None) == trainable
     assert torch.equal(grads[0], grads[1])
-    assert shapes[0] > 0 and shapes[1] == 0  # the first: the recorder sees the buffer when there is one
+    # the first: the recorder sees the buffer when there is one
+    assert shapes[0] > 0 and shapes[1] == 0
 
 
 def test_fused_logprobs_batch_dims_and_all_ignored():
@@ -217,23 +242,27 @@ def hf_sequence_logprobs(model, ids, mask, resp):
 def test_sequence_logprobs_matches_hf_cross_entropy_and_tied_gradient(model_tok):
     model, tok = model_tok
     prompts = [tok("Explain why the sky is blue.").input_ids, tok("Hi").input_ids]
-    batch = oaif.pair_batch(prompts, [[5, 6, 7], [9]], [[8], [10, 11, 12, 13]], tok.pad_token_id, "cpu")
-    ours = oaif.sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    batch = oaif.pair_batch(
+        prompts, [[5, 6, 7], [9]], [[8], [10, 11, 12, 13]], tok.pad_token_id, "cpu"
+    )
+    ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    ours = oaif.sequence_logprobs(model, ids, mask, resp)
     ours.sum().backward()
     grad_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ref = hf_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    ref = hf_sequence_logprobs(model, ids, mask, resp)
     ref.sum().backward()
     assert ours.shape == (4,)
     assert torch.allclose(ours, ref, atol=1e-4)
-    wte = "transformer.wte.weight"  # GPT-2 ties it to the LM head: the head's gradient must land here too
+    # GPT-2 ties it to the LM head: the head's gradient must land here too
+    wte = "transformer.wte.weight"
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert torch.allclose(grad_ours[wte], model.transformer.wte.weight.grad, atol=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(grad_ours[n], p.grad, atol=1e-5), n
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sampling
 
 
@@ -256,7 +285,7 @@ def test_sample_pairs_shapes_eos_and_texts(model_tok):
         assert n == k and m[:k].all() and not m[k:].any()  # one contiguous response
         if k < 12:
             assert r[k - 1] == eos  # a response shorter than the cap ends with its EOS
-        assert eos not in r[:k - 1].tolist()  # and has none before
+        assert eos not in r[: k - 1].tolist()  # and has none before
         assert text == tok.decode(r[:k], skip_special_tokens=True)
     assert torch.equal(s["attention_mask"][:, P:], rmask)  # nothing after EOS is attended
 
@@ -265,44 +294,80 @@ def test_left_padded_batch_generates_like_single_prompts(model_tok):
     model, tok = model_tok
     prompts = ["Explain recursion to a child.", "Hi"]
     batched = oaif.sample_pairs(model, tok, prompts, n=1, max_new_tokens=10, temperature=0)["texts"]
-    alone = [oaif.sample_pairs(model, tok, [p], n=1, max_new_tokens=10, temperature=0)["texts"][0] for p in prompts]
+    alone = [
+        oaif.sample_pairs(model, tok, [p], n=1, max_new_tokens=10, temperature=0)["texts"][0]
+        for p in prompts
+    ]
     assert batched == alone
 
 
 def test_chat_template_is_used_when_present(model_tok):
     _, tok = model_tok
-    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    )
     assert oaif.encode_prompts(tok, ["hello"]) == [tok("<user>hello<assistant>").input_ids]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Annotators that need no network
 
 
 def test_shorter_and_both_orders():
     assert oaif.shorter(["x"] * 3, ["ab", "abc", "ab"], ["abc", "ab", "cd"]) == [1.0, 0.0, None]
-    biased = lambda p, a, b: [1.0] * len(p)  # always prefers whatever it sees first
+
+    def biased(p, a, b):  # always prefers whatever it sees first
+        return [1.0] * len(p)
+
     assert oaif.both_orders(biased, ["x", "y"], ["a", "b"], ["c", "d"]) == [0.5, 0.5]
-    fair = lambda p, a, b: oaif.shorter(p, a, b)
+
+    def fair(p, a, b):
+        return oaif.shorter(p, a, b)
+
     assert oaif.both_orders(fair, ["x", "y"], ["a", "bbb"], ["cc", "d"]) == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("reply,verdict", [
-    ("Response 1 is clearer.\nPreferred Response=1", 1.0), ("Preferred Response=2.", 0.0), ("2", 0.0),
-    ("**Preferred Summary=1**", 1.0), ("I rate them 10 and 12", None), ("Both are fine.", None), ("", None),
-    ("Preferred Response=3", None), ("1 is better than 2 but I can't decide", None),
-    ("Preferred Response=1, not Response 2.", 1.0), ("Preferred Response=1 (over Response 2)", 1.0),
-    ("**Preferred Response:** 2", 0.0), ("Preferred response = **1**\n\nNote on 2", 1.0),
-    ("Response 2 rambles. Preferred Response=1. Preferred Response=2", 0.0), ("Preferred Response=", None),
-    ("Response 1 is clearly better than Response 2.", None), ("Both are weak, but 1 edges out 2", None),
-    ("**2**", 0.0), ("Preferred Response = Response 2", 0.0),
-    ("Preferred: 2", 0.0), ("Preferred response: 2", 0.0), ("**Preferred:** Response 1", 1.0), ("Preference: 1", 1.0),
-    ("Preferred = **2**", 0.0), ("Response 2 is preferred because it is shorter", None), ("1 beats 2", None),
-    ("My preference for 1 over 2 is weak", None), ("Unpreferred: 2", None), ("Preferred: neither", None),
-    ("Preferred Response=1. Response 2 is preferred by some", 1.0),
-    ("Preferred Response=1 (some readers may prefer Response 2's detail)", 1.0),
-    ("Preferred Response=2\nReaders who prefer response 1's tone would still find it wrong.", 0.0),
-    ("Preferred Response=1. I prefer responses that get to the point.", 1.0)])
+@pytest.mark.parametrize(
+    "reply,verdict",
+    [
+        ("Response 1 is clearer.\nPreferred Response=1", 1.0),
+        ("Preferred Response=2.", 0.0),
+        ("2", 0.0),
+        ("**Preferred Summary=1**", 1.0),
+        ("I rate them 10 and 12", None),
+        ("Both are fine.", None),
+        ("", None),
+        ("Preferred Response=3", None),
+        ("1 is better than 2 but I can't decide", None),
+        ("Preferred Response=1, not Response 2.", 1.0),
+        ("Preferred Response=1 (over Response 2)", 1.0),
+        ("**Preferred Response:** 2", 0.0),
+        ("Preferred response = **1**\n\nNote on 2", 1.0),
+        ("Response 2 rambles. Preferred Response=1. Preferred Response=2", 0.0),
+        ("Preferred Response=", None),
+        ("Response 1 is clearly better than Response 2.", None),
+        ("Both are weak, but 1 edges out 2", None),
+        ("**2**", 0.0),
+        ("Preferred Response = Response 2", 0.0),
+        ("Preferred: 2", 0.0),
+        ("Preferred response: 2", 0.0),
+        ("**Preferred:** Response 1", 1.0),
+        ("Preference: 1", 1.0),
+        ("Preferred = **2**", 0.0),
+        ("Response 2 is preferred because it is shorter", None),
+        ("1 beats 2", None),
+        ("My preference for 1 over 2 is weak", None),
+        ("Unpreferred: 2", None),
+        ("Preferred: neither", None),
+        ("Preferred Response=1. Response 2 is preferred by some", 1.0),
+        ("Preferred Response=1 (some readers may prefer Response 2's detail)", 1.0),
+        (
+            "Preferred Response=2\nReaders who prefer response 1's tone would still find it wrong.",
+            0.0,
+        ),
+        ("Preferred Response=1. I prefer responses that get to the point.", 1.0),
+    ],
+)
 def test_parse_verdict(reply, verdict):
     assert oaif.parse_verdict(reply) == verdict
 
@@ -310,7 +375,10 @@ def test_parse_verdict(reply, verdict):
 def test_position_biased_annotator_trains_nothing(tiny, tmp_path):
     cfg = oaif.parse_args(run_args(tiny, tmp_path))
     before = oaif.load_model(tiny, torch.device("cpu"))[0].state_dict()
-    biased = lambda p, a, b: oaif.both_orders(lambda p, a, b: [1.0] * len(p), p, a, b)
+
+    def biased(p, a, b):
+        return oaif.both_orders(lambda p, a, b: [1.0] * len(p), p, a, b)
+
     out = oaif.train(cfg, annotator=biased)
     rows = read_metrics(tmp_path)
     assert [r["pairs"] for r in rows] == [0, 0] and [r["dropped"] for r in rows] == [4, 4]
@@ -319,15 +387,17 @@ def test_position_biased_annotator_trains_nothing(tiny, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The online loop end to end
 
 
 def test_online_loop_learns_shorter_responses(tiny, tmp_path):
-    """The issue's bar: tiny GPT-2, `shorter`, lr 3e-3, 60 steps of 8 prompts, 32 new tokens: the mean
-    response length of the last 5 steps is under half that of the first 5."""
-    oaif.main(["--model", tiny, "--output-dir", str(tmp_path), "--annotator", "shorter", "--lr", "3e-3",
-               "--steps", "60", "--batch-size", "8", "--max-new-tokens", "32", "--sample-every", "0"])
+    """The issue's bar: tiny GPT-2, `shorter`, lr 3e-3, 60 steps of 8 prompts, 32 new tokens: the
+    mean response length of the last 5 steps is under half that of the first 5."""
+    flags = "--annotator shorter --lr 3e-3 --steps 60 --batch-size 8 --max-new-tokens 32"
+    oaif.main(
+        ["--model", tiny, "--output-dir", str(tmp_path), *flags.split(), "--sample-every", "0"]
+    )
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 61))
     first = sum(r["response_chars"] for r in rows[:5]) / 5
@@ -336,8 +406,16 @@ def test_online_loop_learns_shorter_responses(tiny, tmp_path):
     assert all(r["pairs"] + r["dropped"] == 8 for r in rows)
     assert sum(r["pairs"] for r in rows) > 0.5 * 8 * 60
     assert rows[-1]["kl"] > 0  # the policy moved away from the reference on its own samples
-    for key in ("loss", "reward_margin", "reward_accuracy", "response_tokens", "seconds", "sample_s",
-                "annotate_s", "train_s"):
+    for key in (
+        "loss",
+        "reward_margin",
+        "reward_accuracy",
+        "response_tokens",
+        "seconds",
+        "sample_s",
+        "annotate_s",
+        "train_s",
+    ):
         assert all(math.isfinite(r[key]) for r in rows), key
 
 
@@ -356,24 +434,33 @@ def test_output_reloads_and_config_saved(tiny, tmp_path):
 
 @pytest.mark.parametrize("loss", ["dpo", "slic"])
 def test_bf16_and_average_logps_run(tiny, tmp_path, loss):
-    # every response n = 8 tokens (7 + the end token): at step 1 (h = 0, both losses linear in h there) averaging
-    # divides each log-prob, so the whole gradient, by n; the loss is unchanged (h = 0 either way)
+    # every response n = 8 tokens (7 + the end token): at step 1 (h = 0, both losses linear in h
+    # there) averaging divides each log-prob, so the whole gradient, by n; the loss is unchanged
+    # (h = 0 either way)
     tok = oaif.load_model(tiny, torch.device("cpu"))[1]
     texts = ["Yes, it is.", "Write a haiku.", "Explain recursion."]
     assert {len(tok(t, add_special_tokens=False).input_ids) for t in texts} == {7}
-    rows = [{"prompt": f"Question {i}?", "chosen": texts[i % 3], "rejected": texts[(i + 1) % 3]} for i in range(4)]
+    rows = [
+        {"prompt": f"Question {i}?", "chosen": texts[i % 3], "rejected": texts[(i + 1) % 3]}
+        for i in range(4)
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     runs = {}
+    pairs = str(tmp_path / "pairs.jsonl")
     for avg in ([], ["--average-logps"]):
-        oaif.main(run_args(tiny, tmp_path / str(len(avg)), "--steps", "1", "--dtype", "bfloat16", "--loss", loss,
-                           "--offline-data", str(tmp_path / "pairs.jsonl"), *avg))
-        runs[bool(avg)] = read_metrics(tmp_path / str(len(avg)))[0]
+        out = tmp_path / str(len(avg))
+        extra = ["--steps", "1", "--dtype", "bfloat16", "--loss", loss, "--offline-data", pairs]
+        oaif.main(run_args(tiny, out, *extra, *avg))
+        runs[bool(avg)] = read_metrics(out)[0]
     assert runs[True]["loss"] == runs[False]["loss"] and math.isfinite(runs[True]["loss"])
-    assert runs[True]["grad_norm"] == pytest.approx(runs[False]["grad_norm"] / 8, rel=1e-6)  # 8: exact in bf16 too
+    # 8: exact in bf16 too
+    assert runs[True]["grad_norm"] == pytest.approx(runs[False]["grad_norm"] / 8, rel=1e-6)
 
 
 def test_parse_args_round_trip():
-    cfg = oaif.parse_args(["--model", "m", "--steps", "3", "--loss", "ipo", "--beta", "0.5", "--offline"])
+    cfg = oaif.parse_args(
+        ["--model", "m", "--steps", "3", "--loss", "ipo", "--beta", "0.5", "--offline"]
+    )
     assert (cfg.model, cfg.steps, cfg.loss, cfg.beta, cfg.offline) == ("m", 3, "ipo", 0.5, True)
     assert oaif.parse_args([]) == oaif.Config()
 
@@ -382,19 +469,24 @@ def bad_run(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         oaif.main(argv)
     msg = str(e.value.code)
-    assert msg.startswith("oaif: error: ") and "\n" not in msg and "Traceback" not in capsys.readouterr().err
+    assert msg.startswith("oaif: error: ") and "\n" not in msg
+    assert "Traceback" not in capsys.readouterr().err
     return msg
 
 
 def test_bad_inputs_give_one_line(tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    assert "not found" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "nope.txt")), capsys)
+
+    def bad_prompts(name):
+        return bad_run(run_args(tiny, out, "--prompts", str(tmp_path / name)), capsys)
+
+    assert "not found" in bad_prompts("nope.txt")
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert "empty" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "empty.txt")), capsys)
+    assert "empty" in bad_prompts("empty.txt")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
-    assert "bad.jsonl:2" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "bad.jsonl")), capsys)
+    assert "bad.jsonl:2" in bad_prompts("bad.jsonl")
     (tmp_path / "long.txt").write_text("word " * 2000 + "\n")
-    assert "context" in bad_run(run_args(tiny, out, "--prompts", str(tmp_path / "long.txt")), capsys)
+    assert "context" in bad_prompts("long.txt")
     assert "cannot load model" in bad_run(run_args(str(tmp_path / "no-model"), out), capsys)
     assert "unknown --loss" in bad_run(run_args(tiny, out, "--loss", "ppo"), capsys)
     assert not out.exists()  # nothing half-written
@@ -403,14 +495,16 @@ def test_bad_inputs_give_one_line(tiny, tmp_path, capsys):
 def test_prompts_files(tmp_path):
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "one", "id": 1}\n{"prompt": "two"}\n')
-    assert oaif.load_prompts(str(tmp_path / "p.txt")) == oaif.load_prompts(str(tmp_path / "p.jsonl")) == ["one", "two"]
+    txt, jsonl = (oaif.load_prompts(str(tmp_path / name)) for name in ("p.txt", "p.jsonl"))
+    assert txt == jsonl == ["one", "two"]
     assert len(oaif.load_prompts("")) >= 32
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "one"}\n\n{"prompt": 7}\n')  # line 3, after a blank line
+    # line 3, after a blank line
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "one"}\n\n{"prompt": 7}\n')
     with pytest.raises(oaif.OAIFError, match="bad.jsonl:3: "):
         oaif.load_prompts(str(tmp_path / "bad.jsonl"))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Claude annotator: the real anthropic SDK against a stand-in Messages API on 127.0.0.1
 
 
@@ -437,11 +531,14 @@ def test_claude_labels_whichever_order(api):
     assert server.requests == 4  # both orders of both pairs
     assert claude(*PAIRS) == [1.0, 0.0] and server.requests == 4  # the second time from the cache
     assert claude.stats["annotator_requests"] == 4 and claude.stats["output_tokens"] == 36
-    assert claude(["q"], ["same"], ["same"]) == [None] and server.requests == 4  # identical: no call
+    # identical: no call
+    assert claude(["q"], ["same"], ["same"]) == [None] and server.requests == 4
 
 
 def test_claude_reply_cut_off_at_max_tokens_is_no_verdict(api):
-    server = api(reply=lambda a, b: "Response 1 is short, while Response 2", stop_reason="max_tokens")
+    server = api(
+        reply=lambda a, b: "Response 1 is short, while Response 2", stop_reason="max_tokens"
+    )
     claude = oaif.ClaudeAnnotator(client=server.client())
     assert claude(*PAIRS) == [None, None] and claude.stats["annotator_failures"] == 4
     assert claude(*PAIRS) == [None, None] and server.requests == 8  # not cached: asked again
@@ -464,10 +561,13 @@ def test_claude_server_always_failing_gives_no_verdicts(api):
     server = api(always=529)
     claude = oaif.ClaudeAnnotator(client=server.client(max_retries=1))
     assert claude(*PAIRS) == [None, None]
-    assert claude.stats["annotator_failures"] == 4 and server.requests == 8  # 4 requests, each tried twice
+    # 4 requests, each tried twice
+    assert claude.stats["annotator_failures"] == 4 and server.requests == 8
 
 
-@pytest.mark.parametrize("reply", ["", "I cannot decide.", "Preferred Response=3", "1 or 2? both good"])
+@pytest.mark.parametrize(
+    "reply", ["", "I cannot decide.", "Preferred Response=3", "1 or 2? both good"]
+)
 def test_claude_malformed_replies_give_no_verdicts(api, reply):
     claude = oaif.ClaudeAnnotator(client=api(reply=lambda a, b: reply).client())
     assert claude(*PAIRS) == [None, None] and claude.stats["annotator_failures"] == 4
@@ -503,35 +603,46 @@ def test_claude_missing_key_stops_before_loading(tmp_path, monkeypatch, capsys):
 
 def run_cli(args, env_extra, timeout=120):
     env = dict(os.environ, **env_extra)
-    return subprocess.run([sys.executable, os.path.join(HERE, "oaif.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=HERE)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "oaif.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=HERE,
+    )
 
 
 def test_cli_with_claude_end_to_end(api, tiny, tmp_path):
     server = api()
     key = "sk-ant-secret-0123456789"
     out = tmp_path / "run"
-    r = run_cli(["--model", tiny, "--output-dir", str(out), "--steps", "3", "--batch-size", "4",
-                 "--max-new-tokens", "8", "--lr", "1e-3", "--instruction", "Prefer the shorter response.",
-                 "--eval-every", "3", "--eval-prompts", "4", "--eval-annotator", "claude", "--temperature", "1.5",
-                 "--eval-annotator-model", "claude-judge-x"],
-                {"ANTHROPIC_API_KEY": key, "ANTHROPIC_BASE_URL": server.url})
+    flags = "--steps 3 --batch-size 4 --max-new-tokens 8 --lr 1e-3"
+    args = ["--model", tiny, "--output-dir", str(out), *flags.split()]
+    args += ["--instruction", "Prefer the shorter response.", "--eval-every", "3"]
+    args += ["--eval-prompts", "4", "--eval-annotator", "claude", "--temperature", "1.5"]
+    args += ["--eval-annotator-model", "claude-judge-x"]
+    r = run_cli(args, {"ANTHROPIC_API_KEY": key, "ANTHROPIC_BASE_URL": server.url})
     assert r.returncode == 0, r.stderr
     rows = [r for r in read_metrics(out) if not r.get("eval")]
-    assert len(rows) == 3 and server.keys and all(key in k for k in server.keys)  # the SDK sent our key
-    assert server.models == {"claude-haiku-4-5", "claude-judge-x"}  # training's judge, and the evaluation's
-    assert sum(row["annotator_requests"] for row in rows) == server.requests - server.by_model["claude-judge-x"]
-    assert all(row["pairs"] + row["dropped"] == 4 for row in rows) and sum(row["pairs"] for row in rows) > 0
+    # the SDK sent our key
+    assert len(rows) == 3 and server.keys and all(key in k for k in server.keys)
+    # training's judge, and the evaluation's
+    assert server.models == {"claude-haiku-4-5", "claude-judge-x"}
+    training_requests = server.requests - server.by_model["claude-judge-x"]
+    assert sum(row["annotator_requests"] for row in rows) == training_requests
+    assert all(row["pairs"] + row["dropped"] == 4 for row in rows)
+    assert sum(row["pairs"] for row in rows) > 0
     assert "requests" in r.stderr and "annotator: claude" in r.stderr
-    everything = r.stdout + r.stderr + "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
-    assert key not in everything
+    files = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+    assert key not in r.stdout + r.stderr + files
 
 
 def test_cli_stops_on_bad_key(api, tiny, tmp_path):
     server = api(always=401)
-    r = run_cli(["--model", tiny, "--output-dir", str(tmp_path / "run"), "--steps", "3", "--batch-size", "2",
-                 "--max-new-tokens", "8", "--annotator", "claude"],
-                {"ANTHROPIC_API_KEY": "bad", "ANTHROPIC_BASE_URL": server.url})
+    args = ["--model", tiny, "--output-dir", str(tmp_path / "run"), "--steps", "3"]
+    args += ["--batch-size", "2", "--max-new-tokens", "8", "--annotator", "claude"]
+    r = run_cli(args, {"ANTHROPIC_API_KEY": "bad", "ANTHROPIC_BASE_URL": server.url})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "oaif: error: the Claude API refused the annotator's request: 401" in r.stderr
 
@@ -540,15 +651,30 @@ def test_cli_stops_on_bad_key(api, tiny, tmp_path):
 def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
     model, tok = model_tok
     judge = oaif.LocalJudgeAnnotator(model, tok, task="tldr", instruction=instruction, batch_size=3)
-    assert judge.question == ("Is this a concise response?" if instruction else "Is this a good summary?")
-    assert oaif.judge_question("helpful", "Prefer an accurate response.") == "Is this an accurate response?"
-    prompts, a, b = ["Why do we dream?", "Hi"], ["Because.", "Hello there, how are you?"], ["Nobody knows.", "Hey"]
-    tokens = lambda p, r: sum((tok(t).input_ids for t in judge.ask(p, r)), [])  # noqa: E731 (the head, the rest)
+    assert judge.question == (
+        "Is this a concise response?" if instruction else "Is this a good summary?"
+    )
+    question = oaif.judge_question("helpful", "Prefer an accurate response.")
+    assert question == "Is this an accurate response?"
+    prompts, a, b = (
+        ["Why do we dream?", "Hi"],
+        ["Because.", "Hello there, how are you?"],
+        ["Nobody knows.", "Hey"],
+    )
+
+    def tokens(p, r):  # (the head, the rest)
+        return sum((tok(t).input_ids for t in judge.ask(p, r)), [])
+
     ids = [tokens(p, r) for p, r in zip(prompts + prompts, a + b)]
-    yes, no = judge.words  # the first token of each answer as it follows the input (its own test below)
-    with torch.no_grad():  # the plain path: each whole input alone, unpadded, uncached, the model's own logits
-        s = [float(lg[yes] - lg[no]) for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)]
-    # the head's KV cache copied into batches of 3 right-padded inputs (then 1): the same log-odds and verdicts
+    # the first token of each answer as it follows the input (its own test below)
+    yes, no = judge.words
+    # the plain path: each whole input alone, unpadded, uncached, the model's own logits
+    with torch.no_grad():
+        s = [
+            float(lg[yes] - lg[no]) for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)
+        ]
+    # the head's KV cache copied into batches of 3 right-padded inputs (then 1): the same log-odds
+    # and verdicts
     assert judge.scores(prompts + prompts, a + b) == pytest.approx(s, abs=1e-5)
     p_ab = judge(prompts, a, b)
     assert p_ab == pytest.approx([1 / (1 + math.exp(s[i + 2] - s[i])) for i in range(2)], abs=1e-5)
@@ -556,67 +682,102 @@ def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
     assert judge(["x"], ["same"], ["same"]) == [0.5] and judge([], [], []) == []
     with pytest.raises(oaif.OAIFError, match="over the judge's context of 1024 tokens"):
         judge(["x"], ["word " * 1100], ["y"])
-    assert judge.stats["annotator_requests"] == 4 + 4 + 4 + 2  # one forward per response, none per order
+    # one forward per response, none per order
+    assert judge.stats["annotator_requests"] == 4 + 4 + 4 + 2
     assert judge.stats["input_tokens"] == 3 * sum(map(len, ids)) + 2 * len(tokens("x", "same"))
 
 
 def test_local_judge_scores_the_tokens_of_each_whole_input():
-    # SentencePiece as Llama and Mistral use it: text tokenized alone starts with a word-start piece ("▁Why"), in
-    # the whole input after "Conversation:\n" it does not ("Why"): the cached head must not change the tokens
+    # SentencePiece as Llama and Mistral use it: text tokenized alone starts with a word-start piece
+    # ("▁Why"), in the whole input after "Conversation:\n" it does not ("Why"): the cached head must
+    # not change the tokens
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
     sp = Tokenizer(models.BPE(byte_fallback=True))
     newline = pre_tokenizers.Split("\n", "isolated")  # a piece of its own, as Llama's <0x0A>
-    sp.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first"), newline])
-    sp.train_from_iterator(oaif.DEFAULT_PROMPTS + ["Conversation:\nWhy Yes No"] * 4, trainers.BpeTrainer(vocab_size=300))
+    sp.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(prepend_scheme="first"), newline]
+    )
+    sp.train_from_iterator(
+        oaif.DEFAULT_PROMPTS + ["Conversation:\nWhy Yes No"] * 4,
+        trainers.BpeTrainer(vocab_size=300),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=sp)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2)).eval()
-    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.", batch_size=2)
-    prompts, responses = ["Why do we dream?", "Why is the sky blue?", "Hi"], ["Because.", "Light scatters.", "Hey"]
-    ids = [tok("".join(judge.ask(*x)), add_special_tokens=False).input_ids for x in zip(prompts, responses)]
-    apart = [sum((tok(t, add_special_tokens=False).input_ids for t in judge.ask(*x)), []) for x in zip(prompts, responses)]
-    assert all(a != b for a, b in zip(apart, ids))  # the head and the rest tokenized apart: other tokens
+    judge = oaif.LocalJudgeAnnotator(
+        model, tok, instruction="Prefer the more concise response.", batch_size=2
+    )
+    prompts, responses = (
+        ["Why do we dream?", "Why is the sky blue?", "Hi"],
+        ["Because.", "Light scatters.", "Hey"],
+    )
+    ids = [
+        tok("".join(judge.ask(*x)), add_special_tokens=False).input_ids
+        for x in zip(prompts, responses)
+    ]
+    apart = [
+        sum((tok(t, add_special_tokens=False).input_ids for t in judge.ask(*x)), [])
+        for x in zip(prompts, responses)
+    ]
+    # the head and the rest tokenized apart: other tokens
+    assert all(a != b for a, b in zip(apart, ids))
     with torch.no_grad():
-        s = [float(lg[judge.words[0]] - lg[judge.words[1]]) for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)]
+        s = [
+            float(lg[judge.words[0]] - lg[judge.words[1]])
+            for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)
+        ]
     assert judge.scores(prompts, responses) == pytest.approx(s, abs=1e-5)
 
 
 def test_local_judge_runs_in_the_fast_dtype_whatever_the_policy_trains_in(tiny, monkeypatch):
-    for dtype in (torch.bfloat16, torch.float32):  # judge_dtype's answer, stood in: its timing is the machine's
+    # judge_dtype's answer, stood in: its timing is the machine's
+    for dtype in (torch.bfloat16, torch.float32):
         monkeypatch.setattr(oaif, "judge_dtype", lambda device, d=dtype: d)
-        judge = oaif.make_annotator("hf:" + tiny, oaif.Config(dtype="float32"), dict(device=torch.device("cpu")), "")
+        judge = oaif.make_annotator(
+            "hf:" + tiny, oaif.Config(dtype="float32"), dict(device=torch.device("cpu")), ""
+        )
         assert judge.model.dtype == dtype and 0 < judge(["Hi"], ["Hello"], ["Hey there"])[0] < 1
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Win rate, evaluation records and the offline baseline
 
 
 def tie_if_equal_else_shorter(prompts, first, second):
-    return [0.5 if a == b else p for a, b, p in zip(first, second, oaif.shorter(prompts, first, second))]
+    return [
+        0.5 if a == b else p for a, b, p in zip(first, second, oaif.shorter(prompts, first, second))
+    ]
 
 
 def test_win_rate_against_itself_is_one_half_with_ties(model_tok):
     model, tok = model_tok
     prompts = oaif.DEFAULT_PROMPTS[:6]
-    a, b = (oaif.sample_answers(model, tok, prompts, 8, 0.9, batch_size=4, seed=3) for _ in range(2))
+    a, b = (
+        oaif.sample_answers(model, tok, prompts, 8, 0.9, batch_size=4, seed=3) for _ in range(2)
+    )
     assert a == b  # the same seed: the same draws, whatever the global RNG did in between
     r = oaif.win_rate(prompts, a, b, tie_if_equal_else_shorter)
     assert r["policy_chars"] == r["reference_chars"]
     assert {k: r[k] for k in ("win_rate", "n", "wins", "ties", "losses", "no_verdict")} == dict(
-        win_rate=0.5, n=6, wins=0, ties=6, losses=0, no_verdict=0)
+        win_rate=0.5, n=6, wins=0, ties=6, losses=0, no_verdict=0
+    )
 
 
 def test_win_rate_counts_ties_as_training_does():
-    # indifferent but leaning to the first position, in both orders: (0.9 + 1 - 0.9) / 2 is 0.49999999999999994
-    judge = lambda prompts, first, second: oaif.both_orders(lambda *x: [0.9] * len(x[0]), prompts, first, second)
+    # indifferent but leaning to the first position, in both orders: (0.9 + 1 - 0.9) / 2 is
+    # 0.49999999999999994
+    def judge(prompts, first, second):
+        return oaif.both_orders(lambda *x: [0.9] * len(x[0]), prompts, first, second)
+
     p = judge(["x"] * 3, ["a", "b", "c"], ["d", "e", "f"])
     assert oaif.triage(p, 0.0)[1]["ties"] == 3  # training drops them as ties
     out = oaif.win_rate(["x"] * 4, ["a", "b", "c", "d"], ["e", "f", "g", "h"], judge)
     assert (out["win_rate"], out["ties"], out["losses"]) == (0.5, 4, 0)
     nonsense = oaif.win_rate(["x"] * 2, ["a", "b"], ["c", "d"], lambda *x: [float("nan"), 1.5])
-    assert (nonsense["n"], nonsense["no_verdict"]) == (0, 2)  # as triage: no verdict, not vanished or a win
+    # as triage: no verdict, not vanished or a win
+    assert (nonsense["n"], nonsense["no_verdict"]) == (0, 2)
 
 
 def test_win_rate_of_a_policy_forced_short_is_one(model_tok):
@@ -624,15 +785,19 @@ def test_win_rate_of_a_policy_forced_short_is_one(model_tok):
 
     model, tok = model_tok
     short = copy.deepcopy(model)
-    with torch.no_grad():  # every final hidden state is 100 v and EOS's (tied) embedding is v: EOS wins
-        v = torch.ones(short.config.n_embd) / short.config.n_embd ** 0.5
+    # every final hidden state is 100 v and EOS's (tied) embedding is v: EOS wins
+    with torch.no_grad():
+        v = torch.ones(short.config.n_embd) / short.config.n_embd**0.5
         short.transformer.ln_f.weight.zero_()
         short.transformer.ln_f.bias.copy_(100 * v)
         short.transformer.wte.weight[tok.eos_token_id] = v
     prompts = oaif.DEFAULT_PROMPTS[:6]
-    answers = [oaif.sample_answers(m, tok, prompts, 8, batch_size=4, seed=0) for m in (short, model)]
+    answers = [
+        oaif.sample_answers(m, tok, prompts, 8, batch_size=4, seed=0) for m in (short, model)
+    ]
     r = oaif.win_rate(prompts, *answers, oaif.shorter)
-    assert r["win_rate"] == 1.0 and r["wins"] == r["n"] and r["n"] + r["no_verdict"] == 6 and r["n"] >= 5
+    assert r["win_rate"] == 1.0 and r["wins"] == r["n"]
+    assert r["n"] + r["no_verdict"] == 6 and r["n"] >= 5
 
 
 def test_eval_records_in_metrics(tiny, tmp_path):
@@ -649,10 +814,14 @@ def test_eval_prompts_are_held_out(tiny, tmp_path):
         seen.append(list(prompts))
         return oaif.shorter(prompts, first, second)
 
-    cfg = oaif.parse_args(run_args(tiny, tmp_path, "--steps", "12", "--eval-every", "12", "--eval-prompts", "8"))
+    cfg = oaif.parse_args(
+        run_args(tiny, tmp_path, "--steps", "12", "--eval-every", "12", "--eval-prompts", "8")
+    )
     oaif.train(cfg, annotator=recording)
-    train_seen, eval_seen = {p for call in seen[:-1] for p in call}, seen[-1]  # the evaluation: one call
-    assert len(set(eval_seen)) == 8 and not train_seen & set(eval_seen)  # 12 steps x 4 cover all 32 training prompts
+    # the evaluation: one call
+    train_seen, eval_seen = {p for call in seen[:-1] for p in call}, seen[-1]
+    # 12 steps x 4 cover all 32 training prompts
+    assert len(set(eval_seen)) == 8 and not train_seen & set(eval_seen)
     assert len(train_seen) == len(oaif.DEFAULT_PROMPTS) - 8
 
 
@@ -663,9 +832,11 @@ def test_offline_trains_on_a_fixed_set(tiny, tmp_path):
         calls.append(list(zip(prompts, first, second)))
         return oaif.shorter(prompts, first, second)
 
-    (tmp_path / "p.txt").write_text("Why do we dream?\nWhat is inflation?\nHow do bees make honey?\nWhat is a prime?\n")
-    cfg = oaif.parse_args(run_args(tiny, tmp_path / "off", "--steps", "4", "--offline", "--prompts",
-                                   str(tmp_path / "p.txt")))
+    (tmp_path / "p.txt").write_text(
+        "Why do we dream?\nWhat is inflation?\nHow do bees make honey?\nWhat is a prime?\n"
+    )
+    extra = ["--steps", "4", "--offline", "--prompts", str(tmp_path / "p.txt")]
+    cfg = oaif.parse_args(run_args(tiny, tmp_path / "off", *extra))
     oaif.train(cfg, annotator=recording)
     assert len(calls) == 1 and len(calls[0]) == 4  # labelled once, before training
     rows = read_metrics(tmp_path / "off")
@@ -684,7 +855,7 @@ def test_offline_data_file(tiny, tmp_path):
     assert [r["pairs"] for r in read_metrics(tmp_path / "out")] == [4, 4]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints and resume; two Gloo ranks
 
 
@@ -698,7 +869,9 @@ class CountingShorter:
     """The shorter rule with an annotator's request counters, as ClaudeAnnotator keeps them."""
 
     def __init__(self):
-        self.stats = dict(annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0)
+        self.stats = dict(
+            annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0
+        )
 
     def __call__(self, prompts, first, second):
         self.stats["annotator_requests"] += len(prompts)
@@ -707,12 +880,15 @@ class CountingShorter:
 
 
 def test_resume_is_exact(tiny, tmp_path):
-    run = lambda out, *extra: oaif.train(oaif.parse_args(run_args(tiny, out, "--eval-every", "2", "--eval-prompts", "4",
-                                                                  *extra)), annotator=CountingShorter())
+    def run(out, *extra):
+        args = run_args(tiny, out, "--eval-every", "2", "--eval-prompts", "4", *extra)
+        return oaif.train(oaif.parse_args(args), annotator=CountingShorter())
+
     whole = run(tmp_path / "straight", "--steps", "4")
     run(tmp_path / "resumed", "--steps", "2", "--save-every", "2")
     assert os.path.isfile(tmp_path / "resumed" / "checkpoint-2" / "trainer_state.pt")
-    os.makedirs(tmp_path / "resumed" / "checkpoint-3")  # a checkpoint cut off mid-write: must be ignored
+    # a checkpoint cut off mid-write: must be ignored
+    os.makedirs(tmp_path / "resumed" / "checkpoint-3")
     out = run(tmp_path / "resumed", "--steps", "4", "--resume")
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -720,13 +896,17 @@ def test_resume_is_exact(tiny, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     straight = [r for r in read_metrics(tmp_path / "straight") if not r.get("eval")]
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight]
-    assert out["summary"]["pairs"] == sum(r["pairs"] for r in rows) > sum(r["pairs"] for r in rows[2:])
-    for k in ("annotator_requests", "input_tokens"):  # the annotator's counts (and cost): the whole run, evals too
+    pairs = [r["pairs"] for r in rows]
+    assert out["summary"]["pairs"] == sum(pairs) > sum(pairs[2:])
+    # the annotator's counts (and cost): the whole run, evals too
+    for k in ("annotator_requests", "input_tokens"):
         assert out["summary"][k] == whole["summary"][k] > sum(r[k] for r in rows) > 0
 
 
 def test_keep_checkpoints_and_incomplete_ones_ignored(tiny, tmp_path):
-    oaif.main(run_args(tiny, tmp_path, "--steps", "3", "--save-every", "1", "--keep-checkpoints", "2"))
+    oaif.main(
+        run_args(tiny, tmp_path, "--steps", "3", "--save-every", "1", "--keep-checkpoints", "2")
+    )
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     os.remove(tmp_path / "checkpoint-3" / "trainer_state.pt")
     assert oaif.complete_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-2")]
@@ -734,7 +914,8 @@ def test_keep_checkpoints_and_incomplete_ones_ignored(tiny, tmp_path):
 
 def test_reused_output_dir_needs_resume_or_overwrite(tiny, tmp_path, capsys):
     oaif.main(run_args(tiny, tmp_path / "out", "--save-every", "1"))
-    for extra in ([], ["--resume", "--overwrite"]):  # refused before any model loads: this model does not exist
+    # refused before any model loads: this model does not exist
+    for extra in ([], ["--resume", "--overwrite"]):
         msg = bad_run(run_args(str(tmp_path / "no-model"), tmp_path / "out", *extra), capsys)
         assert "holds a previous run" in msg and "--overwrite" in msg
     (tmp_path / "out" / "notes.txt").write_text("the user's own file")
@@ -746,15 +927,18 @@ def test_reused_output_dir_needs_resume_or_overwrite(tiny, tmp_path, capsys):
 
 
 def test_overwrite_refuses_to_delete_the_model_it_starts_from(tiny, tmp_path, capsys):
-    # "train more from my result, in place": deleted at the start, a crash would leave neither run's model
+    # "train more from my result, in place": deleted at the start, a crash would leave neither run's
+    # model
     oaif.main(run_args(tiny, tmp_path, "--steps", "1", "--save-every", "1"))
     before = sorted(os.listdir(tmp_path))
     for model in (tmp_path / "checkpoint-1", tmp_path):
         msg = bad_run(run_args(tiny, tmp_path, "--model", str(model), "--overwrite"), capsys)
         assert f"--overwrite would delete --model {model}" in msg
     assert sorted(os.listdir(tmp_path)) == before and "model.safetensors" in before
-    os.remove(tmp_path / "checkpoint-1" / "oaif_config.json")  # a checkpoint of an oaif before name-keyed state
-    assert "no complete checkpoint of this oaif" in bad_run(run_args(tiny, tmp_path, "--resume"), capsys)
+    # a checkpoint of an oaif before name-keyed state
+    os.remove(tmp_path / "checkpoint-1" / "oaif_config.json")
+    msg = bad_run(run_args(tiny, tmp_path, "--resume"), capsys)
+    assert "no complete checkpoint of this oaif" in msg
 
 
 def test_overwrite_leaves_no_chat_template_of_the_previous_model(tiny, tmp_path):
@@ -762,23 +946,35 @@ def test_overwrite_leaves_no_chat_template_of_the_previous_model(tiny, tmp_path)
 
     chat = shutil.copytree(tiny, tmp_path / "chat")
     tok = AutoTokenizer.from_pretrained(chat)
-    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    )
     tok.save_pretrained(chat)
     oaif.main(run_args(str(chat), tmp_path / "out", "--steps", "1"))
     assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == tok.chat_template
-    oaif.main(run_args(tiny, tmp_path / "out", "--steps", "1", "--overwrite"))  # a model without a template
-    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template is None  # it would format every prompt
+    # a model without a template
+    oaif.main(run_args(tiny, tmp_path / "out", "--steps", "1", "--overwrite"))
+    # it would format every prompt
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template is None
 
 
 def test_checkpoint_before_any_update_resumes_exactly(tiny, tmp_path):
-    # the optimizer has no state yet: saving it must not take the zero step that would shift AdamW's bias correction
+    # the optimizer has no state yet: saving it must not take the zero step that would shift AdamW's
+    # bias correction
     def hedging_first(prompts, first, second):
         hedging_first.calls += 1
-        return [0.5] * len(prompts) if hedging_first.calls == 1 else oaif.shorter(prompts, first, second)
+        if hedging_first.calls == 1:
+            return [0.5] * len(prompts)
+        return oaif.shorter(prompts, first, second)
 
-    for out, extra in (("straight", []), ("resumed", ["--steps", "1", "--save-every", "1"]), ("resumed", ["--resume"])):
+    for out, extra in (
+        ("straight", []),
+        ("resumed", ["--steps", "1", "--save-every", "1"]),
+        ("resumed", ["--resume"]),
+    ):
         hedging_first.calls = 0 if extra != ["--resume"] else 1
-        oaif.train(oaif.parse_args(run_args(tiny, tmp_path / out, "--steps", "3", *extra)), annotator=hedging_first)
+        args = run_args(tiny, tmp_path / out, "--steps", "3", *extra)
+        oaif.train(oaif.parse_args(args), annotator=hedging_first)
     assert [r["updated"] for r in read_metrics(tmp_path / "resumed")] == [False, True, True]
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -786,77 +982,127 @@ def test_checkpoint_before_any_update_resumes_exactly(tiny, tmp_path):
 
 def test_resume_refuses_flags_that_shape_training(tiny, tmp_path, capsys):
     oaif.main(run_args(tiny, tmp_path, "--steps", "1", "--save-every", "1"))
-    msg = bad_run(run_args(tiny, tmp_path, "--resume", "--loss", "ipo", "--beta", "5", "--seed", "1", "--batch-size",
-                           "8", "--eval-every", "3", "--steps", "9", "--save-every", "3"), capsys)
-    for change in ("--loss dpo -> ipo", "--beta 0.1 -> 5.0", "--seed 0 -> 1", "--batch-size 4 -> 8",
-                   "--eval-every 0 -> 3"):
+    extra = ["--loss", "ipo", "--beta", "5", "--seed", "1", "--batch-size", "8"]
+    extra += ["--eval-every", "3", "--steps", "9", "--save-every", "3"]
+    msg = bad_run(run_args(tiny, tmp_path, "--resume", *extra), capsys)
+    for change in (
+        "--loss dpo -> ipo",
+        "--beta 0.1 -> 5.0",
+        "--seed 0 -> 1",
+        "--batch-size 4 -> 8",
+        "--eval-every 0 -> 3",
+    ):
         assert change in msg
     assert "--steps" not in msg and "--save-every" not in msg  # free to change
-    oaif.main(run_args(tiny, tmp_path, "--resume", "--beta", "0.1"))  # dpo's default beta, said explicitly
+    # dpo's default beta, said explicitly
+    oaif.main(run_args(tiny, tmp_path, "--resume", "--beta", "0.1"))
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
 def test_lora_resume_refuses_another_rank(tiny, tmp_path, capsys):
     pytest.importorskip("peft", reason="LoRA needs peft (pip install peft)")
-    oaif.main(run_args(tiny, tmp_path / "lora", "--steps", "1", "--save-every", "1", "--lora-rank", "4"))
-    oaif.main(run_args(tiny, tmp_path / "full", "--steps", "1", "--save-every", "1"))
-    assert "--lora-rank 4 -> 16" in bad_run(run_args(tiny, tmp_path / "lora", "--resume", "--lora-rank", "16"), capsys)
-    assert "--lora-rank 4 -> 0" in bad_run(run_args(tiny, tmp_path / "lora", "--resume"), capsys)
-    assert "--lora-rank 0 -> 4" in bad_run(run_args(tiny, tmp_path / "full", "--resume", "--lora-rank", "4"), capsys)
+    lora, full = tmp_path / "lora", tmp_path / "full"
+    oaif.main(run_args(tiny, lora, "--steps", "1", "--save-every", "1", "--lora-rank", "4"))
+    oaif.main(run_args(tiny, full, "--steps", "1", "--save-every", "1"))
+
+    def refusal(out, *extra):
+        return bad_run(run_args(tiny, out, "--resume", *extra), capsys)
+
+    assert "--lora-rank 4 -> 16" in refusal(lora, "--lora-rank", "16")
+    assert "--lora-rank 4 -> 0" in refusal(lora)
+    assert "--lora-rank 0 -> 4" in refusal(full, "--lora-rank", "4")
 
 
 def test_offline_resume_never_relabels(tiny, tmp_path):
-    (tmp_path / "p.txt").write_text("Why do we dream?\nWhat is inflation?\nHow do bees make honey?\nWhat is a prime?\n")
-    run = lambda out, *extra: oaif.train(oaif.parse_args(run_args(tiny, out, "--offline", "--prompts",
-                                                                  str(tmp_path / "p.txt"), *extra)),
-                                         annotator=CountingShorter())
+    (tmp_path / "p.txt").write_text(
+        "Why do we dream?\nWhat is inflation?\nHow do bees make honey?\nWhat is a prime?\n"
+    )
+
+    def run(out, *extra):
+        args = run_args(tiny, out, "--offline", "--prompts", str(tmp_path / "p.txt"), *extra)
+        return oaif.train(oaif.parse_args(args), annotator=CountingShorter())
+
     whole = run(tmp_path / "straight", "--steps", "4")
     run(tmp_path / "resumed", "--steps", "2", "--save-every", "2")
     out = run(tmp_path / "resumed", "--steps", "4", "--resume")
-    assert out["summary"]["annotator_requests"] == whole["summary"]["annotator_requests"] == 4  # labelled once
+    # labelled once
+    assert out["summary"]["annotator_requests"] == whole["summary"]["annotator_requests"] == 4
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("fixed", ["--offline-data", "--offline"])
 def test_two_gloo_ranks_match_one_process(tiny, tmp_path, fixed):
-    # Sampling and annotation made deterministic with fixed pairs: the only difference left is the split.
-    # --offline: rank 0 samples and labels the set once and shares it, so it is the one process's set.
-    pairs = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i % 3 + 1), "rejected": f"No, {i} times no."}
-             for i in range(8)]
+    # Sampling and annotation made deterministic with fixed pairs: the only difference left is the
+    # split. --offline: rank 0 samples and labels the set once and shares it, so it is the one
+    # process's set.
+    pairs = [
+        {
+            "prompt": f"Question {i}?",
+            "chosen": "Yes." * (i % 3 + 1),
+            "rejected": f"No, {i} times no.",
+        }
+        for i in range(8)
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     (tmp_path / "p.txt").write_text("".join(f"{p['prompt']}\n" for p in pairs))
-    extra = ["--offline-data", str(tmp_path / "pairs.jsonl")] if fixed == "--offline-data" else \
-        ["--offline", "--prompts", str(tmp_path / "p.txt")]
+    extra = (
+        ["--offline-data", str(tmp_path / "pairs.jsonl")]
+        if fixed == "--offline-data"
+        else ["--offline", "--prompts", str(tmp_path / "p.txt")]
+    )
     args = run_args(tiny, tmp_path / "one", "--steps", "3", *extra)
     oaif.main(args)
     two = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in args]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", os.path.join(HERE, "oaif.py"), *two], capture_output=True, text=True, timeout=300,
-                       cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_port", "29517", os.path.join(HERE, "oaif.py"), *two]
+    r = subprocess.run(
+        launch,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     one, dist = final_params(tmp_path / "one"), final_params(tmp_path / "two")
     assert all(torch.allclose(one[k], dist[k], atol=1e-5) for k in one)
-    assert not all(torch.equal(one[k], final_params(tiny)[k]) for k in one)  # and training did move them
+    # and training did move them
+    assert not all(torch.equal(one[k], final_params(tiny)[k]) for k in one)
     rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["pairs"] for r in rows_two] == [r["pairs"] for r in rows_one]  # reduced over ranks
     assert fixed == "--offline" or [r["pairs"] for r in rows_one] == [4, 4, 4]
     assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Examples run
 
 
-EXAMPLES = ["bench_logprobs.py", "bench_sampler.py", "bench_step.py", "bench_vs_trl.py", "custom_annotator.py",
-            "from_gguf.py", "length_control.py", "memory_table.py", "online_vs_offline.py", "plot_metrics.py",
-            "standin_messages_api.py", "tiny_model.py"]
+EXAMPLES = [
+    "bench_logprobs.py",
+    "bench_sampler.py",
+    "bench_step.py",
+    "bench_vs_trl.py",
+    "custom_annotator.py",
+    "from_gguf.py",
+    "length_control.py",
+    "memory_table.py",
+    "online_vs_offline.py",
+    "plot_metrics.py",
+    "standin_messages_api.py",
+    "tiny_model.py",
+]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_help(name):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "examples", name), "--help"], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "examples", name), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and len(r.stdout) > 100, r.stderr  # its usage or docstring
 
 
@@ -864,8 +1110,9 @@ def test_online_vs_offline_tiny_two_steps(tmp_path, capsys):
     sys.path.insert(0, os.path.join(HERE, "examples"))
     import online_vs_offline
 
-    arms = online_vs_offline.main(["--tiny", "--steps", "2", "--eval-every", "2", "--eval-prompts", "4",
-                                   "--batch-size", "4", "--max-new-tokens", "8", "--out", str(tmp_path)])
+    args = ["--tiny", "--steps", "2", "--eval-every", "2", "--eval-prompts", "4"]
+    args += ["--batch-size", "4", "--max-new-tokens", "8", "--out", str(tmp_path)]
+    arms = online_vs_offline.main(args)
     assert [len(arms[a][0]) for a in ("online", "offline")] == [2, 2]
     assert all(arms[a][1][-1]["step"] == 2 for a in arms)
     assert "win rate against the initial policy" in capsys.readouterr().out
@@ -875,18 +1122,23 @@ def test_length_control_reads_a_finished_arm_only_if_its_flags_match(tmp_path, c
     sys.path.insert(0, os.path.join(HERE, "examples"))
     import length_control
 
-    run = lambda *extra: length_control.main(["--tiny", "--out", str(tmp_path), "--batch-size", "2",  # noqa: E731
-                                              "--max-new-tokens", "4", "--eval-prompts", "1", *extra])
+    def run(*extra):
+        args = ["--tiny", "--out", str(tmp_path), "--batch-size", "2", "--max-new-tokens", "4"]
+        return length_control.main([*args, "--eval-prompts", "1", *extra])
+
     first = run("--steps", "1")
     assert run("--steps", "1") == first  # the same flags: both arms read, not run again
-    with pytest.raises(SystemExit, match="holds a previous run"):  # other flags: never the old arms' numbers
+    # other flags: never the old arms' numbers
+    with pytest.raises(SystemExit, match="holds a previous run"):
         run("--steps", "2")
-    assert [len(r) for r in run("--steps", "2", "--overwrite").values()] == [3, 3]  # 2 steps and the evaluation
+    # 2 steps and the evaluation
+    assert [len(r) for r in run("--steps", "2", "--overwrite").values()] == [3, 3]
 
 
 def test_bench_logprobs_quick(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "examples", "bench_logprobs.py"), "--quick", "--json",
-                        str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300)
+    script = os.path.join(HERE, "examples", "bench_logprobs.py")
+    args = [sys.executable, script, "--quick", "--json", str(tmp_path / "b.json")]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.load(open(tmp_path / "b.json"))
     assert {r["variant"] for r in rows} == {"naive", "selective", "fused"}
@@ -895,14 +1147,17 @@ def test_bench_logprobs_quick(tmp_path):
 
 def test_plot_metrics_table(tiny, tmp_path):
     oaif.main(run_args(tiny, tmp_path, "--eval-every", "2", "--eval-prompts", "4"))
-    r = subprocess.run([sys.executable, os.path.join(HERE, "examples", "plot_metrics.py"),
-                        str(tmp_path / "metrics.jsonl"), "--png", str(tmp_path / "c.png")],
-                       capture_output=True, text=True, timeout=120)
+    script = os.path.join(HERE, "examples", "plot_metrics.py")
+    metrics, png = str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png")
+    args = [sys.executable, script, metrics, "--png", png]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "c.png").exists() or "win rate" in r.stdout  # a plot with matplotlib, a table without
+    # a plot with matplotlib, a table without
+    assert (tmp_path / "c.png").exists() or "win rate" in r.stdout
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Silent wrong training (issue 12): each of these failed before its fix
 
 
@@ -912,42 +1167,57 @@ def test_bf16_checkpoint_trains_with_float32_master_weights(tiny, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(tiny).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "bf16")
-    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+    dtypes = {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()}
+    assert dtypes == {torch.bfloat16}
     oaif.main(run_args(str(tmp_path / "bf16"), tmp_path / "out", "--steps", "3", "--lr", "1e-5"))
-    assert read_metrics(tmp_path / "out")[0]["kl"] == 0.0  # step 1: the policy is still exactly the reference
+    # step 1: the policy is still exactly the reference
+    assert read_metrics(tmp_path / "out")[0]["kl"] == 0.0
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
     start = load_file(tmp_path / "bf16" / "model.safetensors")
     moved = [(saved[k] != start[k].float()).float().mean().item() for k in start if k in saved]
-    assert sum(moved) / len(moved) > 0.5  # lr 1e-5 updates survive: most weights moved off the bf16 grid
+    # lr 1e-5 updates survive: most weights moved off the bf16 grid
+    assert sum(moved) / len(moved) > 0.5
 
 
 def test_sampling_ignores_the_checkpoints_generation_config(model_tok):
     model, tok = model_tok
-    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 100.0, 1
-    model.generation_config.min_new_tokens = 10  # none of these is the policy's own distribution
-    s = oaif.sample_pairs(model, tok, ["Why do we dream?", "Hi"], n=1, max_new_tokens=10, temperature=0)
+    gen = model.generation_config
+    gen.repetition_penalty, gen.no_repeat_ngram_size = 100.0, 1
+    gen.min_new_tokens = 10  # none of these is the policy's own distribution
+    s = oaif.sample_pairs(
+        model, tok, ["Why do we dream?", "Hi"], n=1, max_new_tokens=10, temperature=0
+    )
     with torch.no_grad():
-        pos = (s["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=s["input_ids"], attention_mask=s["attention_mask"], position_ids=pos).logits
+        ids, mask = s["input_ids"], s["attention_mask"]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     resp = s["response_mask"][:, 1:].bool()
-    assert torch.equal(logits[:, :-1].argmax(-1)[resp], s["input_ids"][:, 1:][resp])  # greedy = own argmax
+    # greedy = own argmax
+    assert torch.equal(logits[:, :-1].argmax(-1)[resp], s["input_ids"][:, 1:][resp])
 
 
 def test_offline_data_never_trains_on_eval_prompts(tiny, tmp_path, capsys):
     prompts = [f"Question number {i}?" for i in range(4)]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    rows = [{"prompt": p, "chosen": "Yes.", "rejected": f"No, {i} times no."} for i, p in enumerate(prompts)]
+    rows = [
+        {"prompt": p, "chosen": "Yes.", "rejected": f"No, {i} times no."}
+        for i, p in enumerate(prompts)
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = oaif.main(run_args(tiny, tmp_path / "out", "--steps", "6", "--batch-size", "1", "--sample-every", "1",
-                             "--prompts", str(tmp_path / "p.txt"), "--offline-data", str(tmp_path / "pairs.jsonl"),
-                             "--eval-every", "6", "--eval-prompts", "1"))
+    extra = ["--steps", "6", "--batch-size", "1", "--sample-every", "1"]
+    extra += ["--prompts", str(tmp_path / "p.txt"), "--offline-data", str(tmp_path / "pairs.jsonl")]
+    extra += ["--eval-every", "6", "--eval-prompts", "1"]
+    out = oaif.main(run_args(tiny, tmp_path / "out", *extra))
+
     err = "".join(capsys.readouterr())
     trained = {p for p in prompts if f"prompt: {p!r}" in err}
-    assert out["summary"]["held_out_pairs"] == 1 and len(trained) == 3  # 6 steps cycle through the 3 kept
+    # 6 steps cycle through the 3 kept
+    assert out["summary"]["held_out_pairs"] == 1 and len(trained) == 3
     held_out = set(prompts) - trained
     assert "1 pairs of" in err and len(held_out) == 1
-    assert out["eval"]["n"] + out["eval"]["no_verdict"] == 1  # and that one prompt is the evaluation's
+    # and that one prompt is the evaluation's
+    assert out["eval"]["n"] + out["eval"]["no_verdict"] == 1
 
 
 def test_bf16_run_samples_the_reference_side_from_the_float32_initial_model(tiny, tmp_path):
@@ -955,22 +1225,27 @@ def test_bf16_run_samples_the_reference_side_from_the_float32_initial_model(tiny
     for dtype in ("float32", "bfloat16"):
         for mode in ([], ["--offline"]):
             out = tmp_path / f"{dtype}{len(mode)}"
-            oaif.main(run_args(tiny, out, "--steps", "1", "--dtype", dtype, "--eval-every", "1", "--eval-prompts",
-                               "6", "--temperature", "1.0", *mode))
+            extra = ["--steps", "1", "--dtype", dtype, "--eval-every", "1", "--eval-prompts", "6"]
+            oaif.main(run_args(tiny, out, *extra, "--temperature", "1.0", *mode))
             runs[dtype, bool(mode)] = read_metrics(out)
-    assert runs["bfloat16", False][0]["kl"] == 0.0  # policy and reference: the same weights, the same autocast
+    # policy and reference: the same weights, the same autocast
+    assert runs["bfloat16", False][0]["kl"] == 0.0
     for mode in (False, True):
         f32, bf16 = runs["float32", mode], runs["bfloat16", mode]
-        assert f32[-1]["reference_chars"] == bf16[-1]["reference_chars"]  # the win rate's reference answers
-    assert runs["float32", True][0]["response_chars"] == runs["bfloat16", True][0]["response_chars"]  # offline set
+        # the win rate's reference answers
+        assert f32[-1]["reference_chars"] == bf16[-1]["reference_chars"]
+    # offline set
+    assert runs["float32", True][0]["response_chars"] == runs["bfloat16", True][0]["response_chars"]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Labels, guards and log-probs that are the model's own (issue 11)
 
 
 def test_hedging_judge_trains_nothing_and_soft_labels_train(tiny, tmp_path):
-    hedge = lambda p, a, b: [0.505] * len(a)  # a coin flip dressed as a verdict
+    def hedge(p, a, b):  # a coin flip dressed as a verdict
+        return [0.505] * len(a)
+
     cfg = oaif.parse_args(run_args(tiny, tmp_path / "hedge", "--steps", "3"))
     out = oaif.train(cfg, annotator=hedge)
     before, after = final_params(tiny), final_params(tmp_path / "hedge")
@@ -978,44 +1253,67 @@ def test_hedging_judge_trains_nothing_and_soft_labels_train(tiny, tmp_path):
     rows = read_metrics(tmp_path / "hedge")
     assert [r["low_confidence"] for r in rows] == [4, 4, 4] and not any(r["updated"] for r in rows)
     assert out["summary"]["low_confidence"] == 12 and out["summary"]["dropped"] == 12
-    # the same judge with --min-confidence 0 and soft labels trains, and more gently than with hard labels
+    # the same judge with --min-confidence 0 and soft labels trains, and more gently than with hard
+    # labels
     moved = {}
     for labels in ("hard", "soft"):
-        cfg = oaif.parse_args(run_args(tiny, tmp_path / labels, "--steps", "1", "--min-confidence", "0",
-                                       "--labels", labels, "--loss", "ipo"))
+        extra = ["--steps", "1", "--min-confidence", "0", "--labels", labels, "--loss", "ipo"]
+        cfg = oaif.parse_args(run_args(tiny, tmp_path / labels, *extra))
         oaif.train(cfg, annotator=hedge)
         assert read_metrics(tmp_path / labels)[0]["pairs"] == 4
         moved[labels] = read_metrics(tmp_path / labels)[0]["loss"]
-    assert moved["soft"] < moved["hard"]  # IPO: the soft target margin is 0.01/(2 beta), nearly 0 = h at step 1
+    # IPO: the soft target margin is 0.01/(2 beta), nearly 0 = h at step 1
+    assert moved["soft"] < moved["hard"]
 
 
-@pytest.mark.parametrize("flag,value", [
-    ("--steps", "0"), ("--steps", "-3"), ("--batch-size", "0"), ("--max-new-tokens", "0"), ("--temperature", "-1"),
-    ("--lr", "-1"), ("--lr", "nan"), ("--beta", "-0.1"), ("--beta", "0"), ("--save-every", "-1"),
-    ("--annotator-workers", "0"), ("--warmup-steps", "-1"), ("--keep-checkpoints", "-1"),
-    ("--min-confidence", "0.6"), ("--labels", "fuzzy"), ("--max-grad-norm", "0"), ("--task", "poetry"),
-    ("--lora-alpha", "0")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--steps", "0"),
+        ("--steps", "-3"),
+        ("--batch-size", "0"),
+        ("--max-new-tokens", "0"),
+        ("--temperature", "-1"),
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+        ("--beta", "-0.1"),
+        ("--beta", "0"),
+        ("--save-every", "-1"),
+        ("--annotator-workers", "0"),
+        ("--warmup-steps", "-1"),
+        ("--keep-checkpoints", "-1"),
+        ("--min-confidence", "0.6"),
+        ("--labels", "fuzzy"),
+        ("--max-grad-norm", "0"),
+        ("--task", "poetry"),
+        ("--lora-alpha", "0"),
+    ],
+)
 def test_bad_numbers_give_one_line_before_loading(tmp_path, capsys, flag, value):
     out = tmp_path / "out"
-    msg = bad_run(["--model", str(tmp_path / "never-loaded"), "--output-dir", str(out), "--lora-rank", "4", flag, value],
-                  capsys)
+    args = ["--model", str(tmp_path / "never-loaded"), "--output-dir", str(out), "--lora-rank", "4"]
+    msg = bad_run([*args, flag, value], capsys)
     assert flag in msg and not out.exists()
 
 
 def test_triage_counts_hedges_ties_and_nonsense_as_dropped():
     used, counts = oaif.triage([1.0, 0.0, 0.5, None, 0.52, float("nan"), 1.5, -0.1, 0.9], 0.05)
-    assert used[:2] == [1.0, 0.0] and used[2:8] == [None] * 6 and used[8] == pytest.approx(0.9)  # nan: never "second"
+    # nan: never "second"
+    assert used[:2] == [1.0, 0.0] and used[2:8] == [None] * 6 and used[8] == pytest.approx(0.9)
     assert counts == dict(pairs=3, ties=1, no_verdict=4, low_confidence=1)
 
 
 def test_eval_prompts_zero_is_refused_only_when_evaluating(tiny, tmp_path, capsys):
-    assert "--eval-prompts" in bad_run(run_args(tiny, tmp_path / "a", "--eval-every", "2", "--eval-prompts", "0"),
-                                       capsys)
-    oaif.main(run_args(tiny, tmp_path / "b", "--steps", "1", "--eval-prompts", "0"))  # no evaluation: fine
+    args = run_args(tiny, tmp_path / "a", "--eval-every", "2", "--eval-prompts", "0")
+    assert "--eval-prompts" in bad_run(args, capsys)
+    # no evaluation: fine
+    oaif.main(run_args(tiny, tmp_path / "b", "--steps", "1", "--eval-prompts", "0"))
 
 
 def test_long_prompt_is_named(tiny, tmp_path, capsys):
-    (tmp_path / "p.txt").write_text("A fine prompt.\nPlease summarise this: " + "word " * 2000 + "\n")
+    (tmp_path / "p.txt").write_text(
+        "A fine prompt.\nPlease summarise this: " + "word " * 2000 + "\n"
+    )
     msg = bad_run(run_args(tiny, tmp_path / "out", "--prompts", str(tmp_path / "p.txt")), capsys)
     assert "Please summarise this: word" in msg and "p.txt" in msg and "context" in msg
 
@@ -1023,20 +1321,25 @@ def test_long_prompt_is_named(tiny, tmp_path, capsys):
 def test_diverging_learning_rate_stops_with_one_line(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     msg = bad_run(run_args(tiny, out, "--steps", "5", "--lr", "1e30", "--save-every", "1"), capsys)
-    assert "diverged" in msg and "--lr" in msg and "checkpoint-1" in msg  # the last good one is named
-    assert not (out / "model.safetensors").exists() and oaif.complete_checkpoints(str(out))[-1].endswith("-1")
+    # the last good one is named
+    assert "diverged" in msg and "--lr" in msg and "checkpoint-1" in msg
+    assert not (out / "model.safetensors").exists()
+    assert oaif.complete_checkpoints(str(out))[-1].endswith("-1")
 
 
 def test_nonfinite_loss_skips_the_update(tiny, tmp_path):
     rows = [{"prompt": "Why?", "chosen": "Because.", "rejected": "It is a long story, really."}]
     (tmp_path / "pairs.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    oaif.main(run_args(tiny, tmp_path / "out", "--steps", "3", "--lr", "1e30",
-                       "--offline-data", str(tmp_path / "pairs.jsonl")))  # fixed pairs: no sampling to stop it
+    # fixed pairs: no sampling to stop it
+    extra = ["--steps", "3", "--lr", "1e30", "--offline-data", str(tmp_path / "pairs.jsonl")]
+    oaif.main(run_args(tiny, tmp_path / "out", *extra))
     rows = read_metrics(tmp_path / "out")
-    assert [r["updated"] for r in rows] == [True, False, False] and [r["nonfinite"] for r in rows] == [0, 1, 1]
+    assert [r["updated"] for r in rows] == [True, False, False]
+    assert [r["nonfinite"] for r in rows] == [0, 1, 1]
     from safetensors.torch import load_file
 
-    assert all(t.isfinite().all() for t in load_file(tmp_path / "out" / "model.safetensors").values())
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(t.isfinite().all() for t in saved.values())
     model = oaif.load_model(tiny, torch.device("cpu"))[0]
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("nan")
@@ -1046,31 +1349,53 @@ def test_nonfinite_loss_skips_the_update(tiny, tmp_path):
 
 
 def tiny_config_models():
-    from transformers import (CohereConfig, CohereForCausalLM, GPT2Config, GPT2LMHeadModel, GraniteConfig,
-                              GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
-    body = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=300)
-    return {"granite": lambda: GraniteForCausalLM(GraniteConfig(**body, logits_scaling=4.0)),
-            "cohere": lambda: CohereForCausalLM(CohereConfig(**body, logit_scale=0.5)),
-            "llama": lambda: LlamaForCausalLM(LlamaConfig(**body)),
-            "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**body)),
-            "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300))}
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GraniteConfig,
+        GraniteForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    body = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )
+    return {
+        "granite": lambda: GraniteForCausalLM(GraniteConfig(**body, logits_scaling=4.0)),
+        "cohere": lambda: CohereForCausalLM(CohereConfig(**body, logit_scale=0.5)),
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**body)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**body)),
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300)),
+    }
 
 
 @pytest.mark.parametrize("name", ["granite", "cohere", "llama", "qwen2", "gpt2"])
 def test_logprobs_are_the_models_own(name, monkeypatch):
     torch.manual_seed(0)
     model = tiny_config_models()[name]().eval()
-    oaif.check_logprobs(model)  # passes: sequence_logprobs reproduces log_softmax of the model's own logits
+    # passes: sequence_logprobs reproduces log_softmax of the model's own logits
+    oaif.check_logprobs(model)
     ids = torch.randint(0, 300, (3, 9))
     mask, resp = torch.ones_like(ids), torch.zeros_like(ids)
     mask[0, :2], resp[:, 5:] = 0, 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        own = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].log_softmax(-1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        own = logits[:, :-1].log_softmax(-1)
         own = own.gather(-1, ids[:, 1:, None]).squeeze(-1).mul(resp[:, 1:]).sum(-1)
         assert torch.allclose(oaif.sequence_logprobs(model, ids, mask, resp), own, atol=1e-5)
-    if name in ("granite", "cohere"):  # without the head's scaling folded in, the probe refuses the model
+    # without the head's scaling folded in, the probe refuses the model
+    if name in ("granite", "cohere"):
         monkeypatch.setattr(oaif, "head_temperature", lambda config: 1.0)
         with pytest.raises(oaif.OAIFError, match=type(model).__name__ + ".*nats per token"):
             oaif.check_logprobs(model)
@@ -1079,15 +1404,23 @@ def test_logprobs_are_the_models_own(name, monkeypatch):
 def test_soft_capped_head_is_refused_with_one_line():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    model = Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                           vocab_size=300)).eval()
+    model = Gemma2ForCausalLM(
+        Gemma2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=300,
+        )
+    ).eval()
     with pytest.raises(oaif.OAIFError, match="Gemma2ForCausalLM") as e:
         oaif.check_logprobs(model)
     assert "\n" not in str(e.value)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Models past one GPU (issue 10): LoRA through peft, FSDP2 across ranks
 
 
@@ -1101,87 +1434,130 @@ def test_lora_learns_shorter_and_its_reference_is_the_frozen_base(tiny_wide_embe
     from peft import AutoPeftModelForCausalLM
 
     base = tiny_wide_embeddings
-    oaif.main(["--model", base, "--output-dir", str(tmp_path), "--annotator", "shorter", "--lora-rank", "8",
-               "--lora-alpha", "32", "--lr", "1e-2", "--steps", "60", "--batch-size", "8", "--max-new-tokens", "32", "--sample-every", "0"])
+    argv = ["--model", base, "--output-dir", str(tmp_path), "--annotator", "shorter"]
+    argv += ["--lora-rank", "8", "--lora-alpha", "32", "--lr", "1e-2", "--steps", "60"]
+    argv += ["--batch-size", "8", "--max-new-tokens", "32", "--sample-every", "0"]
+    oaif.main(argv)
     rows = read_metrics(tmp_path)
     first, last = (sum(r["response_chars"] for r in rows[i:j]) / 5 for i, j in ((0, 5), (55, 60)))
     assert last < first / 2, (first, last)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path))
-    assert not (tmp_path / "model.safetensors").exists()  # the adapter, not a second copy of the model
+    # the adapter, not a second copy of the model
+    assert not (tmp_path / "model.safetensors").exists()
     lora = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path)).eval()  # loads onto its base
     model, tok = oaif.load_model(base, torch.device("cpu"))
-    batch = oaif.pair_batch([tok("Why do we dream?").input_ids] * 2, [[5, 6, 7], [9]], [[8], [10, 11, 12]],
-                            tok.pad_token_id, "cpu")
+    batch = oaif.pair_batch(
+        [tok("Why do we dream?").input_ids] * 2,
+        [[5, 6, 7], [9]],
+        [[8], [10, 11, 12]],
+        tok.pad_token_id,
+        "cpu",
+    )
     args = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     with torch.no_grad():
         with lora.disable_adapter():
-            assert torch.equal(oaif.sequence_logprobs(lora.get_base_model(), *args), oaif.sequence_logprobs(model, *args))
-        assert not torch.allclose(oaif.sequence_logprobs(lora.get_base_model(), *args), oaif.sequence_logprobs(model, *args))
+            assert torch.equal(
+                oaif.sequence_logprobs(lora.get_base_model(), *args),
+                oaif.sequence_logprobs(model, *args),
+            )
+        assert not torch.allclose(
+            oaif.sequence_logprobs(lora.get_base_model(), *args),
+            oaif.sequence_logprobs(model, *args),
+        )
         merged = lora.merge_and_unload()  # the README's way to a plain model
-        assert torch.allclose(oaif.sequence_logprobs(merged, *args), oaif.sequence_logprobs(lora.get_base_model(), *args))
+        assert torch.allclose(
+            oaif.sequence_logprobs(merged, *args),
+            oaif.sequence_logprobs(lora.get_base_model(), *args),
+        )
 
 
 @needs_peft
 def test_lora_resume_is_exact_and_bf16_runs(tiny, tmp_path):
     from safetensors.torch import load_file
 
-    lora = ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout", "0.5"]  # dropout: loss pass only, also on resume
+    # dropout: loss pass only, also on resume
+    lora = ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout", "0.5"]
     oaif.main(run_args(tiny, tmp_path / "straight", "--steps", "4", *lora))
     oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "2", "--save-every", "2", *lora))
     oaif.main(run_args(tiny, tmp_path / "resumed", "--steps", "4", "--resume", *lora))
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("straight", "resumed"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and any(a[k].abs().sum() > 0 for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a)
     oaif.main(run_args(tiny, tmp_path / "bf16", "--steps", "2", "--dtype", "bfloat16", *lora))
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "bf16"))
 
 
 @needs_peft
 def test_lora_bad_targets_are_one_line(tiny, tmp_path, capsys):
-    assert "--lora-targets" in bad_run(run_args(tiny, tmp_path / "a", "--lora-rank", "4", "--lora-targets", "nope"),
-                                       capsys)
-    assert "LM head" in bad_run(run_args(tiny, tmp_path / "b", "--lora-rank", "4", "--lora-targets", "wte,c_attn"),
-                                capsys)
+    def refusal(out, targets):
+        args = run_args(tiny, tmp_path / out, "--lora-rank", "4", "--lora-targets", targets)
+        return bad_run(args, capsys)
+
+    assert "--lora-targets" in refusal("a", "nope")
+    assert "LM head" in refusal("b", "wte,c_attn")
 
 
 def torchrun(args, port, timeout=300):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), os.path.join(HERE, "oaif.py"), *args], capture_output=True, text=True,
-                       timeout=timeout, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_port", str(port), os.path.join(HERE, "oaif.py"), *args]
+    r = subprocess.run(
+        launch,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=HERE,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
 def test_fsdp_two_gloo_ranks_match_one_process_and_resume_across_rank_counts(tiny, tmp_path):
-    # One run, resumed at each step on another rank count: 1 -> 2 FSDP -> 1 -> 2 DDP -> 1. Fixed pairs: the same
-    # global batches as one process's straight run, so the parameters must match it whatever ran each step.
-    pairs = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i % 3 + 1), "rejected": f"No, {i} times no."}
-             for i in range(8)]
+    # One run, resumed at each step on another rank count: 1 -> 2 FSDP -> 1 -> 2 DDP -> 1. Fixed
+    # pairs: the same global batches as one process's straight run, so the parameters must match it
+    # whatever ran each step.
+    pairs = [
+        {
+            "prompt": f"Question {i}?",
+            "chosen": "Yes." * (i % 3 + 1),
+            "rejected": f"No, {i} times no.",
+        }
+        for i in range(8)
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    # evaluation on: a judge that is --model under FSDP gets its own unsharded copy (the sharded reference
-    # failed: "mixed Tensor and DTensor"); the evaluation's annotator may change on resume
-    args = lambda out, steps, *extra: run_args(tiny, out, "--steps", str(steps), "--save-every", "1", "--offline-data",
-                                               str(tmp_path / "pairs.jsonl"), "--eval-every", "4", "--eval-prompts",
-                                               "4", *extra)
+
+    # evaluation on: a judge that is --model under FSDP gets its own unsharded copy (the sharded
+    # reference failed: "mixed Tensor and DTensor"); the evaluation's annotator may change on resume
+    def args(out, steps, *extra):
+        fixed = ["--save-every", "1", "--offline-data", str(tmp_path / "pairs.jsonl")]
+        evals = ["--eval-every", "4", "--eval-prompts", "4"]
+        return run_args(tiny, out, "--steps", str(steps), *fixed, *evals, *extra)
+
     oaif.main(args(tmp_path / "one", 5))
     oaif.main(args(tmp_path / "mixed", 1))
-    r = torchrun(args(tmp_path / "mixed", 2, "--resume", "--fsdp", "--eval-annotator", f"hf:{tiny}"), 29531)
+    fsdp = ["--resume", "--fsdp", "--eval-annotator", f"hf:{tiny}"]
+    r = torchrun(args(tmp_path / "mixed", 2, *fsdp), 29531)
     assert "saved on 1 rank(s), resumed on 2" in r.stderr
     oaif.main(args(tmp_path / "mixed", 3, "--resume"))
     torchrun(args(tmp_path / "mixed", 4, "--resume"), 29532)
     oaif.main(args(tmp_path / "mixed", 5, "--resume"))
     one, mixed = final_params(tmp_path / "one"), final_params(tmp_path / "mixed")
-    assert one.keys() == mixed.keys() and all(torch.allclose(one[k], mixed[k], atol=1e-5) for k in one)
+    assert one.keys() == mixed.keys()
+    assert all(torch.allclose(one[k], mixed[k], atol=1e-5) for k in one)
     assert not all(torch.equal(one[k], final_params(tiny)[k]) for k in one)
     rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "mixed")
     evals = [r for r in rows_two if r.get("eval")]  # each run's last step, and step 4
-    assert [r["step"] for r in evals] == [1, 2, 3, 4, 5] and all(r["n"] + r["no_verdict"] == 4 for r in evals)
+    assert [r["step"] for r in evals] == [1, 2, 3, 4, 5]
+    assert all(r["n"] + r["no_verdict"] == 4 for r in evals)
+
     rows_one, rows_two = ([r for r in rows if not r.get("eval")] for rows in (rows_one, rows_two))
     assert [r["step"] for r in rows_two] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Inputs that gave a traceback or a run that does nothing, labels the loss sees, the end of a turn (issue 15)
+# --------------------------------------------------------------------------------------------------
+# Inputs that gave a traceback or a run that does nothing, labels the loss sees, the end of a turn
+# (issue 15)
 
 
 def write_pairs(path, rows) -> str:
@@ -1190,16 +1566,21 @@ def write_pairs(path, rows) -> str:
 
 
 def test_offline_pairs_are_checked_against_the_context(tiny, tmp_path, capsys):
-    rows = [{"prompt": "Why?", "chosen": "Because.", "rejected": "No."}, {"prompt": "Why?", "chosen": "Because.",
-                                                                           "rejected": "word " * 1100}]
+    rows = [
+        {"prompt": "Why?", "chosen": "Because.", "rejected": "No."},
+        {"prompt": "Why?", "chosen": "Because.", "rejected": "word " * 1100},
+    ]
     data = write_pairs(tmp_path / "pairs.jsonl", rows)
     msg = bad_run(run_args(tiny, tmp_path / "out", "--offline-data", data), capsys)
     assert "pairs.jsonl:2" in msg and "context of 1024" in msg and not (tmp_path / "out").exists()
-    # nothing is sampled (no evaluation): --max-new-tokens past the context is no reason to refuse the prompts
+    # nothing is sampled (no evaluation): --max-new-tokens past the context is no reason to refuse
+    # the prompts
     data = write_pairs(tmp_path / "ok.jsonl", rows[:1])
-    oaif.main(run_args(tiny, tmp_path / "ok", "--steps", "1", "--offline-data", data, "--max-new-tokens", "2000"))
-    assert "context" in bad_run(run_args(tiny, tmp_path / "ev", "--offline-data", data, "--max-new-tokens", "2000",
-                                         "--eval-every", "1", "--eval-prompts", "2"), capsys)  # evaluation samples
+    long = ["--offline-data", data, "--max-new-tokens", "2000"]
+    oaif.main(run_args(tiny, tmp_path / "ok", "--steps", "1", *long))
+    # evaluation samples
+    args = run_args(tiny, tmp_path / "ev", *long, "--eval-every", "1", "--eval-prompts", "2")
+    assert "context" in bad_run(args, capsys)
 
 
 def test_inputs_that_gave_tracebacks_are_one_line(tiny, tmp_path, capsys, monkeypatch):
@@ -1209,13 +1590,16 @@ def test_inputs_that_gave_tracebacks_are_one_line(tiny, tmp_path, capsys, monkey
     assert "latin1.txt" in msg and "UTF-8" in msg
     latin1 = '{"prompt": "Caf\xe9?", "chosen": "a", "rejected": "b"}\n'.encode("latin-1")
     (tmp_path / "latin1.jsonl").write_bytes(latin1)
-    assert "UTF-8" in bad_run(run_args(tiny, out, "--offline-data", str(tmp_path / "latin1.jsonl")), capsys)
+    msg = bad_run(run_args(tiny, out, "--offline-data", str(tmp_path / "latin1.jsonl")), capsys)
+    assert "UTF-8" in msg
     good = {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}
-    for i, bad in enumerate([{"rejected": None}, {"rejected": 42}, {"chosen": ""}, {"prompt": ["Why?"]}]):
+    bads = [{"rejected": None}, {"rejected": 42}, {"chosen": ""}, {"prompt": ["Why?"]}]
+    for i, bad in enumerate(bads):
         data = write_pairs(tmp_path / f"bad{i}.jsonl", [good, dict(good, **bad)])
         assert f"bad{i}.jsonl:2" in bad_run(run_args(tiny, out, "--offline-data", data), capsys)
     assert "choose auto, cpu, cuda" in bad_run(run_args(never, out, "--device", "gpu"), capsys)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, whatever this one is
+    # a CPU-only machine, whatever this one is
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "--device cuda" in bad_run(run_args(never, out, "--device", "cuda"), capsys)
     assert "torchrun" in bad_run(run_args(never, out, "--fsdp"), capsys)
     assert not out.exists()
@@ -1223,9 +1607,13 @@ def test_inputs_that_gave_tracebacks_are_one_line(tiny, tmp_path, capsys, monkey
 
 def test_eval_split_that_leaves_too_few_training_prompts_is_refused(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("".join(f"Question {i}?\n" for i in range(12)))
-    msg = bad_run(run_args(str(tmp_path / "never-loaded"), tmp_path / "out", "--prompts", str(tmp_path / "p.txt"),
-                           "--eval-every", "3"), capsys)  # before loading: the model path is bad too
-    assert "12 prompts: 11 held out" in msg and "leave 1 to train on" in msg and "--batch-size 4" in msg
+    never, prompts = str(tmp_path / "never-loaded"), str(tmp_path / "p.txt")
+    # before loading: the model path is bad too
+    msg = bad_run(
+        run_args(never, tmp_path / "out", "--prompts", prompts, "--eval-every", "3"), capsys
+    )
+    assert "12 prompts: 11 held out" in msg and "leave 1 to train on" in msg
+    assert "--batch-size 4" in msg
     assert "--eval-prompts" in msg
 
 
@@ -1234,24 +1622,39 @@ def test_temperature_zero_is_refused_for_training(tiny, tmp_path, capsys):
     for mode in ([], ["--offline"]):
         msg = bad_run(run_args(never, tmp_path / "out", "--temperature", "0", *mode), capsys)
         assert "--temperature 0" in msg and "--offline-data" in msg
-    data = write_pairs(tmp_path / "pairs.jsonl", [{"prompt": "Why?", "chosen": "Because.", "rejected": "No."}])
-    out = oaif.main(run_args(tiny, tmp_path / "greedy", "--steps", "1", "--temperature", "0", "--offline-data", data,
-                             "--eval-every", "1", "--eval-prompts", "2"))  # training samples nothing; greedy eval
-    assert out["summary"]["pairs"] == 4 and out["eval"]["ties"] + out["eval"]["no_verdict"] == 2  # policy = ref
+    row = {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}
+    data = write_pairs(tmp_path / "pairs.jsonl", [row])
+    # training samples nothing; greedy eval
+    extra = ["--steps", "1", "--temperature", "0", "--offline-data", data]
+    extra += ["--eval-every", "1", "--eval-prompts", "2"]
+    out = oaif.main(run_args(tiny, tmp_path / "greedy", *extra))
+    # policy = ref
+    assert out["summary"]["pairs"] == 4 and out["eval"]["ties"] + out["eval"]["no_verdict"] == 2
 
 
 def test_triage_decides_on_the_float32_labels_the_loss_sees(tiny, tmp_path):
-    judge = lambda p, a, b: [0.6 if x == "a" else 0.5 for x in a]  # v(a, b) = 0.6, v(b, a) = 0.5
-    p_ab, p_ba = oaif.both_orders(judge, ["x"], ["a"], ["b"]), oaif.both_orders(judge, ["x"], ["b"], ["a"])
-    assert abs(p_ab[0] - 0.5) > 0.05 > abs(p_ba[0] - 0.5)  # 0.55 and 0.45 in float64: either side of 0.05
-    assert oaif.triage(p_ab, 0.05)[1]["pairs"] == oaif.triage(p_ba, 0.05)[1]["pairs"] == 1  # decided alike
+    def judge(p, a, b):  # v(a, b) = 0.6, v(b, a) = 0.5
+        return [0.6 if x == "a" else 0.5 for x in a]
+
+    p_ab, p_ba = (
+        oaif.both_orders(judge, ["x"], ["a"], ["b"]),
+        oaif.both_orders(judge, ["x"], ["b"], ["a"]),
+    )
+    # 0.55 and 0.45 in float64: either side of 0.05
+    assert abs(p_ab[0] - 0.5) > 0.05 > abs(p_ba[0] - 0.5)
+    # decided alike
+    assert oaif.triage(p_ab, 0.05)[1]["pairs"] == oaif.triage(p_ba, 0.05)[1]["pairs"] == 1
     probs = [0.5 + 1e-9, 0.5 - 1e-9, 0.5 + 1e-7, 0.55, 0.45, 0.5 + 1e-3, 1.0, None]
     for min_confidence in (0.0, 0.05):
         used, counts = oaif.triage(probs, min_confidence)
         as_loss_sees = torch.tensor([0.5 if v is None else v for v in used], dtype=torch.float32)
-        assert int((as_loss_sees != 0.5).sum()) == counts["pairs"] and counts["ties"] == 3  # used: never a tie
+        # used: never a tie
+        assert int((as_loss_sees != 0.5).sum()) == counts["pairs"] and counts["ties"] == 3
+
     # end to end, step 1 (h = 0): each used pair's DPO loss is log 2, so their mean is too
-    near_tie = lambda p, a, b: [0.5 + 1e-9] + [1.0] * (len(a) - 1)
+    def near_tie(p, a, b):
+        return [0.5 + 1e-9] + [1.0] * (len(a) - 1)
+
     cfg = oaif.parse_args(run_args(tiny, tmp_path, "--steps", "1", "--min-confidence", "0"))
     oaif.train(cfg, annotator=near_tie)
     row = read_metrics(tmp_path)[0]
@@ -1263,18 +1666,27 @@ def test_offline_pairs_end_as_the_chat_template_ends_a_turn(tiny, tmp_path, monk
 
     tok, model = AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny)
     tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})  # Gemma's: not the EOS
-    tok.chat_template = ("{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
+        "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
     model.resize_token_embeddings(len(tok))
     tok.save_pretrained(tmp_path / "gemma-like")
     model.save_pretrained(tmp_path / "gemma-like")
     seen, real = [], oaif.pair_batch
-    monkeypatch.setattr(oaif, "pair_batch", lambda p, first, second, *a: seen.append(first + second) or real(
-        p, first, second, *a))
-    data = write_pairs(tmp_path / "pairs.jsonl", [{"prompt": "Why?", "chosen": "Because.", "rejected": "No."}])
-    oaif.main(run_args(str(tmp_path / "gemma-like"), tmp_path / "out", "--steps", "1", "--offline-data", data))
+
+    def recording_pair_batch(p, first, second, *a):
+        seen.append(first + second)
+        return real(p, first, second, *a)
+
+    monkeypatch.setattr(oaif, "pair_batch", recording_pair_batch)
+    row = {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}
+    data = write_pairs(tmp_path / "pairs.jsonl", [row])
+    gemma_like = str(tmp_path / "gemma-like")
+    oaif.main(run_args(gemma_like, tmp_path / "out", "--steps", "1", "--offline-data", data))
     end = tok.convert_tokens_to_ids("<end_of_turn>")
-    assert end != tok.eos_token_id and seen and all(ids[-1] == end and end not in ids[:-1] for ids in seen[0])
+    assert end != tok.eos_token_id and seen
+    assert all(ids[-1] == end and end not in ids[:-1] for ids in seen[0])
     assert oaif.turn_end(tok, model.generation_config) == end
     # no template: generation_config's first EOS, else the tokenizer's
     plain = AutoTokenizer.from_pretrained(tiny)
@@ -1288,12 +1700,13 @@ def test_claude_answering_preferred_colon_digit_labels_its_pairs(api):
     assert claude(*PAIRS) == [1.0, 0.0] and claude.stats["annotator_failures"] == 0
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Judge health in metrics.jsonl, and the reward-model annotator (issue 16)
 
 
 class StandInJudge:
-    """A judge function v(prompt, first, second) -> raw P(first), asked in both orders as the LLM judges are."""
+    """A judge function v(prompt, first, second) -> raw P(first), asked in both orders as the LLM
+    judges are."""
 
     def __init__(self, v):
         self.v, self.stats = v, dict.fromkeys(oaif.ANNOTATOR_STATS, 0)
@@ -1306,7 +1719,8 @@ class StandInJudge:
 
 
 class OrderBlind(StandInJudge):
-    """Pointwise, like a reward model: one call per response, no order, so no position bias; a confidence."""
+    """Pointwise, like a reward model: one call per response, no order, so no position bias; a
+    confidence."""
 
     def __call__(self, prompts, first, second):
         return [0.75] * len(prompts)
@@ -1315,10 +1729,17 @@ class OrderBlind(StandInJudge):
 HEALTH_FIELDS = ("position_bias", "order_agreement", "judge_confidence")
 
 
-@pytest.mark.parametrize("v,expected", [
-    (lambda x, a, b: 0.9, (0.9, 0.0, 0.0)),  # always leans to the first: (0.9 + 1 - 0.9) / 2 = 1/2 after both orders
-    (lambda x, a, b: None if a == b else 0.8 if a < b else 0.2, (0.5, 1.0, 0.3)),  # consistent in both orders
-    (lambda x, a, b: None if a == b else 0.9 if a < b else 0.3, (0.6, 1.0, 0.3))])  # consistent, leaning first
+@pytest.mark.parametrize(
+    "v,expected",
+    [
+        # always leans to the first: (0.9 + 1 - 0.9) / 2 = 1/2 after both orders
+        (lambda x, a, b: 0.9, (0.9, 0.0, 0.0)),
+        # consistent in both orders
+        (lambda x, a, b: None if a == b else 0.8 if a < b else 0.2, (0.5, 1.0, 0.3)),
+        # consistent, leaning first
+        (lambda x, a, b: None if a == b else 0.9 if a < b else 0.3, (0.6, 1.0, 0.3)),
+    ],
+)
 def test_judge_health_of_stand_in_judges_of_known_bias(tiny, tmp_path, v, expected):
     out = oaif.train(oaif.parse_args(run_args(tiny, tmp_path)), annotator=StandInJudge(v))
     rows = read_metrics(tmp_path)
@@ -1327,54 +1748,68 @@ def test_judge_health_of_stand_in_judges_of_known_bias(tiny, tmp_path, v, expect
 
 
 def test_judge_health_fields_absent_where_undefined(tiny, tmp_path):
-    oaif.train(oaif.parse_args(run_args(tiny, tmp_path / "rule")))  # --annotator shorter: a rule, no judge
+    # --annotator shorter: a rule, no judge
+    oaif.train(oaif.parse_args(run_args(tiny, tmp_path / "rule")))
     assert not any(k in row for row in read_metrics(tmp_path / "rule") for k in HEALTH_FIELDS)
-    out = oaif.train(oaif.parse_args(run_args(tiny, tmp_path / "blind")), annotator=OrderBlind(None))
+    cfg = oaif.parse_args(run_args(tiny, tmp_path / "blind"))
+    out = oaif.train(cfg, annotator=OrderBlind(None))
     for row in read_metrics(tmp_path / "blind") + [out["summary"]]:
-        assert "position_bias" not in row and "order_agreement" not in row and row["judge_confidence"] == 0.25
+        assert "position_bias" not in row and "order_agreement" not in row
+        assert row["judge_confidence"] == 0.25
     rows = [{"prompt": "Why?", "chosen": "Because.", "rejected": "It is a long story, really."}] * 3
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = oaif.train(oaif.parse_args(run_args(tiny, tmp_path / "file", "--offline-data", str(tmp_path / "pairs.jsonl"))),
-                     annotator=OrderBlind(None))  # the file's labels, not the judge's: no confidence to report
-    assert not any(k in row for row in read_metrics(tmp_path / "file") + [out["summary"]] for k in HEALTH_FIELDS)
+    # the file's labels, not the judge's: no confidence to report
+    args = run_args(tiny, tmp_path / "file", "--offline-data", str(tmp_path / "pairs.jsonl"))
+    out = oaif.train(oaif.parse_args(args), annotator=OrderBlind(None))
+    records = read_metrics(tmp_path / "file") + [out["summary"]]
+    assert not any(k in row for row in records for k in HEALTH_FIELDS)
 
 
 def confidence_judge(x, a, b):
-    """Consistent in both orders, its confidence varying with the pair: run-wide means weigh the steps."""
+    """Consistent in both orders, its confidence varying with the pair: run-wide means weigh the
+    steps."""
     return None if a == b else 1 / (1 + math.exp(len(b) - len(a)))
 
 
 def test_judge_health_summary_counts_the_whole_resumed_run(tiny, tmp_path):
-    run = lambda out, *extra: oaif.train(oaif.parse_args(run_args(tiny, out, *extra)),
-                                         annotator=StandInJudge(confidence_judge))
+    def run(out, *extra):
+        cfg = oaif.parse_args(run_args(tiny, out, *extra))
+        return oaif.train(cfg, annotator=StandInJudge(confidence_judge))
+
     whole = run(tmp_path / "straight", "--steps", "4")["summary"]
     rows = read_metrics(tmp_path / "straight")
     verdicts = [r["pairs"] + r["ties"] + r["low_confidence"] for r in rows]
     assert len({round(r["judge_confidence"], 9) for r in rows}) > 1  # the steps differ
-    assert whole["judge_confidence"] == pytest.approx(
-        sum(r["judge_confidence"] * n for r, n in zip(rows, verdicts)) / sum(verdicts), abs=1e-12)
+    weighted = sum(r["judge_confidence"] * n for r, n in zip(rows, verdicts)) / sum(verdicts)
+    assert whole["judge_confidence"] == pytest.approx(weighted, abs=1e-12)
     run(tmp_path / "resumed", "--steps", "2", "--save-every", "2")
     resumed = run(tmp_path / "resumed", "--steps", "4", "--resume")["summary"]
-    assert [resumed[k] for k in HEALTH_FIELDS] == pytest.approx([whole[k] for k in HEALTH_FIELDS], abs=1e-12)
+    expected = [whole[k] for k in HEALTH_FIELDS]
+    assert [resumed[k] for k in HEALTH_FIELDS] == pytest.approx(expected, abs=1e-12)
 
 
 def test_claude_position_bias_in_metrics(api, tiny, tmp_path):
-    server = api(reply=lambda a, b: "Preferred Response=1")  # a judge that always picks the first it sees
+    # a judge that always picks the first it sees
+    server = api(reply=lambda a, b: "Preferred Response=1")
     claude = oaif.ClaudeAnnotator(client=server.client())
     out = oaif.train(oaif.parse_args(run_args(tiny, tmp_path, "--steps", "1")), annotator=claude)
     row = read_metrics(tmp_path)[0]
-    assert (row["position_bias"], row["order_agreement"], row["judge_confidence"]) == (1.0, 0.0, 0.0)
-    assert claude.stats["order_pairs"] == server.requests / 2 == out["summary"]["annotator_requests"] / 2
+    health = (row["position_bias"], row["order_agreement"], row["judge_confidence"])
+    assert health == (1.0, 0.0, 0.0)
+    requests = out["summary"]["annotator_requests"]
+    assert claude.stats["order_pairs"] == server.requests / 2 == requests / 2
 
 
 @pytest.fixture(scope="session")
 def tiny_rm(tiny, tmp_path_factory) -> str:
-    """A tiny random reward model: GPT-2 with a one-logit head, the tiny model's config and tokenizer."""
+    """A tiny random reward model: GPT-2 with a one-logit head, the tiny model's config and
+    tokenizer."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
     path = str(tmp_path_factory.mktemp("tiny_rm"))
     torch.manual_seed(1)
-    GPT2ForSequenceClassification(GPT2Config.from_pretrained(tiny, num_labels=1)).save_pretrained(path)
+    config = GPT2Config.from_pretrained(tiny, num_labels=1)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny).save_pretrained(path)
     return path
 
@@ -1383,35 +1818,48 @@ def tiny_rm(tiny, tmp_path_factory) -> str:
 def test_reward_model_annotator_is_bradley_terry_of_unpadded_scores(tiny_rm, chat):
     model, tok = oaif.load_model(tiny_rm, torch.device("cpu"), "AutoModelForSequenceClassification")
     if chat:
-        tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        tok.chat_template = (
+            "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        )
     rm = oaif.RewardModelAnnotator(model, tok)
     prompts = ["Why do we dream?", "Hi", "What is a prime number?"]
     first = ["Because.", "Hello there, my friend, how are you today?", "A number"]
     second = ["Nobody knows why we dream, not even the experts.", "Hey", "A number"]
     p = rm(prompts, first, second)
 
-    text = lambda x, y: f"<user>{x}\n<assistant>{y}\n" if chat else f"{x}\n\n{y}"
+    def text(x, y):
+        return f"<user>{x}\n<assistant>{y}\n" if chat else f"{x}\n\n{y}"
 
     @torch.no_grad()
     def score(x, y):  # one response alone, no padding: the head at its last token
         ids = tok(text(x, y), return_tensors="pt").input_ids
         return float(model.score(model.transformer(ids).last_hidden_state[0, -1])[0])
 
-    expected = [1 / (1 + math.exp(score(x, b) - score(x, a))) for x, a, b in zip(prompts, first, second)]
-    assert p == pytest.approx(expected, abs=1e-6) and len(set(p)) == 3 and p[2] == 0.5  # identical: a tie
+    expected = [
+        1 / (1 + math.exp(score(x, b) - score(x, a))) for x, a, b in zip(prompts, first, second)
+    ]
+    # identical: a tie
+    assert p == pytest.approx(expected, abs=1e-6) and len(set(p)) == 3 and p[2] == 0.5
     assert rm(prompts, second, first) == pytest.approx([1 - q for q in p], abs=1e-6)  # order-blind
     tokens = sum(len(tok(text(x, y)).input_ids) for x, y in zip(prompts * 2, first + second))
-    assert rm.stats["annotator_requests"] == 12 and rm.stats["input_tokens"] == 2 * tokens  # two calls
+    # two calls
+    assert rm.stats["annotator_requests"] == 12 and rm.stats["input_tokens"] == 2 * tokens
 
 
 def test_cli_with_reward_model(tiny, tiny_rm, tmp_path, capsys):
     out = oaif.main(run_args(tiny, tmp_path, "--annotator", f"rm:{tiny_rm}"))
     rows = read_metrics(tmp_path)
-    assert len(rows) == 2 and all(r["annotator_requests"] == 8 and "position_bias" not in r for r in rows)
-    assert all(0 <= r["judge_confidence"] < 0.5 for r in rows) and out["summary"]["annotator_requests"] == 16
+    assert len(rows) == 2
+    assert all(r["annotator_requests"] == 8 and "position_bias" not in r for r in rows)
+    assert all(0 <= r["judge_confidence"] < 0.5 for r in rows)
+    assert out["summary"]["annotator_requests"] == 16
     assert "judge confidence" in capsys.readouterr().err
-    assert "cannot load model" in bad_run(run_args(tiny, tmp_path / "b", "--annotator", f"rm:{tmp_path / 'nothing'}"), capsys)
-    assert "num_labels" in bad_run(run_args(tiny, tmp_path / "c", "--annotator", f"rm:{tiny}"), capsys)
+
+    def refusal(out, annotator):
+        return bad_run(run_args(tiny, tmp_path / out, "--annotator", annotator), capsys)
+
+    assert "cannot load model" in refusal("b", f"rm:{tmp_path / 'nothing'}")
+    assert "num_labels" in refusal("c", f"rm:{tiny}")
 
 
 def test_resume_refuses_a_prompts_file_whose_content_changed(tiny, tmp_path, capsys):
@@ -1419,50 +1867,77 @@ def test_resume_refuses_a_prompts_file_whose_content_changed(tiny, tmp_path, cap
     prompts.write_text("".join(f"Question {i}?\n" for i in range(8)))
     out = tmp_path / "out"
     oaif.main(run_args(tiny, out, "--steps", "1", "--save-every", "1", "--prompts", str(prompts)))
-    prompts.write_text("".join(f"Another question {i}?\n" for i in range(8)))  # same path, other prompts
-    assert "--prompts-sha256" in bad_run(run_args(tiny, out, "--resume", "--prompts", str(prompts)), capsys)
+    # same path, other prompts
+    prompts.write_text("".join(f"Another question {i}?\n" for i in range(8)))
+    msg = bad_run(run_args(tiny, out, "--resume", "--prompts", str(prompts)), capsys)
+    assert "--prompts-sha256" in msg
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Labels that mean what the instruction says: five defects that gave silent wrong labels
 
 
-@pytest.mark.parametrize("instruction,question", [
-    ("Prefer the more concise response.", "Is this a concise response?"),
-    ("Prefer the  concise   response.", "Is this a concise response?"),  # spacing is not meaning
-    ("Prefer an accurate response.", "Is this an accurate response?"),
-    ("Prefer the response that answers the question asked.", "Is this a response that answers the question asked?"),
-    ("Prefer more detail.", "Does it follow the instruction: Prefer more detail."),  # not "Is this a detail?"
-    ("Prefer more formal language.", "Does it follow the instruction: Prefer more formal language."),
-    ("Prefer brevity.", "Does it follow the instruction: Prefer brevity."),
-    ("Prefer whichever response is shorter.", "Does it follow the instruction: Prefer whichever response is shorter."),
-    ("Prefer the more concise response and avoid lists.",
-     "Does it follow the instruction: Prefer the more concise response and avoid lists."),
-    ("", "Is this a good response?")])
+@pytest.mark.parametrize(
+    "instruction,question",
+    [
+        ("Prefer the more concise response.", "Is this a concise response?"),
+        # spacing is not meaning
+        ("Prefer the  concise   response.", "Is this a concise response?"),
+        ("Prefer an accurate response.", "Is this an accurate response?"),
+        (
+            "Prefer the response that answers the question asked.",
+            "Is this a response that answers the question asked?",
+        ),
+        # not "Is this a detail?"
+        ("Prefer more detail.", "Does it follow the instruction: Prefer more detail."),
+        (
+            "Prefer more formal language.",
+            "Does it follow the instruction: Prefer more formal language.",
+        ),
+        ("Prefer brevity.", "Does it follow the instruction: Prefer brevity."),
+        (
+            "Prefer whichever response is shorter.",
+            "Does it follow the instruction: Prefer whichever response is shorter.",
+        ),
+        (
+            "Prefer the more concise response and avoid lists.",
+            "Does it follow the instruction: Prefer the more concise response and avoid lists.",
+        ),
+        ("", "Is this a good response?"),
+    ],
+)
 def test_judge_question_never_garbles_the_instruction(instruction, question):
     assert oaif.judge_question("helpful", instruction) == question
 
 
-def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(tiny, tmp_path, capsys, monkeypatch):
+def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
+    tiny, tmp_path, capsys, monkeypatch
+):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     for annotator in (f"rm:{tmp_path / 'rm'}", "shorter", ""):  # "" with no key: shorter
         for extra in (["--instruction", "Prefer the more detailed response."], ["--task", "tldr"]):
-            msg = bad_run(run_args(tiny, tmp_path / "out", "--annotator", annotator, *extra), capsys)
+            args = run_args(tiny, tmp_path / "out", "--annotator", annotator, *extra)
+            msg = bad_run(args, capsys)
             assert "acts only on an LLM judge" in msg and extra[0] in msg
     assert not (tmp_path / "out").exists()
     # an LLM judge anywhere in the run (here the evaluation's) can follow it: not refused
-    oaif.main(run_args(tiny, tmp_path / "ok", "--steps", "1", "--instruction", "Prefer the more concise response.",
-                       "--eval-every", "1", "--eval-prompts", "4", "--eval-annotator", f"hf:{tiny}"))
+    flags = ["--steps", "1", "--instruction", "Prefer the more concise response."]
+    flags += ["--eval-every", "1", "--eval-prompts", "4", "--eval-annotator", f"hf:{tiny}"]
+    oaif.main(run_args(tiny, tmp_path / "ok", *flags))
 
 
 def sentencepiece_tokenizer():
-    """A Llama-2-style tokenizer (Metaspace, '▁' before the first word, newlines their own pieces) that has
-    both '▁Yes' (a word after a space, or alone) and 'Yes' (after a newline, as a judge answers)."""
+    """A Llama-2-style tokenizer (Metaspace, '▁' before the first word, newlines their own pieces)
+    that has both '▁Yes' (a word after a space, or alone) and 'Yes' (after a newline, as a judge
+    answers)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     sp = Tokenizer(models.BPE(byte_fallback=True))
     newline = pre_tokenizers.Split("\n", "isolated")
-    sp.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first"), newline])
+    sp.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(prepend_scheme="first"), newline]
+    )
     corpus = oaif.DEFAULT_PROMPTS + ["Answer:\nYes", "Answer:\nNo", "I say Yes or No"] * 8
     sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400))
     return PreTrainedTokenizerFast(tokenizer_object=sp)
@@ -1470,42 +1945,61 @@ def sentencepiece_tokenizer():
 
 def test_local_judge_reads_the_answer_tokens_it_would_produce():
     from transformers import GPT2Config, GPT2LMHeadModel
+
     tok = sentencepiece_tokenizer()
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).eval()
     judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
     text = "".join(judge.ask("Why do we dream?", "Because."))  # no chat template: ends "Answer:\n"
     before = tok(text, add_special_tokens=False).input_ids
-    for word, token in zip(("Yes", "No"), judge.words):  # the oracle: what follows the judge's input
+    # the oracle: what follows the judge's input
+    for word, token in zip(("Yes", "No"), judge.words):
         after = tok(text + word, add_special_tokens=False).input_ids
-        assert after[:len(before)] == before and token == after[len(before)]
-        assert tok.convert_ids_to_tokens(token) == word != tok.convert_ids_to_tokens(tok(word).input_ids[-1])
+        assert after[: len(before)] == before and token == after[len(before)]
+        piece = tok.convert_ids_to_tokens(token)
+        assert piece == word != tok.convert_ids_to_tokens(tok(word).input_ids[-1])
 
 
-@pytest.mark.parametrize("reply,verdict", [
-    ("Response 1 is tighter.\nPreferred Response=1\n\nSome readers preferred Response 2.", 1.0),
-    ("Preferred Response=1 (I preferred response 2's tone, though.)", 1.0),
-    ("Preferred Response=2. Many preferred Response 1 at first.", 0.0),
-    ("Preferred Response: 2", 0.0), ("**Preferred Response** = 1", 1.0), ("Preferred Summary=2", 0.0)])
+@pytest.mark.parametrize(
+    "reply,verdict",
+    [
+        ("Response 1 is tighter.\nPreferred Response=1\n\nSome readers preferred Response 2.", 1.0),
+        ("Preferred Response=1 (I preferred response 2's tone, though.)", 1.0),
+        ("Preferred Response=2. Many preferred Response 1 at first.", 0.0),
+        ("Preferred Response: 2", 0.0),
+        ("**Preferred Response** = 1", 1.0),
+        ("Preferred Summary=2", 0.0),
+    ],
+)
 def test_parse_verdict_ignores_preferred_as_a_verb(reply, verdict):
     assert oaif.parse_verdict(reply) == verdict
 
 
 def test_offline_resume_with_numpy_labels(tiny, tmp_path):
     import numpy as np
-    (tmp_path / "p.txt").write_text("Why do we dream?\nWhat is inflation?\nHow do bees make honey?\nWhat is a prime?\n")
+
+    (tmp_path / "p.txt").write_text(
+        "Why do we dream?\nWhat is inflation?\nHow do bees make honey?\nWhat is a prime?\n"
+    )
 
     def numpy_shorter(prompts, first, second):  # a user's annotator computing its verdicts in numpy
         return [None if p is None else np.float32(p) for p in oaif.shorter(prompts, first, second)]
 
-    run = lambda out, *extra: oaif.train(oaif.parse_args(run_args(tiny, out, "--offline", "--prompts",  # noqa: E731
-                                                                  str(tmp_path / "p.txt"), *extra)), numpy_shorter)
+    def run(out, *extra):
+        args = run_args(tiny, out, "--offline", "--prompts", str(tmp_path / "p.txt"), *extra)
+        return oaif.train(oaif.parse_args(args), numpy_shorter)
+
     run(tmp_path / "straight", "--steps", "4")
     run(tmp_path / "resumed", "--steps", "2", "--save-every", "2")
-    run(tmp_path / "resumed", "--steps", "4", "--resume")  # offline_pairs.pt loads with weights_only
+    # offline_pairs.pt loads with weights_only
+    run(tmp_path / "resumed", "--steps", "4", "--resume")
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    pairs = lambda out: [r["pairs"] for r in read_metrics(out)]  # noqa: E731
-    assert pairs(tmp_path / "straight") == pairs(tmp_path / "resumed") and sum(pairs(tmp_path / "straight")) > 0
+
+    def pairs(out):
+        return [r["pairs"] for r in read_metrics(out)]
+
+    assert pairs(tmp_path / "straight") == pairs(tmp_path / "resumed")
+    assert sum(pairs(tmp_path / "straight")) > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1623,7 +2117,9 @@ def readme_links() -> list:
 
 
 def test_readme_links_only_files_in_the_repository():
-    git = lambda *args: subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)  # noqa: E731
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)
+
     try:
         files = set(git("ls-files").stdout.splitlines())
     except OSError:
@@ -1638,7 +2134,7 @@ def test_readme_links_only_files_in_the_repository():
     assert not ignored, f".gitignore hides files the README links: {ignored}"
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Copy-pasteable pieces: each built alone from the source of exactly the names the README lists
 
 
@@ -1646,14 +2142,40 @@ COMMON = ["import math", "import torch", "import torch.nn.functional as F"]
 LOGPROBS = ["fused_logprobs", "_FusedLogprobs", "_labelled_rows", "default_chunk_size"]
 SEQUENCE = ["sequence_logprobs", "head_temperature", "OAIFError", *LOGPROBS]
 LOSS_NAMES = ["dpo_loss", "ipo_loss", "slic_loss", "preference_margin"]
-SAMPLER = ["sample_pairs", "sample_tokens", "encode_prompts", "user_turn", "left_pad", "response_mask_after_eos"]
+SAMPLER = [
+    "sample_pairs",
+    "sample_tokens",
+    "encode_prompts",
+    "user_turn",
+    "left_pad",
+    "response_mask_after_eos",
+]
 PROMPT = ["render_judge_prompt", "parse_verdict", "TEMPLATES", "QUESTION", "ANCHOR", "BARE"]
-LOCAL_JUDGE = ["LocalJudgeAnnotator", "judge_question", "CRITERION", "QUESTION", "TEMPLATES", "user_turn",
-               "head_temperature", "OAIFError"]
+LOCAL_JUDGE = [
+    "LocalJudgeAnnotator",
+    "judge_question",
+    "CRITERION",
+    "QUESTION",
+    "TEMPLATES",
+    "user_turn",
+    "head_temperature",
+    "OAIFError",
+]
 CLAUDE = ["ClaudeAnnotator", "both_orders", "OAIFError", *PROMPT]
-STEP = ["oaif_step", "Wiring", "update", "timed", "triage", "LOSSES", "DEFAULT_BETA", *LOSS_NAMES, *SAMPLER,
-        *SEQUENCE]
-# piece -> (the names to copy with it, the imports it needs): the README's "Copy-pasteable pieces" table
+STEP = [
+    "oaif_step",
+    "Wiring",
+    "update",
+    "timed",
+    "triage",
+    "LOSSES",
+    "DEFAULT_BETA",
+    *LOSS_NAMES,
+    *SAMPLER,
+    *SEQUENCE,
+]
+# piece -> (the names to copy with it, the imports it needs): the README's "Copy-pasteable pieces"
+# table
 PIECES = {
     "fused_logprobs": (LOGPROBS, COMMON),
     "losses": (LOSS_NAMES, COMMON),
@@ -1661,10 +2183,19 @@ PIECES = {
     "sample_pairs": (SAMPLER, ["import inspect", "import torch"]),
     "render_judge_prompt": (PROMPT, ["import re"]),
     "both_orders": (["both_orders"], ["import math"]),
-    "LocalJudgeAnnotator": (LOCAL_JUDGE, ["import copy", "import inspect", "import os", "import re", "import torch"]),
-    "ClaudeAnnotator": (CLAUDE, ["import concurrent.futures", "import math", "import re", "import threading"]),
-    "oaif_step": (STEP, COMMON + ["import concurrent.futures", "import inspect", "import time",
-                                 "import numpy as np"]),
+    "LocalJudgeAnnotator": (
+        LOCAL_JUDGE,
+        ["import copy", "import inspect", "import os", "import re", "import torch"],
+    ),
+    "ClaudeAnnotator": (
+        CLAUDE,
+        ["import concurrent.futures", "import math", "import re", "import threading"],
+    ),
+    "oaif_step": (
+        STEP,
+        COMMON
+        + ["import concurrent.futures", "import inspect", "import time", "import numpy as np"],
+    ),
 }
 
 
@@ -1688,15 +2219,32 @@ def build_piece(piece: str) -> dict:
         else:  # a constant: its value, as its one line of source would make it
             ns[name] = obj
     tree = ast.parse("\n".join(sources))
-    bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
-    bound |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments)
-              for a in n.posonlyargs + n.args + n.kwonlyargs + [n.vararg, n.kwarg] if a}
-    bound |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler))}
-    bound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-              for a in n.names}
+    bound = {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
+    }
+    bound |= {
+        a.arg
+        for n in ast.walk(tree)
+        if isinstance(n, ast.arguments)
+        for a in n.posonlyargs + n.args + n.kwonlyargs + [n.vararg, n.kwarg]
+        if a
+    }
+    bound |= {
+        n.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler))
+    }
+    bound |= {
+        (a.asname or a.name).split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
     read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     missing = read - bound - set(ns) - set(dir(builtins))
-    assert not missing, f"{piece} reads {sorted(missing)}, not among the names the README lists for it"
+    assert not missing, (
+        f"{piece} reads {sorted(missing)}, not among the names the README lists for it"
+    )
     return ns
 
 
@@ -1704,6 +2252,7 @@ def test_copy_pasteable_pieces_run_alone(tiny, api):
     from types import SimpleNamespace
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     ns = {piece: build_piece(piece) for piece in PIECES}
     # fused_logprobs: both dtype paths and a frozen head, against a float64 oracle
     g = torch.Generator().manual_seed(0)
@@ -1713,38 +2262,44 @@ def test_copy_pasteable_pieces_run_alone(tiny, api):
         h = hidden.to(dtype).detach().requires_grad_()
         out = ns["fused_logprobs"]["fused_logprobs"](h, weight, labels, 0.7, 4)
         out.sum().backward()
-        assert (out.double() - oracle_logprobs(hidden, weight, labels, 0.7)).abs().max() < tol and h.grad is not None
+        err = (out.double() - oracle_logprobs(hidden, weight, labels, 0.7)).abs().max()
+        assert err < tol and h.grad is not None
     # the losses: log 2 at h = 0; sequence_logprobs as HF's cross-entropy says
     zero = [torch.zeros(2)] * 4
     assert ns["losses"]["dpo_loss"](*zero).tolist() == pytest.approx([math.log(2)] * 2)
-    assert ns["losses"]["ipo_loss"](*zero).tolist() == [0.25] * 2 and ns["losses"]["slic_loss"](*zero).tolist() == [1.0] * 2
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny).eval(), AutoTokenizer.from_pretrained(tiny)
+    assert ns["losses"]["ipo_loss"](*zero).tolist() == [0.25] * 2
+    assert ns["losses"]["slic_loss"](*zero).tolist() == [1.0] * 2
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    tok = AutoTokenizer.from_pretrained(tiny)
     tok.pad_token = tok.eos_token
     # the sampler: raw prompts, then a chat template; greedy and sampled; non-finite weights raise
+    sample_pairs = ns["sample_pairs"]["sample_pairs"]
     for template in (None, "{% for m in messages %}{{ m.content }}\n{% endfor %}"):
         tok.chat_template = template
         for temperature in (0.0, 0.9):
-            batch = ns["sample_pairs"]["sample_pairs"](model, tok, ["Hi", "Why?"], 2, 5, temperature)
+            batch = sample_pairs(model, tok, ["Hi", "Why?"], 2, 5, temperature)
             assert batch["input_ids"].shape[0] == 4 and len(batch["texts"]) == 4
-    logps = ns["sequence_logprobs"]["sequence_logprobs"](model, batch["input_ids"], batch["attention_mask"],
-                                                           batch["response_mask"])
-    assert logps.tolist() == pytest.approx(oaif.sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                                                  batch["response_mask"]).tolist())
+    ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    logps = ns["sequence_logprobs"]["sequence_logprobs"](model, ids, mask, resp)
+    assert logps.tolist() == pytest.approx(oaif.sequence_logprobs(model, ids, mask, resp).tolist())
     broken = AutoModelForCausalLM.from_pretrained(tiny).eval()
     with torch.no_grad():
         broken.lm_head.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError):
-        ns["sample_pairs"]["sample_pairs"](broken, tok, ["Hi"], 2, 3, 0.9)
+        sample_pairs(broken, tok, ["Hi"], 2, 3, 0.9)
     # the annotator's prompt and its parsing; both orders
-    text = ns["render_judge_prompt"]["render_judge_prompt"]("tldr", "Be brief.", "x", "a", "b")
-    assert "Summary 2:\nb" in text and ns["render_judge_prompt"]["parse_verdict"]("Preferred Summary=2") == 0.0
+    prompt = ns["render_judge_prompt"]
+    text = prompt["render_judge_prompt"]("tldr", "Be brief.", "x", "a", "b")
+    assert "Summary 2:\nb" in text and prompt["parse_verdict"]("Preferred Summary=2") == 0.0
     stats = {}
-    assert ns["both_orders"]["both_orders"](lambda p, a, b: [1.0] * len(p), ["x"], ["a"], ["b"], stats) == [0.5]
+    both_orders = ns["both_orders"]["both_orders"]
+    assert both_orders(lambda p, a, b: [1.0] * len(p), ["x"], ["a"], ["b"], stats) == [0.5]
     assert stats == dict(order_pairs=1, first_sum=1.0, order_agree=0)
     # the local judge: a chat template and none, with and without an instruction, past its context
-    for template, instruction in ((template, ""), (None, "Prefer the more concise response.")):
-        tok.chat_template = template
-        judge = ns["LocalJudgeAnnotator"]["LocalJudgeAnnotator"](model, tok, instruction=instruction)
+    local_judge = ns["LocalJudgeAnnotator"]["LocalJudgeAnnotator"]
+    for chat_template, instruction in ((template, ""), (None, "Prefer the more concise response.")):
+        tok.chat_template = chat_template
+        judge = local_judge(model, tok, instruction=instruction)
         assert 0 < judge(["Why?"], ["Because."], ["Nobody knows, really."])[0] < 1
     with pytest.raises(Exception, match="context"):
         judge(["x"], ["word " * 1100], ["y"])
@@ -1753,13 +2308,28 @@ def test_copy_pasteable_pieces_run_alone(tiny, api):
     assert claude(*PAIRS) == [1.0, 0.0]
     # oaif_step: online with a rule, then offline pairs; soft labels and averaged log-probs
     step = ns["oaif_step"]["oaif_step"]
-    policy, ref = AutoModelForCausalLM.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny).eval()
+    policy = AutoModelForCausalLM.from_pretrained(tiny)
+    ref = AutoModelForCausalLM.from_pretrained(tiny).eval()
+
     ref.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    cfg = SimpleNamespace(loss="ipo", beta=None, max_new_tokens=6, temperature=0.9, min_confidence=0.0,
-                          labels="soft", average_logps=True, max_grad_norm=1.0, dtype="float32")
+    cfg = SimpleNamespace(
+        loss="ipo",
+        beta=None,
+        max_new_tokens=6,
+        temperature=0.9,
+        min_confidence=0.0,
+        labels="soft",
+        average_logps=True,
+        max_grad_norm=1.0,
+        dtype="float32",
+    )
     out = step(policy, ref, tok, ["Hi", "Why?", "How?"], oaif.shorter, optimizer, cfg)
     assert out["n_used"] == out["counts"]["pairs"] > 0 and math.isfinite(out["grad_norm"])
-    pairs = dict(oaif.pair_batch([[5, 6]], [[7, 8, 9]], [[10]], tok.pad_token_id, "cpu"), texts=["a b", "c"], probs=[0.9])
+    pairs = dict(
+        oaif.pair_batch([[5, 6]], [[7, 8, 9]], [[10]], tok.pad_token_id, "cpu"),
+        texts=["a b", "c"],
+        probs=[0.9],
+    )
     out = step(policy, ref, tok, ["Hi"], None, optimizer, cfg, pairs)
     assert out["counts"]["pairs"] == 1 and out["annotate_s"] == 0.0

@@ -1,21 +1,29 @@
-"""Any run's metrics.jsonl -> loss, reward margin, KL, response length and win-rate curves: a PNG when
-matplotlib is installed, a text table otherwise.
+"""Any run's metrics.jsonl -> loss, reward margin, KL, response length and win-rate curves: a PNG
+when matplotlib is installed, a text table otherwise.
 
     python examples/plot_metrics.py oaif-out/metrics.jsonl [--png curves.png]
 """
+
 import argparse
 import json
 import os
 
-CURVES = [("loss", "loss"), ("reward_margin", "reward margin (beta h)"), ("kl", "KL to reference (nats/seq)"),
-          ("response_tokens", "response tokens"), ("reward_accuracy", "reward accuracy")]
+CURVES = [
+    ("loss", "loss"),
+    ("reward_margin", "reward margin (beta h)"),
+    ("kl", "KL to reference (nats/seq)"),
+    ("response_tokens", "response tokens"),
+    ("reward_accuracy", "reward accuracy"),
+]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Plot or tabulate an oaif metrics.jsonl.")
     p.add_argument("metrics", help="path to metrics.jsonl")
     p.add_argument("--png", default="", help="output image (default: beside the metrics file)")
-    p.add_argument("--every", type=int, default=0, help="table: one row every N steps (default: ~20 rows)")
+    p.add_argument(
+        "--every", type=int, default=0, help="table: one row every N steps (default: ~20 rows)"
+    )
     a = p.parse_args(argv)
     with open(a.metrics) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -31,7 +39,10 @@ def main(argv=None):
         for r in steps[::every] + ([steps[-1]] if (len(steps) - 1) % every else []):
             print(f"{r['step']:>5} " + " ".join(f"{r[k]:>15.4f}" for k, _ in CURVES))
         for e in evals:
-            print(f"eval step {e['step']}: win rate {e['win_rate']:.3f} ({e['n']} judged, {e['no_verdict']} no verdict)")
+            print(
+                f"eval step {e['step']}: win rate {e['win_rate']:.3f} "
+                f"({e['n']} judged, {e['no_verdict']} no verdict)"
+            )
         return
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, label) in zip(axes.flat, CURVES):
