@@ -176,9 +176,7 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.
     head = model.get_output_embeddings()
     if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
         name = type(model).__name__
-        raise OAIFError(
-            f"{name}: its LM head has a bias or a logit soft-cap; oaif needs a plain one"
-        )
+        raise OAIFError(f"{name}: its LM head has a bias or a logit soft-cap, not a plain one")
     # Left padding: positions come from the mask, not the column.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     body = model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -360,13 +358,13 @@ def both_orders(judge: Callable, prompts: list, first: list, second: list, stats
 
 
 def shorter(prompts: list, first: list, second: list) -> list:
-    """A rule, no model: the response with fewer characters is better; equal lengths, no verdict."""
-    return [None if len(a) == len(b) else float(len(a) < len(b)) for a, b in zip(first, second)]
+    """A rule, no model: the response with fewer characters is better; equal lengths are a tie."""
+    return [0.5 if len(a) == len(b) else float(len(a) < len(b)) for a, b in zip(first, second)]
 
 
 def longer(prompts: list, first: list, second: list) -> list:
-    """A rule, no model: the response with more characters is better; equal lengths, no verdict."""
-    return [None if len(a) == len(b) else float(len(a) > len(b)) for a, b in zip(first, second)]
+    """A rule, no model: the response with more characters is better; equal lengths are a tie."""
+    return [0.5 if len(a) == len(b) else float(len(a) > len(b)) for a, b in zip(first, second)]
 
 
 # The paper's annotator prompts in RLAIF's "detailed 0-shot" style: a preamble, the context, the
@@ -597,9 +595,8 @@ class RewardModelAnnotator:
 
     def __init__(self, model, tokenizer):
         if model.config.num_labels != 1:
-            raise OAIFError(
-                f"rm: a reward model has one output (num_labels 1), not {model.config.num_labels}"
-            )
+            n = model.config.num_labels
+            raise OAIFError(f"rm: a reward model has one output (num_labels 1), not {n}")
         # HF reads the score at the last token that is not the pad token.
         model.config.pad_token_id = tokenizer.pad_token_id
         self.model, self.tokenizer = model, tokenizer
@@ -748,7 +745,7 @@ class Config:
     # model and data
     model: str = "gpt2"  # hub id or local folder; the reference model is a frozen copy of it
     prompts: str = ""  # .txt (a prompt a line) or .jsonl ("prompt" fields); empty: built-in ones
-    output_dir: str = "oaif-out"  # metrics.jsonl, checkpoints and the final policy go here
+    output_dir: str = ""  # the run's folder; empty: a new oaif-out/run-N (--resume: the newest)
     seed: int = 0  # seeds python, numpy and torch (rank r uses seed + r)
     device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda
     dtype: str = "float32"  # float32, or bfloat16: the log-prob passes under bf16 autocast
@@ -804,7 +801,8 @@ RUN_FILES = re.compile(
 # The flags --resume may change: they do not change what is trained (--eval-every: only > 0 does).
 FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "annotator_workers", "sample_every"}
 FREE_ON_RESUME |= {"resume", "overwrite", "output_dir", "device", "fsdp", "eval_annotator"}
-FREE_ON_RESUME |= {"eval_annotator_model"}
+# The data files may move: their contents' digests are compared instead.
+FREE_ON_RESUME |= {"eval_annotator_model", "prompts", "offline_data"}
 # Counters summed over steps and ranks: an annotator's, an LLM judge's health, the run's totals.
 ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
 HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
@@ -835,10 +833,8 @@ DEFAULT_PROMPTS = re.split(
 def parse_args(argv: Optional[list] = None) -> Config:
     """The command line -> Config: one flag per field, its comment the --help."""
     helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(
-        description="Online AI Feedback: DPO, IPO or SLiC on pairs "
-        "the policy samples, labelled by an annotator as it trains."
-    )
+    about = "Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it trains."
+    parser = argparse.ArgumentParser(description=about)
     kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
     for f in dataclasses.fields(Config):
         flag, kind = "--" + f.name.replace("_", "-"), kinds.get(f.type, dict(type=f.type))
@@ -901,9 +897,8 @@ def judge_dtype(device) -> torch.dtype:
     AVX512-BF16 ~4x faster; without, far slower)."""
     # Its own generator: the run's random stream is left alone.
     a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
-    seconds = [
-        min(timeit.repeat(lambda x=x: x @ x.T, number=4, repeat=3)) for x in (a, a.bfloat16())
-    ]
+    timed = [timeit.repeat(lambda x=x: x @ x.T, number=4, repeat=3) for x in (a, a.bfloat16())]
+    seconds = [min(t) for t in timed]
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
     return torch.bfloat16 if fast else torch.float32
 
@@ -915,9 +910,8 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
     if spec in ("shorter", "longer"):
         return {"shorter": shorter, "longer": longer}[spec]
     if spec == "claude":
-        return ClaudeAnnotator(
-            claude_model, cfg.task, cfg.instruction, max_workers=cfg.annotator_workers
-        )
+        workers = cfg.annotator_workers
+        return ClaudeAnnotator(claude_model, cfg.task, cfg.instruction, max_workers=workers)
     if spec.startswith("hf:"):
         if name not in models:
             # The judge in bf16 where bf16 is fast, whatever --dtype the policy trains in.
@@ -929,9 +923,7 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         rm, tokenizer = load_model(name, device, "AutoModelForSequenceClassification", dtype)
         return RewardModelAnnotator(rm.requires_grad_(False), tokenizer)
-    raise OAIFError(
-        f"unknown annotator {spec!r}; use shorter, longer, claude, hf:MODEL or rm:MODEL"
-    )
+    raise OAIFError(f"unknown annotator {spec!r}; use shorter, longer, claude, hf:, rm:")
 
 
 def make_annotators(cfg: Config, config: dict, custom, ref_model, tokenizer) -> tuple:
@@ -960,9 +952,8 @@ def read_lines(path: str, what: str, keys=(), expected="", ok: Callable = lambda
         with open(path, encoding="utf-8") as f:
             lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError as e:
-        raise OAIFError(
-            f"{what} must be UTF-8 text: {path} is not ({e.reason} at byte {e.start})"
-        ) from None
+        why = f"{path} is not ({e.reason} at byte {e.start})"
+        raise OAIFError(f"{what} must be UTF-8 text: {why}") from None
     if not lines:
         raise OAIFError(f"{what} is empty: {path}")
     if not keys:
@@ -1094,16 +1085,14 @@ def check_numbers(cfg: Config) -> None:
             must = "positive" if f.name in positive else "0 or more"
             raise OAIFError(f"--{f.name.replace('_', '-')} must be {must} (and finite), not {v}")
     if cfg.min_confidence > 0.5:
-        raise OAIFError(
-            f"--min-confidence is a distance from 1/2: at most 0.5, not {cfg.min_confidence}"
-        )
+        v = cfg.min_confidence
+        raise OAIFError(f"--min-confidence is a distance from 1/2: at most 0.5, not {v}")
     if cfg.lora_dropout >= 1 or (cfg.lora_rank and cfg.fsdp):
         raise OAIFError("--lora-dropout must be below 1; --lora-rank and --fsdp do not go together")
     # --offline-data samples only the evaluation's answers.
     if cfg.temperature == 0 and not cfg.offline_data:
         raise OAIFError(
-            "--temperature 0 is greedy: a pair's two responses are the same "
-            "(0 only with --offline-data)"
+            "--temperature 0 is greedy: a pair's responses are one (--offline-data only)"
         )
     choices = dict(loss=LOSSES, dtype=("float32", "bfloat16"), labels=("hard", "soft"))
     choices.update(task=TEMPLATES, device=("auto", "cpu", "cuda"))
@@ -1123,21 +1112,16 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
     # A rule or a reward model reads no instruction: a run asking for one would learn otherwise.
     judges = [spec, cfg.eval_annotator or spec]
     if custom_annotator is None and not any(j == "claude" or j.startswith("hf:") for j in judges):
-        for flag, asked in (
-            ("--instruction", cfg.instruction.strip()),
-            ("--task", cfg.task != "helpful"),
-        ):
-            if asked:
-                raise OAIFError(
-                    f"{flag} acts only on an LLM judge (--annotator claude or hf:MODEL); "
-                    f"the annotator here is {spec}, which cannot follow it"
-                )
+        flag = "--instruction" if cfg.instruction.strip() else "--task"
+        if cfg.instruction.strip() or cfg.task != "helpful":
+            raise OAIFError(
+                f"{flag} acts only on an LLM judge (--annotator claude or hf:MODEL); "
+                f"the annotator here is {spec}, which cannot follow it"
+            )
     # The data files' contents too: --resume refuses another file at the same path.
-    config = dict(
-        dataclasses.asdict(cfg), beta=DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
-    )
-    config.update(annotator=spec, prompts_sha256=digest(cfg.prompts))
-    config.update(offline_data_sha256=digest(cfg.offline_data))
+    beta = DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
+    config = dict(dataclasses.asdict(cfg), beta=beta, annotator=spec)
+    config.update(prompts_sha256=digest(cfg.prompts), offline_data_sha256=digest(cfg.offline_data))
     if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
         raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
     check_output_dir(cfg, config)
@@ -1149,9 +1133,7 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
     if device.type == "cuda" and not cuda:
         raise OAIFError("--device cuda: torch.cuda.is_available() is False here; use cpu or auto")
     if cfg.fsdp and world == 1:
-        raise OAIFError(
-            "--fsdp shards across ranks: launch with torchrun --nproc_per_node N (N > 1)"
-        )
+        raise OAIFError("--fsdp shards across ranks: launch with torchrun --nproc_per_node N")
     if world > 1 and cfg.batch_size % world:
         raise OAIFError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
     if world > 1 and device.type == "cuda":
@@ -1173,6 +1155,17 @@ def digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def run_folder(root: str, resume: bool) -> str:
+    """A run's folder when --output-dir is not given: a new ROOT/run-N, one past the highest there,
+    or the newest with --resume. Every rank lists ROOT before any creates its folder (after the
+    rendezvous of init_process_group), so all ranks agree on N."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    runs = sorted(int(n[4:]) for n in names if re.fullmatch(r"run-\d+", n))
+    if resume and not runs:
+        raise OAIFError(f"--resume: no run in {root} to resume; name its folder with --output-dir")
+    return os.path.join(root, f"run-{runs[-1] if resume else (runs or [0])[-1] + 1}")
+
+
 def check_output_dir(cfg: Config, config: dict) -> None:
     """A folder that holds a run is never written over unless --resume (same flags) or --overwrite
     (which never deletes --model itself)."""
@@ -1187,10 +1180,7 @@ def check_output_dir(cfg: Config, config: dict) -> None:
             "(deletes its checkpoints, metrics and model) or choose another folder"
         )
     if cfg.overwrite and os.path.realpath(cfg.model) in ours + [os.path.realpath(out)]:
-        raise OAIFError(
-            f"--overwrite would delete --model {cfg.model}, the previous run's: "
-            "choose another folder"
-        )
+        raise OAIFError(f"--overwrite would delete --model {cfg.model}: choose another folder")
     if not cfg.resume:
         return
     # None complete, or an older oaif's (its optimizer state keyed by number).
@@ -1202,7 +1192,13 @@ def check_output_dir(cfg: Config, config: dict) -> None:
 
     def same(k):
         # --eval-every may change, but not whether it is 0: that decides the held-out split.
-        return (saved[k] > 0) == (config[k] > 0) if k == "eval_every" else saved.get(k) == config[k]
+        if k == "eval_every":
+            return (saved[k] > 0) == (config[k] > 0)
+        # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
+        # Claude model with another annotator.
+        idle = dict(eval_prompts=not config["eval_every"])
+        idle["annotator_model"] = config["annotator"] != "claude"
+        return idle.get(k) or saved.get(k) == config[k]
 
     changed = [k for k in config if k not in FREE_ON_RESUME and not same(k)]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in changed]
@@ -1269,9 +1265,8 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
     barrier()
     if rank == 0:
         # The data's position and the learning rate are functions of the step: the step is all.
-        torch.save(
-            dict(step=step, optimizer=optimizer_state), os.path.join(tmp, "trainer_state.pt")
-        )
+        state = dict(step=step, optimizer=optimizer_state)
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in complete_checkpoints(cfg.output_dir)[: -cfg.keep_checkpoints]:
@@ -1331,9 +1326,7 @@ def open_run(out_dir: str, resume_from, optimizer, root, seed: int, stats: dict)
     kept = []
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
-            kept = [
-                line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]
-            ]
+            kept = [x for x in f if x.strip() and json.loads(x)["step"] <= state["step"]]
         # Every rank has read it before rank 0 writes it again.
         barrier()
         if rank == 0:
@@ -1507,9 +1500,8 @@ def sample_answers(
             torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            answers += sample_pairs(model, tokenizer, chunk, 1, max_new_tokens, temperature)[
-                "texts"
-            ]
+            batch = sample_pairs(model, tokenizer, chunk, 1, max_new_tokens, temperature)
+            answers += batch["texts"]
     return answers
 
 
@@ -1550,11 +1542,9 @@ def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotat
         last = complete_checkpoints(cfg.output_dir)[-1]
         fixed = torch.load(os.path.join(last, "offline_pairs.pt"))
     elif cfg.offline:
-        box = [
-            label_offline_set(cfg, initial, tokenizer, train_prompts, annotator)
-            if rank == 0
-            else []
-        ]
+        box = [[]]
+        if rank == 0:
+            box = [label_offline_set(cfg, initial, tokenizer, train_prompts, annotator)]
         if world > 1:
             torch.distributed.broadcast_object_list(box, 0)
         fixed = box[0]
@@ -1621,10 +1611,8 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     texts, usable, margins = batch["texts"], out["usable"], out["margins"]
     sums = dict(counts, loss=float(out["losses"].sum()), margin=float((margins * usable).sum()))
     sums.update(acc=float(((margins > 0).float() * usable).sum()))
-    sums.update(
-        kl=float((logps - out["ref_logps"]).sum()), tokens=float(batch["response_tokens"].sum())
-    )
-    sums.update(chars=sum(map(len, texts)), seqs=len(texts))
+    sums.update(kl=float((logps - out["ref_logps"]).sum()), chars=sum(map(len, texts)))
+    sums.update(tokens=float(batch["response_tokens"].sum()), seqs=len(texts))
     sums = wiring.total(**sums, **{k: v - stats0.get(k, 0) for k, v in stats.items()})
     used, seqs = max(sums["pairs"], 1), sums["seqs"]
     record = dict(step=step, loss=sums["loss"] / used, pairs=int(sums["pairs"]))
@@ -1662,18 +1650,18 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         judged = f"{record['n']} judged, {record['ties']} ties, {record['no_verdict']} no verdict"
         bar.write(f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({judged})")
         return
-    loss, margin = f"{record['loss']:.3f}", f"{record['reward_margin']:.2f}"
-    bar.set_postfix(
-        loss=loss, margin=margin, len=f"{record['response_tokens']:.1f}", pairs=record["pairs"]
-    )
+    shown = dict(loss=f"{record['loss']:.3f}", margin=f"{record['reward_margin']:.2f}")
+    bar.set_postfix(shown, len=f"{record['response_tokens']:.1f}", pairs=record["pairs"])
     if record["nonfinite"]:
         bar.write(f"step {step}: the loss or gradient is not finite (inf or nan): update skipped")
     elif not record["updated"]:
         bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
-    p = out["probs"][0] if out else None
+    # Each printed pair is the batch's next one: a cycle of prompts would show the same each time.
+    i = step // sample_every % len(prompts) if sample_every and prompts else 0
+    p = out["probs"][i] if out else None
     if sample_every and step % sample_every == 0 and p not in (None, 0.5):
-        win, lose = out["batch"]["texts"][:2] if p > 0.5 else out["batch"]["texts"][1::-1]
-        shown = f"prompt: {prompts[0]!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}"
+        win, lose = out["batch"]["texts"][2 * i : 2 * i + 2][:: 1 if p > 0.5 else -1]
+        shown = f"prompt: {prompts[i]!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}"
         bar.write(f"step {step} | {shown}")
 
 
@@ -1710,6 +1698,11 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     and the run's summary. annotator: your own callable, in place of --annotator's."""
     from tqdm import tqdm
 
+    # No --output-dir: a new numbered folder, so that the same command can run again.
+    if not cfg.output_dir:
+        cfg = dataclasses.replace(cfg, output_dir=run_folder("oaif-out", cfg.resume))
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"oaif: output: {cfg.output_dir}", file=sys.stderr)
     rank, world, device, config = setup_run(cfg, annotator)
     eval_prompts, train_prompts = split_prompts(cfg)
     resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume else None

@@ -314,7 +314,8 @@ def test_chat_template_is_used_when_present(model_tok):
 
 
 def test_shorter_and_both_orders():
-    assert oaif.shorter(["x"] * 3, ["ab", "abc", "ab"], ["abc", "ab", "cd"]) == [1.0, 0.0, None]
+    assert oaif.shorter(["x"] * 3, ["ab", "abc", "ab"], ["abc", "ab", "cd"]) == [1.0, 0.0, 0.5]
+    assert oaif.longer(["x"] * 3, ["ab", "abc", "ab"], ["abc", "ab", "cd"]) == [0.0, 1.0, 0.5]
 
     def biased(p, a, b):  # always prefers whatever it sees first
         return [1.0] * len(p)
@@ -2333,3 +2334,64 @@ def test_copy_pasteable_pieces_run_alone(tiny, api):
     )
     out = step(policy, ref, tok, ["Hi"], None, optimizer, cfg, pairs)
     assert out["counts"]["pairs"] == 1 and out["annotate_s"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The first run as a newcomer meets it (issue 20, item 5)
+
+
+def test_the_same_command_runs_again_in_a_new_run_folder(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(tiny, "unused", "--steps", "1", "--save-every", "1")
+    argv = argv[:2] + argv[4:]  # no --output-dir
+    for n in (1, 2):
+        oaif.main(argv)
+        assert f"oaif: output: oaif-out/run-{n}" in capsys.readouterr().err
+        assert [r["step"] for r in read_metrics(tmp_path / "oaif-out" / f"run-{n}")] == [1]
+    # --resume without --output-dir continues the newest run; the one before is never touched
+    before = (tmp_path / "oaif-out" / "run-1" / "metrics.jsonl").read_text()
+    oaif.main(argv[:-4] + ["--steps", "2", "--save-every", "1", "--resume"])
+    assert [r["step"] for r in read_metrics(tmp_path / "oaif-out" / "run-2")] == [1, 2]
+    assert (tmp_path / "oaif-out" / "run-1" / "metrics.jsonl").read_text() == before
+    assert not (tmp_path / "oaif-out" / "run-3").exists()
+
+
+def test_printed_pairs_show_a_new_prompt_each_time():
+    class Bar:
+        def __init__(self):
+            self.lines = []
+
+        def write(self, text):
+            self.lines.append(text)
+
+        def set_postfix(self, *a, **kw):
+            pass
+
+    bar, shown = Bar(), []
+    record = dict(
+        loss=0.7, reward_margin=0.0, response_tokens=5, pairs=8, nonfinite=0, updated=True
+    )
+    for step in range(10, 90, 10):  # 40 prompts, 8 a step, a pair printed every 10 steps
+        prompts = oaif.step_slice(oaif.DEFAULT_PROMPTS, step, 8)
+        out = dict(
+            probs=[1.0] * 8, batch=dict(texts=[f"{p} answer" for p in prompts for _ in "ab"])
+        )
+        oaif.report(dict(record, step=step), open(os.devnull, "w"), bar, 10, prompts, out)
+        shown.append(bar.lines[-1].split("prompt: ")[1].split("\n")[0])
+    assert (
+        len(set(shown)) == len(shown) == 8
+    )  # the old choice, each batch's first: one prompt 8 times
+
+
+def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monkeypatch):
+    (tmp_path / "p.txt").write_text("".join(f"Question {i}?\n" for i in range(8)))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    oaif.main(run_args(tiny, out, "--steps", "1", "--save-every", "1", "--prompts", "p.txt"))
+    # no evaluation: no held-out split; not Claude: no Claude model; the same file, named otherwise
+    idle = ["--eval-prompts", "5", "--annotator-model", "claude-other", "--prompts", "./p.txt"]
+    oaif.main(run_args(tiny, out, "--steps", "2", "--resume", *idle))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert "--eval-every" in bad_run(
+        run_args(tiny, out, "--steps", "3", "--resume", *idle, "--eval-every", "1"), capsys
+    )
