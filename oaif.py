@@ -10,7 +10,7 @@ initial model (the reference). Part 1 below is the method; Part 2 runs it for re
 `oaif_step` (flags, loading, guards, checkpoints, DDP/FSDP2/LoRA, evaluation).
 
 Run:    python oaif.py --model gpt2 --steps 100
-        python oaif.py --model gpt2 --annotator claude --instruction "Prefer the shorter response."
+        python oaif.py --model gpt2 --annotator claude --instruction "Prefer the concise response."
         torchrun --nproc_per_node 2 oaif.py --model gpt2 --steps 100    (data parallel)
 Test:   python -m pytest -q test_oaif.py
 """
@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 # ==================================================================================================
-# Part 1: the method. Log-probs, the three losses, the sampler, the annotators, and oaif_step.
+# Part 1: the method. Log-probs, the three losses, the sampler, the annotators, and oaif_step (at
+# its end: Algorithm 1 as one function, the map of everything above it).
 # ==================================================================================================
 
 
@@ -56,15 +57,16 @@ def _labelled_rows(hidden, weight, labels, temperature: float) -> tuple:
     rows = (labels != -100).nonzero().squeeze(1)
     h = hidden[rows] * (1.0 / temperature) if temperature != 1.0 else hidden[rows]
     head = weight.to(h.dtype)
-    if head.is_cuda:
-        # A vocabulary padded to a multiple of 64: GPT-2's 50257 ran 5-7x slower than 50304 (llm.c).
+    if head.is_cuda and head.shape[0] % 64:
+        # cuBLAS runs a vocabulary padded to a multiple of 64 several times faster (GPT-2's 50257).
         head = F.pad(head, (0, 0, 0, -head.shape[0] % 64))
     return rows, h, head
 
 
 class _FusedLogprobs(torch.autograd.Function):
-    """fused_logprobs, chunk by chunk. In float32 the logits are (V, C), worked on in place; in bf16
-    and fp16 they are (C, V), for PyTorch's fused softmax kernels (float32 inside)."""
+    """log_softmax(h @ W.T / T).gather(labels), computed chunk by chunk: all the rest is memory.
+    In float32 a chunk's logits are (V, C), worked on in place; in bf16 and fp16 they are (C, V),
+    for PyTorch's fused softmax kernels (float32 inside)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk_size):
@@ -133,8 +135,8 @@ class _FusedLogprobs(torch.autograd.Function):
 
 
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: as many as one chunk of float32 logits allows within a memory budget, but at
-    least the rows a matmul needs to run at speed (the README's "Fused log-probs" measured both)."""
+    """Rows per chunk: as many as fit one chunk of float32 logits in a memory budget (a 16th of
+    free GPU memory up to 256 MiB; 64 MiB on CPU), but never fewer than a fast matmul needs."""
     if device.type == "cuda":
         budget, least = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20), 2048
     else:
@@ -148,8 +150,9 @@ def fused_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None) -> 
     the (tokens, vocab) logits: chunks of chunk_size rows (None: default_chunk_size), one float kept
     per row (the logsumexp), each chunk's softmax computed again in the backward.
 
-    hidden: (..., H), any float dtype (the matmuls run in it); weight: (V, H), the LM head (it gets
-    its gradient too); labels: (...) int64, -100 = ignore. -> (...) float32, 0 where ignored."""
+    hidden: (..., H), float32, bf16 or fp16 (the matmuls run in it); weight: (V, H), the LM head
+    (it gets its gradient too); labels: (...) int64, -100 = ignore. Returns (...) float32, 0 where
+    ignored."""
     assert hidden.shape[:-1] == labels.shape, f"hidden {hidden.shape} vs labels {labels.shape}"
     assert weight.dim() == 2 and weight.shape[1] == hidden.shape[-1], "weight must be (V, H)"
     h2, l2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
@@ -212,7 +215,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
 
 
 def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=1.0, label_p=1.0):
-    """IPO: (h - 1/(2 beta))^2, least at h = 1/(2 beta), 0.5 nats at the paper's beta = 1. That is
+    """IPO: (h - 1/(2 beta))^2: the target margin is h* = 1/(2 beta), 0.5 nats at beta = 1. That is
     per sequence on summed log-probs (the IPO paper, our default); TRL averages them per token."""
     h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     # IPO Eq. 17. A soft label p moves the target to (p - 1/2) / beta: its population loss's best.
@@ -220,7 +223,8 @@ def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=1.0,
 
 
 def slic_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.002, label_p=1.0):
-    """SLiC as OAIF uses it, the hinge on the reference-normalised h: max(0, 1 - beta h)."""
+    """SLiC as OAIF uses it, the hinge on the reference-normalised h: max(0, 1 - beta h). At beta =
+    0.002 it closes only at h = 500 nats: on short responses, in effect the linear loss -beta h."""
     h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     # SLiC-HF Eq. 3 as RSO writes it. A soft label weighs the hinge on each side, p and 1 - p.
     return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)
@@ -275,6 +279,7 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     B, P = ids.shape
     # A static cache: a growing one copies itself at every token.
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    # Newer transformers name the argument `cache`, older `past_key_values`.
     kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     eos = torch.tensor(eos_ids, device=ids.device)
     # Left padding: positions come from the mask, as in scoring.
@@ -335,7 +340,7 @@ def sample_pairs(model, tokenizer, prompts: list, n=2, max_new_tokens=64, temper
 
 # --------------------------------------------------------------------------------------------------
 # Annotators: annotator(prompts, first, second) -> for each pair, P(first is better) in [0, 1], or
-# None for no verdict. Step 4 drops and counts None and 1/2 (a tie); they never become labels.
+# None for no verdict. oaif_step (triage) drops and counts None, 1/2 (a tie) and hedges near 1/2.
 
 
 def both_orders(judge: Callable, prompts: list, first: list, second: list, stats=None) -> list:
@@ -513,8 +518,9 @@ def judge_question(task: str, instruction: str) -> str:
 
 
 class LocalJudgeAnnotator:
-    """Any Hugging Face causal LM as the annotator, offline and pointwise (the README says why):
-    each response alone gets s = log P("Yes") - log P("No") as the answer to judge_question, and
+    """Any Hugging Face causal LM as the annotator, offline and pointwise (small judges asked to
+    compare two responses ignore the instruction; asked about one, they follow it): each response
+    alone gets s = log P("Yes") - log P("No") as the answer to judge_question, and
     P(first is better) = sigmoid(s1 - s2) (Bradley-Terry). One response at a time: no order bias."""
 
     def __init__(self, model, tokenizer, task="helpful", instruction="", batch_size=8):
@@ -671,7 +677,8 @@ def update(loss, optimizer, max_grad_norm: float, wiring: Wiring) -> tuple:
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    skipped = int(wiring.total(bad=not math.isfinite(grad_norm + float(loss.detach())))["bad"] > 0)
+    bad = not math.isfinite(grad_norm + float(loss.detach()))
+    skipped = int(wiring.total(bad=bad)["bad"] > 0)
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -690,7 +697,7 @@ def oaif_step(
     """Algorithm 1, one step on this rank's prompts -> the step's numbers. cfg: Config (or any
     object with the fields used here); pairs: labelled pairs (offline) in place of steps 1 and 2."""
     wiring, start = wiring or Wiring(policy, ref_model), time.perf_counter()
-    # 1) Sample two responses per prompt from the current policy: rows 2i and 2i + 1 are prompt i's.
+    # 1) Sample two responses per prompt from the current policy, at --temperature (scored at 1).
     sampling = (tokenizer, prompts, 2, cfg.max_new_tokens, cfg.temperature)
     batch = pairs or wiring.sample(sample_pairs, *sampling)
     out, texts = dict(batch=batch, sample_s=time.perf_counter() - start), batch["texts"]
@@ -707,7 +714,8 @@ def oaif_step(
         waited = time.perf_counter()
         probs, out["annotate_s"] = judged.result() if pairs is None else (pairs["probs"], 0.0)
     out["annotate_wait_s"] = time.perf_counter() - waited
-    # 4) Each verdict makes its pair's responses the chosen (y+) and the rejected (y-) one.
+    # 4) Rows 2i, 2i + 1 hold prompt i's pair: its verdict names the chosen (y+), the rejected (y-).
+    # A pair triage drops (a tie, no verdict, a hedge) gets p = 1/2, which no used verdict is near.
     used, out["counts"] = triage(probs, cfg.min_confidence)
     p = torch.tensor([0.5 if v is None else v for v in used], device=logps.device)
     first_wins, usable = p > 0.5, (p != 0.5).float()
@@ -726,7 +734,6 @@ def oaif_step(
     loss = losses.sum() * wiring.world / max(n_used, 1)
     grad_norm, skipped = update(loss, optimizer, cfg.max_grad_norm, wiring) if n_used else (0.0, 0)
     out.update(probs=probs, logps=logps.detach(), ref_logps=ref_logps, losses=losses.detach())
-    # The implicit reward margin, beta h, for the log.
     out["margins"] = beta * preference_margin(chosen, rejected, ref_chosen, ref_rejected).detach()
     return dict(out, usable=usable, n_used=n_used, grad_norm=grad_norm, nonfinite=skipped)
 
@@ -1658,7 +1665,8 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
     # Each printed pair is the batch's next one: a cycle of prompts would show the same each time.
     i = step // sample_every % len(prompts) if sample_every and prompts else 0
-    p = out["probs"][i] if out else None
+    # Only a pair the loss used: not one triage dropped as a hedge or nonsense.
+    p = out["probs"][i] if out and out["usable"][i] else None
     if sample_every and step % sample_every == 0 and p not in (None, 0.5):
         win, lose = out["batch"]["texts"][2 * i : 2 * i + 2][:: 1 if p > 0.5 else -1]
         shown = f"prompt: {prompts[i]!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}"

@@ -2356,31 +2356,32 @@ def test_the_same_command_runs_again_in_a_new_run_folder(tiny, tmp_path, monkeyp
     assert not (tmp_path / "oaif-out" / "run-3").exists()
 
 
+class Bar:
+    """tqdm's bar as report() uses it: what it writes, kept."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        self.lines.append(text)
+
+    def set_postfix(self, *a, **kw):
+        pass
+
+
 def test_printed_pairs_show_a_new_prompt_each_time():
-    class Bar:
-        def __init__(self):
-            self.lines = []
-
-        def write(self, text):
-            self.lines.append(text)
-
-        def set_postfix(self, *a, **kw):
-            pass
-
     bar, shown = Bar(), []
     record = dict(
         loss=0.7, reward_margin=0.0, response_tokens=5, pairs=8, nonfinite=0, updated=True
     )
     for step in range(10, 90, 10):  # 40 prompts, 8 a step, a pair printed every 10 steps
         prompts = oaif.step_slice(oaif.DEFAULT_PROMPTS, step, 8)
-        out = dict(
-            probs=[1.0] * 8, batch=dict(texts=[f"{p} answer" for p in prompts for _ in "ab"])
-        )
+        texts = [f"{p} answer" for p in prompts for _ in "ab"]
+        out = dict(probs=[1.0] * 8, usable=torch.ones(8), batch=dict(texts=texts))
         oaif.report(dict(record, step=step), open(os.devnull, "w"), bar, 10, prompts, out)
         shown.append(bar.lines[-1].split("prompt: ")[1].split("\n")[0])
-    assert (
-        len(set(shown)) == len(shown) == 8
-    )  # the old choice, each batch's first: one prompt 8 times
+    # the old choice, each batch's first prompt, showed one prompt 8 times
+    assert len(set(shown)) == len(shown) == 8
 
 
 def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monkeypatch):
@@ -2395,3 +2396,20 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
     assert "--eval-every" in bad_run(
         run_args(tiny, out, "--steps", "3", "--resume", *idle, "--eval-every", "1"), capsys
     )
+
+
+def test_a_printed_pair_is_one_the_loss_used():
+    record = dict(
+        loss=0.7, reward_margin=0.0, response_tokens=5, pairs=1, nonfinite=0, updated=True
+    )
+    batch = dict(texts=["short", "a longer one", "x", "yy"])
+    for probs, usable, shown in (
+        ([0.51, 1.0], [0.0, 1.0], 0),
+        ([float("nan"), 1.0], [0.0, 1.0], 0),
+    ):
+        bar, out = Bar(), dict(probs=probs, usable=torch.tensor(usable), batch=batch)
+        # step 10, every 10 steps: pair 1 of 2 would be shown; pair 0 at step 20
+        oaif.report(dict(record, step=20), open(os.devnull, "w"), bar, 10, ["p0", "p1"], out)
+        assert len(bar.lines) == shown  # a hedge dropped by triage, or nan: never "chosen"
+    oaif.report(dict(record, step=10), open(os.devnull, "w"), bar, 10, ["p0", "p1"], out)
+    assert "prompt: 'p1'" in bar.lines[-1] and "chosen:   'x'" in bar.lines[-1]
