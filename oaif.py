@@ -182,7 +182,8 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.
         raise OAIFError(f"{name}: its LM head has a bias or a logit soft-cap, not a plain one")
     # Left padding: positions come from the mask, not the column.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    body = model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    body = model.base_model(input_ids, **inputs)
     hidden = body.last_hidden_state  # (B, T, H)
     # Under bf16 autocast the body may hand back float32; the head's matmuls run in bf16 too.
     if torch.is_autocast_enabled(hidden.device.type):
@@ -529,16 +530,24 @@ class LocalJudgeAnnotator:
         self.question = judge_question(task, self.instruction)
         self.chat = getattr(tokenizer, "chat_template", None)
         self.context = getattr(model.config, "max_position_embeddings", None)
-        # The tokens the judge would write next: after "assistant\n" a SentencePiece tokenizer
-        # writes "Yes", while "Yes" alone encodes as "▁Yes".
+        # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
+        # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
         text = "".join(self.ask("", ""))
         n = len(tokenizer(text, add_special_tokens=False).input_ids)
-        self.words = [
-            tokenizer(text + w, add_special_tokens=False).input_ids[n] for w in ("Yes", "No")
-        ]
+        after = [tokenizer(text + self.reply(w), add_special_tokens=False) for w in ("Yes", "No")]
+        self.words = [enc.input_ids[n] for enc in after]
         self.stats = dict(
             annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0
         )
+
+    def reply(self, word: str) -> str:
+        """`word` as the chat template writes it after its generation prompt (Llama-2: " Yes")."""
+        if not self.chat:
+            return word
+        turns = [dict(role="user", content="x"), dict(role="assistant", content=word)]
+        prompt = user_turn(self.tokenizer, "x")
+        full = self.tokenizer.apply_chat_template(turns, tokenize=False)
+        return full[len(prompt) :] if full.startswith(prompt) else word
 
     def ask(self, prompt: str, response: str) -> tuple:
         """The judge's input about one response, up to its answer: (the shared head, the rest)."""
@@ -808,8 +817,7 @@ RUN_FILES = re.compile(
 # The flags --resume may change: they do not change what is trained (--eval-every: only > 0 does).
 FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "annotator_workers", "sample_every"}
 FREE_ON_RESUME |= {"resume", "overwrite", "output_dir", "device", "fsdp", "eval_annotator"}
-# The data files may move: their contents' digests are compared instead.
-FREE_ON_RESUME |= {"eval_annotator_model", "prompts", "offline_data"}
+FREE_ON_RESUME |= {"eval_annotator_model"}
 # Counters summed over steps and ranks: an annotator's, an LLM judge's health, the run's totals.
 ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
 HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
@@ -1109,10 +1117,19 @@ def check_numbers(cfg: Config) -> None:
 
 
 def setup_run(cfg: Config, custom_annotator) -> tuple:
-    """Checks that need no model, then the ranks, the device and the seeds -> (rank, world, device,
-    the run's config: the flags, beta, the annotator's name and the data files' digests)."""
+    """Checks that need no model, then the ranks, the device and the seeds -> (cfg with its output
+    folder, rank, world, device, the run's config: the flags, beta, the annotator's name and the
+    data files' digests)."""
     check_numbers(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    # --resume without --output-dir: the newest run that has a checkpoint.
+    if cfg.resume and not cfg.output_dir:
+        done = [p for p in run_folders("oaif-out") if complete_checkpoints(p)]
+        if not done:
+            raise OAIFError(
+                "--resume: no run in oaif-out has a checkpoint; name one with --output-dir"
+            )
+        cfg = dataclasses.replace(cfg, output_dir=done[-1])
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
     if custom_annotator is not None:
         spec = getattr(custom_annotator, "__name__", "custom")
@@ -1151,7 +1168,7 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
     # Each rank samples its own responses.
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rank)
-    return rank, world, device, config
+    return cfg, rank, world, device, config
 
 
 def digest(path: str) -> str:
@@ -1162,15 +1179,28 @@ def digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def run_folder(root: str, resume: bool) -> str:
-    """A run's folder when --output-dir is not given: a new ROOT/run-N, one past the highest there,
-    or the newest with --resume. Every rank lists ROOT before any creates its folder (after the
-    rendezvous of init_process_group), so all ranks agree on N."""
+def run_folders(root: str) -> list:
+    """The ROOT/run-N folders, by N."""
     names = os.listdir(root) if os.path.isdir(root) else []
-    runs = sorted(int(n[4:]) for n in names if re.fullmatch(r"run-\d+", n))
-    if resume and not runs:
-        raise OAIFError(f"--resume: no run in {root} to resume; name its folder with --output-dir")
-    return os.path.join(root, f"run-{runs[-1] if resume else (runs or [0])[-1] + 1}")
+    numbers = sorted(int(n[4:]) for n in names if re.fullmatch(r"run-\d+", n))
+    return [os.path.join(root, f"run-{n}") for n in numbers]
+
+
+def new_run_folder(root: str) -> str:
+    """A new ROOT/run-N, one past the highest there, made at once on rank 0 (two runs started
+    together never share one) and announced; every rank gets its name."""
+    rank, world = rank_and_world()
+    while rank == 0:
+        last = run_folders(root)[-1:]
+        path = os.path.join(root, f"run-{int(last[0].rsplit('-', 1)[1]) + 1 if last else 1}")
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(path)
+            print(f"oaif: output: {path}", file=sys.stderr)
+            break
+    box = [path if rank == 0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def check_output_dir(cfg: Config, config: dict) -> None:
@@ -1201,6 +1231,9 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         # --eval-every may change, but not whether it is 0: that decides the held-out split.
         if k == "eval_every":
             return (saved[k] > 0) == (config[k] > 0)
+        # A data file may move (its contents' digest is compared), not change kind (.txt or .jsonl).
+        if k in ("prompts", "offline_data"):
+            return os.path.splitext(saved[k])[1] == os.path.splitext(config[k])[1]
         # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
         # Claude model with another annotator.
         idle = dict(eval_prompts=not config["eval_every"])
@@ -1422,9 +1455,10 @@ class Distributed(Wiring):
     DDP-wrapped (which syncs the gradients in backward) or FSDP2-sharded (which gathers each block
     as it runs); LoRA's reference is the policy's own base model with the adapter switched off."""
 
-    def __init__(self, policy, ref_model, base: Callable, fsdp: bool, world: int, device):
+    def __init__(self, policy, ref_model, base: Callable, fsdp: bool, world: int, device, dropout):
         super().__init__(policy, ref_model)
         self.base, self.fsdp, self.world, self.device = base, fsdp, world, device
+        self.dropout, self.own_logps = dropout, None
         self.score, self.ref_score = _Scorer(policy), _Scorer(ref_model)
         if fsdp:
             self.score.shard()
@@ -1437,7 +1471,13 @@ class Distributed(Wiring):
         return self.score.gathered(fn, *args) if self.fsdp else fn(self.policy_model, *args)
 
     def policy(self, fn: Callable, *args):
-        return self.score(fn, *args)
+        logps = self.score(fn, *args)
+        # The loss pass had LoRA dropout on: the log's kl takes the policy's own log-probs, from
+        # before the update.
+        if self.dropout:
+            with torch.no_grad():
+                self.own_logps = self.score(fn, *args)
+        return logps
 
     def reference(self, fn: Callable, *args):
         with self.base():
@@ -1609,12 +1649,7 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     if "verdicts" in stats and not cfg.offline_data:
         stats["verdicts"] += len(probs) - counts["no_verdict"]
         stats["confidence_sum"] += sum(abs(p - 0.5) for p in probs if p is not None and 0 <= p <= 1)
-    logps, ids = out["logps"], (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-    # The loss pass ran with LoRA dropout on: the kl takes the policy's own log-probs.
-    if cfg.lora_rank and cfg.lora_dropout:
-        bf16 = cfg.dtype == "bfloat16"
-        with torch.no_grad(), torch.autocast(logps.device.type, torch.bfloat16, enabled=bf16):
-            logps = wiring.policy(sequence_logprobs, *ids)
+    logps = out["logps"] if wiring.own_logps is None else wiring.own_logps
     texts, usable, margins = batch["texts"], out["usable"], out["margins"]
     sums = dict(counts, loss=float(out["losses"].sum()), margin=float((margins * usable).sum()))
     sums.update(acc=float(((margins > 0).float() * usable).sum()))
@@ -1706,12 +1741,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     and the run's summary. annotator: your own callable, in place of --annotator's."""
     from tqdm import tqdm
 
-    # No --output-dir: a new numbered folder, so that the same command can run again.
-    if not cfg.output_dir:
-        cfg = dataclasses.replace(cfg, output_dir=run_folder("oaif-out", cfg.resume))
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"oaif: output: {cfg.output_dir}", file=sys.stderr)
-    rank, world, device, config = setup_run(cfg, annotator)
+    cfg, rank, world, device, config = setup_run(cfg, annotator)
     eval_prompts, train_prompts = split_prompts(cfg)
     resume_from = complete_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
     # Every prompt that will be sampled from is checked against the context.
@@ -1723,9 +1753,14 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         fixed, held_out, ref_answers = reference_side(
             cfg, ref_model, tokenizer, train_prompts, eval_prompts, annotator
         )
-    wiring = Distributed(policy, ref_model, base, cfg.fsdp, world, device)
+    dropout = bool(cfg.lora_rank and cfg.lora_dropout)
+    wiring = Distributed(policy, ref_model, base, cfg.fsdp, world, device, dropout)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # No --output-dir: a new numbered folder, made only now (a run that fails to start makes none).
+    if not cfg.output_dir:
+        cfg = dataclasses.replace(cfg, output_dir=new_run_folder("oaif-out"))
+        config["output_dir"] = cfg.output_dir
     start, done, log = open_run(
         cfg.output_dir, resume_from, optimizer, wiring.score, cfg.seed, stats
     )

@@ -1958,6 +1958,13 @@ def test_local_judge_reads_the_answer_tokens_it_would_produce():
         assert after[: len(before)] == before and token == after[len(before)]
         piece = tok.convert_ids_to_tokens(token)
         assert piece == word != tok.convert_ids_to_tokens(tok(word).input_ids[-1])
+    # Llama-2's template writes a reply as " Yes" after "[/INST]": there the judge writes "▁Yes"
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+        "{% else %} {{ m.content }} </s>{% endif %}{% endfor %}"
+    )
+    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+    assert tok.convert_ids_to_tokens(judge.words) == ["▁Yes", "▁No"]
 
 
 @pytest.mark.parametrize(
@@ -2161,8 +2168,9 @@ LOCAL_JUDGE = [
     "user_turn",
     "head_temperature",
     "OAIFError",
+    "ANNOTATOR_STATS",
 ]
-CLAUDE = ["ClaudeAnnotator", "both_orders", "OAIFError", *PROMPT]
+CLAUDE = ["ClaudeAnnotator", "both_orders", "OAIFError", "ANNOTATOR_STATS", *PROMPT]
 STEP = [
     "oaif_step",
     "Wiring",
@@ -2413,3 +2421,60 @@ def test_a_printed_pair_is_one_the_loss_used():
         assert len(bar.lines) == shown  # a hedge dropped by triage, or nan: never "chosen"
     oaif.report(dict(record, step=10), open(os.devnull, "w"), bar, 10, ["p0", "p1"], out)
     assert "prompt: 'p1'" in bar.lines[-1] and "chosen:   'x'" in bar.lines[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Found by a review of the restructured file: a kl after the update, runs sharing a folder, a
+# prompts file read as another kind on resume, scoring passes that kept a KV cache
+
+
+@needs_peft
+def test_lora_dropout_kl_is_the_policy_before_its_update(tiny, tmp_path):
+    lora = ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout", "0.3"]
+    oaif.main(run_args(tiny, tmp_path, "--steps", "1", *lora))
+    assert read_metrics(tmp_path)[0]["kl"] == 0.0  # at step 1 the policy is the reference
+
+
+def test_runs_started_together_get_their_own_folders(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert oaif.new_run_folder("oaif-out") == os.path.join("oaif-out", "run-1")
+    os.makedirs("oaif-out/run-2")  # another run claimed run-2 meanwhile
+    assert oaif.new_run_folder("oaif-out") == os.path.join("oaif-out", "run-3")
+    argv = ["--model", str(tmp_path / "no-model"), "--annotator", "shorter"]
+    assert "cannot load model" in bad_run(argv, capsys)
+    assert sorted(os.listdir("oaif-out")) == [
+        "run-1",
+        "run-2",
+        "run-3",
+    ]  # a failed start makes none
+
+
+def test_resume_refuses_the_same_bytes_read_as_another_kind(tiny, tmp_path, capsys):
+    lines = "".join(json.dumps(dict(prompt=f"Question {i}?")) + "\n" for i in range(8))
+    (tmp_path / "p.jsonl").write_text(lines)
+    (tmp_path / "p.txt").write_text(lines)  # read as lines: each prompt would be a JSON object
+    out = tmp_path / "out"
+    oaif.main(
+        run_args(
+            tiny, out, "--steps", "1", "--save-every", "1", "--prompts", str(tmp_path / "p.jsonl")
+        )
+    )
+    msg = bad_run(
+        run_args(tiny, out, "--steps", "2", "--resume", "--prompts", str(tmp_path / "p.txt")),
+        capsys,
+    )
+    assert "--prompts" in msg
+
+
+def test_scoring_passes_keep_no_kv_cache(model_tok):
+    model, tok = model_tok
+    seen, forward = [], model.base_model.forward
+
+    def recording(*args, **kw):
+        seen.append(kw.get("use_cache"))
+        return forward(*args, **kw)
+
+    model.base_model.forward = recording
+    ids = torch.tensor([[5, 6, 7, 8]])
+    oaif.sequence_logprobs(model, ids, torch.ones_like(ids), torch.ones_like(ids))
+    assert seen == [False]
