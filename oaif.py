@@ -290,12 +290,9 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     finite, tokens = True, []
     for t in range(max_new_tokens):
-        inputs = dict(
-            input_ids=step_ids, attention_mask=mask, position_ids=pos, cache_position=cache_pos
-        )
-        logits = (
-            model(**inputs, use_cache=True, logits_to_keep=1, **{kv: cache}).logits[:, -1].float()
-        )
+        inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = model(**inputs, cache_position=cache_pos, logits_to_keep=1, **{kv: cache})
+        logits = out.logits[:, -1].float()
         finite = finite & torch.isfinite(logits).all()
         if temperature > 0:
             cdf = torch.softmax(logits / temperature, -1).double().cumsum(-1)  # (B, V)
@@ -320,9 +317,8 @@ def sample_pairs(model, tokenizer, prompts: list, n=2, max_new_tokens=64, temper
     response_mask, (n*B, P+R) with the prompt left- and the response right-padded; response_tokens
     (n*B,), EOS included; texts. Scoring uses these ids: the texts are never tokenized again."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = left_pad(
-        [p for p in encode_prompts(tokenizer, prompts) for _ in range(n)], pad, model.device
-    )
+    prompt_ids = [p for p in encode_prompts(tokenizer, prompts) for _ in range(n)]
+    ids, mask = left_pad(prompt_ids, pad, model.device)
     # generation_config holds no, one or several EOS ids (Qwen2.5: two); the tokenizer's counts too.
     gen_eos = model.generation_config.eos_token_id
     gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
@@ -332,16 +328,19 @@ def sample_pairs(model, tokenizer, prompts: list, n=2, max_new_tokens=64, temper
     texts = [
         tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp, resp_mask)
     ]
-    batch = dict(
-        input_ids=torch.cat([ids, resp], 1), attention_mask=torch.cat([mask, resp_mask], 1)
-    )
+    batch = dict(input_ids=torch.cat([ids, resp], 1), texts=texts, response_tokens=resp_mask.sum(1))
+    batch["attention_mask"] = torch.cat([mask, resp_mask], 1)
     batch["response_mask"] = torch.cat([torch.zeros_like(mask), resp_mask], 1)
-    return dict(batch, response_tokens=resp_mask.sum(1), texts=texts)
+    return batch
 
 
 # --------------------------------------------------------------------------------------------------
 # Annotators: annotator(prompts, first, second) -> for each pair, P(first is better) in [0, 1], or
 # None for no verdict. oaif_step (triage) drops and counts None, 1/2 (a tie) and hedges near 1/2.
+
+
+# What an annotator counts in its `stats`, where it keeps any.
+ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
 
 
 def both_orders(judge: Callable, prompts: list, first: list, second: list, stats=None) -> list:
@@ -427,42 +426,27 @@ class ClaudeAnnotator:
     OAIFError, and the run stops."""
 
     PRICE_PER_MTOK = {"claude-haiku-4-5": (1.0, 5.0)}  # USD per million input, output tokens
-    MAX_TOKENS, MAX_RETRIES, TIMEOUT = 200, 4, 60.0
 
     def __init__(
         self, model="claude-haiku-4-5", task="helpful", instruction="", client=None, max_workers=16
     ):
-        # Only this annotator needs the SDK.
+        # Only this annotator needs the SDK. Its retries heal 429, 529, 5xx and timeouts.
         import anthropic
 
-        self.anthropic, self.model, self.task, self.instruction = (
-            anthropic,
-            model,
-            task,
-            instruction,
-        )
-        self.client = client or anthropic.Anthropic(
-            max_retries=self.MAX_RETRIES, timeout=self.TIMEOUT
-        )
+        self.anthropic, self.model, self.task = anthropic, model, task
+        self.instruction, self.cache, self.lock = instruction, {}, threading.Lock()
+        self.client = client or anthropic.Anthropic(max_retries=4, timeout=60.0)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
-        self.cache, self.lock = {}, threading.Lock()
-        self.stats = dict(
-            annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0
-        )
+        self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
 
     def _one(self, prompt: str, a: str, b: str) -> Optional[float]:
         # Identical responses: nothing to judge, no call, no verdict.
         if a == b or (prompt, a, b) in self.cache:
             return self.cache.get((prompt, a, b))
-        request = [
-            dict(
-                role="user", content=render_judge_prompt(self.task, self.instruction, prompt, a, b)
-            )
-        ]
+        text = render_judge_prompt(self.task, self.instruction, prompt, a, b)
+        messages = [dict(role="user", content=text)]
         try:
-            msg = self.client.messages.create(
-                model=self.model, max_tokens=self.MAX_TOKENS, messages=request
-            )
+            msg = self.client.messages.create(model=self.model, max_tokens=200, messages=messages)
         except self.anthropic.APIError as e:
             # After the SDK's retries: no verdict. A request that the API refuses fails every time.
             if getattr(e, "status_code", None) in (400, 401, 403, 404, 422):
@@ -493,10 +477,8 @@ class ClaudeAnnotator:
 
     def cost(self, stats=None) -> Optional[float]:
         """USD for the tokens in stats (default: this annotator's), where the price is known."""
-        price, stats = self.PRICE_PER_MTOK.get(self.model), stats or self.stats
-        return (
-            price and (stats["input_tokens"] * price[0] + stats["output_tokens"] * price[1]) / 1e6
-        )
+        price, s = self.PRICE_PER_MTOK.get(self.model), stats or self.stats
+        return price and (s["input_tokens"] * price[0] + s["output_tokens"] * price[1]) / 1e6
 
 
 # "Prefer the more concise response." -> "concise response": an article, words that name the
@@ -536,9 +518,7 @@ class LocalJudgeAnnotator:
         n = len(tokenizer(text, add_special_tokens=False).input_ids)
         after = [tokenizer(text + self.reply(w), add_special_tokens=False) for w in ("Yes", "No")]
         self.words = [enc.input_ids[n] for enc in after]
-        self.stats = dict(
-            annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0
-        )
+        self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
 
     def reply(self, word: str) -> str:
         """`word` as the chat template writes it after its generation prompt (Llama-2: " Yes")."""
@@ -582,17 +562,13 @@ class LocalJudgeAnnotator:
             rows = order[i : i + self.batch_size]
             # Right-padded: causal attention never lets a real token see the pads after it.
             n = torch.tensor([len(seqs[j]) for j in rows])
-            ids = torch.tensor(
-                [seqs[j] + [0] * (int(n.max()) - len(seqs[j])) for j in rows], device=device
-            )
+            ids = [seqs[j] + [0] * (int(n.max()) - len(seqs[j])) for j in rows]
+            ids = torch.tensor(ids, device=device)
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(rows))  # the head's keys and values, a copy per row
             h = body(input_ids=ids, **{kv: past}).last_hidden_state  # (b, L, H)
-            s = (
-                h[torch.arange(len(rows)), n - 1].float()
-                @ W.T
-                / head_temperature(self.model.config)
-            )
+            last = h[torch.arange(len(rows)), n - 1].float()  # (b, H): where each answer comes
+            s = last @ W.T / head_temperature(self.model.config)
             out.update(zip(rows, (s[:, 0] - s[:, 1]).tolist()))
             self.stats["annotator_requests"] += len(rows)
             self.stats["input_tokens"] += len(rows) * len(head) + int(n.sum())
@@ -615,9 +591,7 @@ class RewardModelAnnotator:
         # HF reads the score at the last token that is not the pad token.
         model.config.pad_token_id = tokenizer.pad_token_id
         self.model, self.tokenizer = model, tokenizer
-        self.stats = dict(
-            annotator_requests=0, annotator_failures=0, input_tokens=0, output_tokens=0
-        )
+        self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
 
     @torch.inference_mode()
     def __call__(self, prompts: list, first: list, second: list) -> list:
@@ -626,13 +600,10 @@ class RewardModelAnnotator:
             turns = [dict(role="user", content=x), dict(role="assistant", content=y)]
             texts.append(tok.apply_chat_template(turns, tokenize=False) if chat else f"{x}\n\n{y}")
         # Right padding: no real token sees a pad.
-        enc = tok(
-            texts,
-            padding=True,
-            padding_side="right",
-            add_special_tokens=not chat,
-            return_tensors="pt",
+        kw = dict(
+            padding=True, padding_side="right", add_special_tokens=not chat, return_tensors="pt"
         )
+        enc = tok(texts, **kw)
         r = self.model(**enc.to(self.model.device)).logits[:, 0].float()  # (2B,)
         self.stats["annotator_requests"] += len(texts)
         self.stats["input_tokens"] += int(enc.attention_mask.sum())
@@ -818,8 +789,7 @@ RUN_FILES = re.compile(
 FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "annotator_workers", "sample_every"}
 FREE_ON_RESUME |= {"resume", "overwrite", "output_dir", "device", "fsdp", "eval_annotator"}
 FREE_ON_RESUME |= {"eval_annotator_model"}
-# Counters summed over steps and ranks: an annotator's, an LLM judge's health, the run's totals.
-ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
+# Counters summed over steps and ranks: an LLM judge's health (as ANNOTATOR_STATS), the totals.
 HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
 TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")
 
@@ -1107,7 +1077,7 @@ def check_numbers(cfg: Config) -> None:
     # --offline-data samples only the evaluation's answers.
     if cfg.temperature == 0 and not cfg.offline_data:
         raise OAIFError(
-            "--temperature 0 is greedy: a pair's responses are one (--offline-data only)"
+            "--temperature 0: greedy, both responses would be one (--offline-data only)"
         )
     choices = dict(loss=LOSSES, dtype=("float32", "bfloat16"), labels=("hard", "soft"))
     choices.update(task=TEMPLATES, device=("auto", "cpu", "cuda"))
@@ -1126,9 +1096,7 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
     if cfg.resume and not cfg.output_dir:
         done = [p for p in run_folders("oaif-out") if complete_checkpoints(p)]
         if not done:
-            raise OAIFError(
-                "--resume: no run in oaif-out has a checkpoint; name one with --output-dir"
-            )
+            raise OAIFError("--resume: no run in oaif-out has a checkpoint; give --output-dir")
         cfg = dataclasses.replace(cfg, output_dir=done[-1])
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
     if custom_annotator is not None:
@@ -1323,11 +1291,11 @@ def complete_checkpoints(out_dir: str) -> list:
     return [os.path.join(out_dir, n) for n in sorted(done, key=lambda n: int(n.split("-")[1]))]
 
 
-def open_run(out_dir: str, resume_from, optimizer, root, seed: int, stats: dict) -> tuple:
+def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
     """-> (the last step done, its records, metrics.jsonl open on rank 0). A resume restores the
     optimizer, the random streams, the annotator's stats and the metrics up to its step; a fresh
     run first deletes a previous run's files (setup_run let them through only with --overwrite)."""
-    rank, world = rank_and_world()
+    (rank, world), out_dir, seed = rank_and_world(), cfg.output_dir, cfg.seed
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     os.makedirs(out_dir, exist_ok=True)
     if not resume_from:
@@ -1622,15 +1590,8 @@ def evaluate(step, cfg, wiring, tokenizer, prompts, ref_answers, judge) -> Optio
     rank samples, as the gathered weights need them all)."""
     if ref_answers is not None:
         # The same random draws as the reference's answers.
-        sampling = (
-            tokenizer,
-            prompts,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.batch_size,
-            cfg.seed,
-        )
-        answers = wiring.sample(sample_answers, *sampling)
+        sampling = (cfg.max_new_tokens, cfg.temperature, cfg.batch_size, cfg.seed)
+        answers = wiring.sample(sample_answers, tokenizer, prompts, *sampling)
     result = None
     if rank_and_world()[0] == 0:
         result = dict(step=step, eval=True, **win_rate(prompts, answers, ref_answers, judge))
@@ -1761,9 +1722,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     if not cfg.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=new_run_folder("oaif-out"))
         config["output_dir"] = cfg.output_dir
-    start, done, log = open_run(
-        cfg.output_dir, resume_from, optimizer, wiring.score, cfg.seed, stats
-    )
+    start, done, log = open_run(cfg, resume_from, optimizer, wiring.score, stats)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
     totals = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}
     record, last_eval = {}, None
