@@ -288,7 +288,8 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     # First the prompts, then one token at a time.
     step_ids, cache_pos = ids, torch.arange(P, device=ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    finite, tokens = True, []
+    finite = True
+    tokens = []
     for t in range(max_new_tokens):
         inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True)
         out = model(**inputs, cache_position=cache_pos, logits_to_keep=1, **{kv: cache})
@@ -415,7 +416,8 @@ def parse_verdict(reply: str) -> Optional[float]:
     """1.0 for "Preferred Response=1", 0.0 for "=2" (the last anchor wins), the same for a reply
     that is only 1 or 2, else None. Never the last digit anywhere: "Preferred Response=1 (over
     Response 2)" is a 1, "1 beats 2" no verdict."""
-    anchors, bare = ANCHOR.findall(reply), BARE.fullmatch(reply)
+    anchors = ANCHOR.findall(reply)
+    bare = BARE.fullmatch(reply)
     digit = anchors[-1] if anchors else bare.group(1) if bare else None
     return {"1": 1.0, "2": 0.0}.get(digit)
 
@@ -434,7 +436,8 @@ class ClaudeAnnotator:
         import anthropic
 
         self.anthropic, self.model, self.task = anthropic, model, task
-        self.instruction, self.cache, self.lock = instruction, {}, threading.Lock()
+        self.instruction = instruction
+        self.cache, self.lock = {}, threading.Lock()  # verdicts by (prompt, first, second)
         self.client = client or anthropic.Anthropic(max_retries=4, timeout=60.0)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
@@ -557,7 +560,8 @@ class LocalJudgeAnnotator:
         W = self.model.get_output_embeddings().weight[self.words].float()
         kv = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
         cache = body(torch.tensor([head], device=device), use_cache=True)[1]
-        order, out = sorted(range(len(seqs)), key=lambda i: len(seqs[i])), {}
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = {}
         for i in range(0, len(order), self.batch_size):
             rows = order[i : i + self.batch_size]
             # Right-padded: causal attention never lets a real token see the pads after it.
@@ -595,7 +599,8 @@ class RewardModelAnnotator:
 
     @torch.inference_mode()
     def __call__(self, prompts: list, first: list, second: list) -> list:
-        tok, chat, texts = self.tokenizer, self.tokenizer.chat_template, []
+        tok, chat = self.tokenizer, self.tokenizer.chat_template
+        texts = []
         for x, y in zip(prompts + prompts, first + second):
             turns = [dict(role="user", content=x), dict(role="assistant", content=y)]
             texts.append(tok.apply_chat_template(turns, tokenize=False) if chat else f"{x}\n\n{y}")
@@ -644,6 +649,7 @@ class Wiring:
     def policy(self, fn: Callable, *args):
         return fn(self.policy_model, *args)
 
+    @torch.no_grad()
     def reference(self, fn: Callable, *args):
         return fn(self.ref_model, *args)
 
@@ -676,23 +682,23 @@ def oaif_step(
 ):
     """Algorithm 1, one step on this rank's prompts -> the step's numbers. cfg: Config (or any
     object with the fields used here); pairs: labelled pairs (offline) in place of steps 1 and 2."""
-    wiring, start = wiring or Wiring(policy, ref_model), time.perf_counter()
+    start = time.perf_counter()
+    wiring = wiring or Wiring(policy, ref_model)
     # 1) Sample two responses per prompt from the current policy, at --temperature (scored at 1).
     sampling = (tokenizer, prompts, 2, cfg.max_new_tokens, cfg.temperature)
     batch = pairs or wiring.sample(sample_pairs, *sampling)
-    out, texts = dict(batch=batch, sample_s=time.perf_counter() - start), batch["texts"]
+    out = dict(batch=batch, sample_s=time.perf_counter() - start)
+    first, second = batch["texts"][0::2], batch["texts"][1::2]
     with concurrent.futures.ThreadPoolExecutor(1) as background:
         # 2) The annotator judges each pair, P(first is better), in the background: step 4 needs it.
-        if pairs is None:
-            judged = background.submit(timed, annotator, prompts, texts[0::2], texts[1::2])
+        judged = None if pairs else background.submit(timed, annotator, prompts, first, second)
         # 3) Log-probs of the 2B responses: the policy's with gradients, the frozen reference's.
         ids = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         with torch.autocast(policy.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             logps = wiring.policy(sequence_logprobs, *ids)
-            with torch.no_grad():
-                ref_logps = wiring.reference(sequence_logprobs, *ids)
+            ref_logps = wiring.reference(sequence_logprobs, *ids)
         waited = time.perf_counter()
-        probs, out["annotate_s"] = judged.result() if pairs is None else (pairs["probs"], 0.0)
+        probs, out["annotate_s"] = judged.result() if judged else (pairs["probs"], 0.0)
     out["annotate_wait_s"] = time.perf_counter() - waited
     # 4) Rows 2i, 2i + 1 hold prompt i's pair: its verdict names the chosen (y+), the rejected (y-).
     # A pair triage drops (a tie, no verdict, a hedge) gets p = 1/2, which no used verdict is near.
@@ -891,7 +897,8 @@ def judge_dtype(device) -> torch.dtype:
 def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
     """--annotator SPEC -> the annotator. models caches (model, tokenizer) by name, and holds
     "device": a judge that is --model is the reference model itself, not a third copy."""
-    name, device = spec[3:], models["device"]
+    name = spec[3:]  # hf:NAME, rm:NAME
+    device = models["device"]
     if spec in ("shorter", "longer"):
         return {"shorter": shorter, "longer": longer}[spec]
     if spec == "claude":
@@ -1037,7 +1044,8 @@ def split_prompts(cfg: Config) -> tuple:
     prompts = load_prompts(cfg.prompts)
     random.Random(cfg.seed).shuffle(prompts)
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
-    left, batch = len(prompts) - n_eval, cfg.batch_size
+    left = len(prompts) - n_eval
+    batch = cfg.batch_size
     if n_eval and left < batch and not cfg.offline_data:
         raise OAIFError(
             f"{len(prompts)} prompts: {n_eval} held out for evaluation leave {left} to "
@@ -1295,7 +1303,8 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
     """-> (the last step done, its records, metrics.jsonl open on rank 0). A resume restores the
     optimizer, the random streams, the annotator's stats and the metrics up to its step; a fresh
     run first deletes a previous run's files (setup_run let them through only with --overwrite)."""
-    (rank, world), out_dir, seed = rank_and_world(), cfg.output_dir, cfg.seed
+    rank, world = rank_and_world()
+    out_dir, seed = cfg.output_dir, cfg.seed
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     os.makedirs(out_dir, exist_ok=True)
     if not resume_from:
@@ -1447,6 +1456,7 @@ class Distributed(Wiring):
                 self.own_logps = self.score(fn, *args)
         return logps
 
+    @torch.no_grad()
     def reference(self, fn: Callable, *args):
         with self.base():
             return self.ref_score(fn, *args)
@@ -1538,7 +1548,8 @@ def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotat
     """What comes from the initial model: (the offline set [(prompt, prompt ids, first ids, second
     ids, P(first), texts)] or None, how many --offline-data pairs are held out, the reference's
     answers for the evaluation or None). --offline's set is labelled once, on rank 0."""
-    (rank, world), fixed, held_out, answers = rank_and_world(), None, 0, None
+    rank, world = rank_and_world()
+    fixed, held_out, answers = None, 0, None  # online, no --offline-data, no evaluation
     if cfg.offline_data:
         end = turn_end(tokenizer, initial.generation_config)
         pairs = load_offline_pairs(cfg.offline_data, tokenizer, end, context_length(initial.config))
@@ -1605,13 +1616,15 @@ def evaluate(step, cfg, wiring, tokenizer, prompts, ref_answers, judge) -> Optio
 
 def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     """The step's metrics.jsonl line: oaif_step's numbers and the annotator's, summed over ranks."""
-    probs, counts, batch = out["probs"], out["counts"], out["batch"]
+    probs, counts = out["probs"], out["counts"]
+    batch = out["batch"]
     # An LLM judge's verdicts: how far from 1/2 (each p in [0, 1], as triage counts them).
     if "verdicts" in stats and not cfg.offline_data:
         stats["verdicts"] += len(probs) - counts["no_verdict"]
         stats["confidence_sum"] += sum(abs(p - 0.5) for p in probs if p is not None and 0 <= p <= 1)
     logps = out["logps"] if wiring.own_logps is None else wiring.own_logps
-    texts, usable, margins = batch["texts"], out["usable"], out["margins"]
+    texts = batch["texts"]
+    usable, margins = out["usable"], out["margins"]
     sums = dict(counts, loss=float(out["losses"].sum()), margin=float((margins * usable).sum()))
     sums.update(acc=float(((margins > 0).float() * usable).sum()))
     sums.update(kl=float((logps - out["ref_logps"]).sum()), chars=sum(map(len, texts)))
@@ -1637,7 +1650,8 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
 def judge_health(s: dict) -> dict:
     """position_bias, order_agreement and judge_confidence (the README says what each means) from
     the HEALTH sums; each absent where its count is 0."""
-    health, n, m = {}, s.get("order_pairs", 0), s.get("verdicts", 0)
+    health = {}
+    n, m = s.get("order_pairs", 0), s.get("verdicts", 0)
     if n:
         health.update(position_bias=s["first_sum"] / n, order_agreement=s["order_agree"] / n)
     if m:
@@ -1725,7 +1739,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     start, done, log = open_run(cfg, resume_from, optimizer, wiring.score, stats)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
     totals = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}
-    record, last_eval = {}, None
+    record, last_eval = {}, None  # the last step's metrics, the last evaluation's
     for step in bar:
         begin, stats0 = time.perf_counter(), dict(stats)
         # A linear warm-up: a function of the step, so there is nothing to checkpoint.
