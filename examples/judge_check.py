@@ -72,6 +72,82 @@ class FewShot(oaif.LocalJudgeAnnotator):
         return before + label, rest
 
 
+def chat_ask(judge, prompt, response, system="", before="", shots=()):
+    """Pointwise input for one response, as oaif's ask, with an optional system prompt, text before the conversation
+    (e.g. the question asked first), and few-shot (prompt, response, question, answer) turns; all in the cached head."""
+    context, item = oaif.QUESTION[judge.task]
+    turns = [dict(role="system", content=system)] if system else []
+    for p, r, q, a in list(shots) + [(prompt, response, judge.question, None)]:
+        first = f"{q} Answer Yes or No.\n\n" if before == "question" else before
+        turns.append(dict(role="user", content=f"{first}{context}:\n{p}\n\n{item}:\n{r}\n\n{q} Answer Yes or No."))
+        turns += [dict(role="assistant", content=a)] if a else []
+    text = judge.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    head, label, rest = text.rpartition(f"{context}:\n")
+    return head + label, rest
+
+
+SYSTEM = ("You judge one property of a response, and only that property. Answer Yes or No to the question about it, "
+          "whether or not the response is good, correct or helpful in other ways.")
+
+
+class System(oaif.LocalJudgeAnnotator):
+    def ask(self, prompt, response):
+        return chat_ask(self, prompt, response, system=SYSTEM)
+
+
+class AskFirst(oaif.LocalJudgeAnnotator):
+    def ask(self, prompt, response):
+        return chat_ask(self, prompt, response, before="question")
+
+
+FEWSHOT2 = FEWSHOT + [
+    ("How do I get to the station?", "Go straight ahead for two blocks, turn left at the bank, and you will see the "
+     "station on your right, just past the bakery and the little park with the fountain.",
+     "Is this a response that uses a bulleted list?", "No"),
+    ("What do I need for pancakes?", "- flour\n- milk\n- eggs", "Is this a response that uses a bulleted list?", "Yes"),
+    ("Can you help me?", "Certainly, Madam. It would be my pleasure to assist you.", "Is this a formal response?", "Yes"),
+    ("Can you help me with my homework tonight? I have a lot of maths exercises about fractions and I keep getting "
+     "them wrong.", "yeah sure, send them over and we'll go through the fractions one by one, no worries, we'll "
+     "figure out where it goes wrong", "Is this a formal response?", "No")]
+
+
+class FewShot2(oaif.LocalJudgeAnnotator):
+    def ask(self, prompt, response):
+        return chat_ask(self, prompt, response, shots=FEWSHOT2)
+
+
+class FewShotSystem(oaif.LocalJudgeAnnotator):
+    def ask(self, prompt, response):
+        return chat_ask(self, prompt, response, system=SYSTEM, shots=FEWSHOT)
+
+
+def phrasings(question):
+    """The criterion's yes/no question said several ways, generically: "Is this a concise response?" ->
+    "Would you describe this as a concise response?", ... (an instruction oaif cannot parse: its one question)."""
+    if not question.startswith("Is this ") or not question.endswith("?"):
+        return [question]
+    x = question[len("Is this "):-1]  # "a concise response"
+    return [question, f"Would you describe this as {x}?", f"Is it fair to call this {x}?"]
+
+
+class Phrasings(oaif.LocalJudgeAnnotator):
+    """The mean log-odds over several phrasings of the question (one forward pass each)."""
+    base = oaif.LocalJudgeAnnotator
+
+    def scores(self, prompts, responses):
+        questions, total = phrasings(self.question), None
+        for q in questions:
+            self.question = q
+            s = self.base.scores(self, prompts, responses)
+            total = s if total is None else [x + y for x, y in zip(total, s)]
+        self.question = questions[0]
+        return [x / len(questions) for x in total]
+
+
+class FewShotPhrasings(Phrasings, FewShot):
+    base = FewShot
+
+
 class Pairwise(oaif.LocalJudgeAnnotator):
     """The judge `hf:` was before issue 16 (oaif.py at 47e673d), verbatim but for the names."""
 
@@ -97,24 +173,106 @@ class Pairwise(oaif.LocalJudgeAnnotator):
 
 
 MODES = dict(pointwise=oaif.LocalJudgeAnnotator, meets=Meets, calibrated=Calibrated, fewshot=FewShot,
-             pairwise=Pairwise)
+             pairwise=Pairwise, system=System, askfirst=AskFirst, fewshot2=FewShot2, fewshot_system=FewShotSystem,
+             phrasings=Phrasings, fewshot_phrasings=FewShotPhrasings)
+
+
+def sample_policy_pairs(a) -> list:
+    """--n-pairs pairs from --policy as training samples them: batches of 8 prompts (Config.batch_size), the default
+    prompts in order and again, two responses each (oaif.sample_pairs), one seed for the whole draw."""
+    model, tokenizer = oaif.load_model(a.policy, torch.device("cpu"))
+    prompts = (oaif.DEFAULT_PROMPTS * (a.n_pairs // len(oaif.DEFAULT_PROMPTS) + 1))[:a.n_pairs]
+    torch.manual_seed(a.seed)
+    pairs, t = [], time.perf_counter()
+    for i in range(0, len(prompts), oaif.Config.batch_size):
+        chunk = prompts[i:i + oaif.Config.batch_size]
+        texts = oaif.sample_pairs(model, tokenizer, chunk, 2, max_new_tokens=a.max_new_tokens,
+                                  temperature=a.temperature)["texts"]
+        pairs += [dict(prompt=p, a=x, b=y) for p, x, y in zip(chunk, texts[0::2], texts[1::2])]
+        print(f"sampled {len(pairs)} / {len(prompts)} pairs ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    return pairs
+
+
+BINS = ((1.0, 1.2, "<1.2x"), (1.2, 1.5, "1.2-1.5x"), (1.5, 2.0, "1.5-2x"), (2.0, float("inf"), ">=2x"))
+
+
+def on_policy(a, pairs, models, dtype):
+    """Judge the policy's own pairs under "concise" and "detailed"; agreement with the length rule (characters) by
+    the pair's length ratio, mean |p - 1/2|, and how many verdicts the instruction flips."""
+    print(f", on-policy: {len(pairs)} pairs from {a.pairs_in or a.policy}")
+    ratio = [max(len(r["a"]), len(r["b"])) / max(1, min(len(r["a"]), len(r["b"]))) for r in pairs]
+    ties = [len(r["a"]) == len(r["b"]) for r in pairs]
+    binned = [[i for i, x in enumerate(ratio) if lo <= x < hi and not ties[i]] for lo, hi, _ in BINS]
+    apart = [i for i, x in enumerate(ratio) if x >= 1.2]
+    print(f"equal-length pairs (no length verdict): {sum(ties)}")
+    print("| instruction | " + " | ".join(f"{name} ({len(b)})" for (_, _, name), b in zip(BINS, binned))
+          + f" | >=1.2x ({len(apart)}) | mean \\|p - 1/2\\| (all; >=1.2x) | s / judgment |")
+    print("|---|" + "---|" * (len(BINS) + 3))
+    verdicts = {}
+    for instruction, wants_shorter in (("Prefer the more concise response.", True),
+                                       ("Prefer the more detailed response.", False)):
+        judge = MODES[a.mode](*models[a.judge], task="helpful", instruction=instruction)
+        t = time.perf_counter()
+        p_a = judge([r["prompt"] for r in pairs], [r["a"] for r in pairs], [r["b"] for r in pairs])
+        seconds = (time.perf_counter() - t) / len(pairs)
+        verdicts[instruction] = p_a
+        agree = [(x > 0.5 if (len(r["a"]) < len(r["b"])) == wants_shorter else x < 0.5) for x, r in zip(p_a, pairs)]
+        frac = lambda idx: f"{sum(agree[i] for i in idx)}/{len(idx)}" if idx else "—"  # noqa: E731
+        conf = lambda idx: sum(abs(p_a[i] - 0.5) for i in idx) / max(1, len(idx))  # noqa: E731
+        print(f"| {instruction} | " + " | ".join(frac(b) for b in binned) + f" | **{frac(apart)}** "
+              f"({sum(agree[i] for i in apart) / max(1, len(apart)):.0%}) | {conf(range(len(pairs))):.3f}; "
+              f"{conf(apart):.3f} | {seconds:.1f} |", flush=True)
+        if a.out:
+            with open(a.out, "a") as out:
+                out.write(json.dumps(dict(judge=a.judge, mode=a.mode, dtype=dtype, instruction=instruction,
+                                          pairs=a.pairs_in or a.policy, p_a=[round(x, 4) for x in p_a],
+                                          seconds=seconds)) + "\n")
+    c, d = ([x > 0.5 for x in v] for v in verdicts.values())
+    flip = [x != y for x, y in zip(c, d)]
+    print(f"verdicts that flip between the two instructions: {sum(flip)}/{len(flip)} overall, "
+          f"{sum(flip[i] for i in apart)}/{len(apart)} on pairs >=1.2x apart")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--judge", required=True, help="a causal LM folder or hub id, as in --annotator hf:DIR")
+    p.add_argument("--judge", default="", help="a causal LM folder or hub id, as in --annotator hf:DIR (without it, "
+                   "--policy DIR --pairs-out F only samples and saves the pairs)")
     p.add_argument("--mode", default="pointwise", choices=sorted(MODES))
     p.add_argument("--kinds", default="length,topic,fact", help="which pairs: length, topic, fact")
     p.add_argument("--limit", type=int, default=0, help="at most N pairs of each kind (0: all)")
     p.add_argument("--pairs", default=os.path.join(HERE, "judge_check.jsonl"))
+    p.add_argument("--split", default="all", choices=("tune", "heldout", "all"),
+                   help="which rows: tune (what judge designs were chosen on), heldout (never tuned on), all")
+    p.add_argument("--policy", default="", help="on-policy mode: sample pairs from this policy as training does")
+    p.add_argument("--pairs-out", default="", help="on-policy mode: save the sampled pairs here (jsonl)")
+    p.add_argument("--pairs-in", default="", help="on-policy mode: judge these saved pairs instead of sampling")
+    p.add_argument("--n-pairs", type=int, default=80, help="on-policy pairs: the default prompts, then again")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--out", default="", help="append one JSON line per instruction here")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if a.policy and not a.pairs_in:
+        pairs = sample_policy_pairs(a)
+        if a.pairs_out:
+            with open(a.pairs_out, "w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs)
+    elif a.pairs_in:
+        pairs = [json.loads(line) for line in open(a.pairs_in) if line.strip()]
+    if not a.judge:
+        if a.policy and a.pairs_out:
+            return print(f"{len(pairs)} pairs saved to {a.pairs_out}")
+        p.error("--judge is required (only --policy DIR --pairs-out F samples without one)")
     rows = [json.loads(line) for line in open(a.pairs) if line.strip()]
+    rows = [r for r in rows if a.split in ("all", r.get("split", "tune"))]
     models = dict(device=torch.device("cpu"))
     oaif.make_annotator("hf:" + a.judge, oaif.Config(), models, "")  # load once, in the dtype training's judge gets
     dtype = str(models[a.judge][0].dtype).replace("torch.", "")
-    print(f"judge {os.path.basename(a.judge.rstrip('/'))}, mode {a.mode}, {dtype}")
+    print(f"judge {os.path.basename(a.judge.rstrip('/'))}, mode {a.mode}, {dtype}", end="")
+    if a.policy or a.pairs_in:
+        return on_policy(a, pairs, models, dtype)
+    print(f", split {a.split}")
     print("| instruction | pairs | accuracy | mean \\|p - 1/2\\| | raw P(first) | orders agree | s / judgment |")
     print("|---|---|---|---|---|---|---|")
     verdicts = {}
