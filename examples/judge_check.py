@@ -148,6 +148,38 @@ class FewShotPhrasings(Phrasings, FewShot):
     base = FewShot
 
 
+def comparative(instruction):
+    """"Prefer the more concise response." -> "Which response is more concise?" (None if not of that form)."""
+    m = oaif.CRITERION.fullmatch(instruction.strip())
+    x = m and m.group(1)
+    if not x or not x.endswith(" response") or " " in x[:-len(" response")]:
+        return None
+    more = "more " if "more " in instruction.lower() else ""
+    return f"Which response is {more}{x[:-len(' response')]}?"
+
+
+class Compare(oaif.LocalJudgeAnnotator):
+    """Both responses, asked the instruction as a comparison ("Which response is more concise? Answer 1 or 2."),
+    P("1") / (P("1") + P("2")), both orders (oaif.both_orders)."""
+
+    @torch.inference_mode()
+    def judge(self, prompts, first, second):
+        q = comparative(self.instruction) or f"Which response follows this instruction better: {self.instruction}"
+        digits = [self.tokenizer(d, add_special_tokens=False).input_ids[-1] for d in "12"]
+        W, out = self.model.get_output_embeddings().weight[digits].float(), []
+        for p, a, b in zip(prompts, first, second):
+            text = oaif.user_turn(self.tokenizer, f"Conversation:\n{p}\n\nResponse 1:\n{a}\n\nResponse 2:\n{b}\n\n"
+                                                  f"{q} Answer 1 or 2.")
+            ids = torch.tensor([self.tokenizer(text, add_special_tokens=False).input_ids])
+            h = self.model.base_model(input_ids=ids).last_hidden_state[0, -1].float()
+            out.append(torch.softmax(h @ W.T, -1)[0].item())
+            self.stats["annotator_requests"] += 1
+        return out
+
+    def __call__(self, prompts, first, second):
+        return oaif.both_orders(self.judge, prompts, first, second)
+
+
 class Pairwise(oaif.LocalJudgeAnnotator):
     """The judge `hf:` was before issue 16 (oaif.py at 47e673d), verbatim but for the names."""
 
@@ -174,7 +206,7 @@ class Pairwise(oaif.LocalJudgeAnnotator):
 
 MODES = dict(pointwise=oaif.LocalJudgeAnnotator, meets=Meets, calibrated=Calibrated, fewshot=FewShot,
              pairwise=Pairwise, system=System, askfirst=AskFirst, fewshot2=FewShot2, fewshot_system=FewShotSystem,
-             phrasings=Phrasings, fewshot_phrasings=FewShotPhrasings)
+             phrasings=Phrasings, fewshot_phrasings=FewShotPhrasings, compare=Compare)
 
 
 def sample_policy_pairs(a) -> list:
@@ -282,7 +314,7 @@ def main():
             judge = MODES[a.mode](*models[a.judge], task="helpful", instruction=instruction)
             prompts = [r["prompt"] for r in kept]
             t = time.perf_counter()
-            if a.mode == "pairwise":  # raw verdicts in both orders, combined as both_orders does
+            if a.mode in ("pairwise", "compare"):  # raw verdicts in both orders, combined as both_orders does
                 v = judge.judge(prompts + prompts, [r["a"] for r in kept] + [r["b"] for r in kept],
                                 [r["b"] for r in kept] + [r["a"] for r in kept])
                 raw_ab, raw_ba = v[:len(kept)], v[len(kept):]
@@ -297,7 +329,7 @@ def main():
                        confidence=sum(abs(x - 0.5) for x in p_good) / len(kept), seconds=seconds,
                        requests_per_judgment=judge.stats["annotator_requests"] / len(kept),
                        p_good=[round(x, 4) for x in p_good])
-            if a.mode == "pairwise":
+            if a.mode in ("pairwise", "compare"):
                 res.update(bias=sum(raw_ab + raw_ba) / (2 * len(kept)),
                            agree=sum((x - 0.5) * (y - 0.5) < 0 for x, y in zip(raw_ab, raw_ba)) / len(kept))
             f = lambda k: f"{res[k]:.2f}" if k in res else "—"  # noqa: E731
