@@ -116,6 +116,32 @@ class FewShot2(oaif.LocalJudgeAnnotator):
         return chat_ask(self, prompt, response, shots=FEWSHOT2)
 
 
+FEWSHOT3 = [  # the property asked about, whatever the response's quality: bad answers with it, good ones without
+    ("What is the capital of Italy?", "La capitale de l'Italie est Paris, bien sûr.",
+     "Is this a response written in French?", "Yes"),
+    ("Say hello in French.", "Hello! In French you say \"bonjour\", and \"salut\" among friends.",
+     "Is this a response written in French?", "No"),
+    ("Describe the sea.", "My favourite sandwich is cheese with a slice of red tomato.",
+     "Is this a response that mentions a colour?", "Yes"),
+    ("Describe the sea.", "The sea is vast and restless, its waves rolling in under the wind and breaking on the "
+     "rocks with a roar you can hear from the cliffs.", "Is this a response that mentions a colour?", "No"),
+    ("Can you help me with my homework?", "Certainly, Madam. I regret that I am unable to assist you.",
+     "Is this a formal response?", "Yes"),
+    ("Could you kindly explain how interest rates affect inflation?", "sure thing! when rates go up borrowing gets "
+     "pricier so folks spend less, demand cools off and prices stop climbing so fast", "Is this a formal response?",
+     "No")]
+
+
+class FewShot3(oaif.LocalJudgeAnnotator):
+    def ask(self, prompt, response):
+        return chat_ask(self, prompt, response, shots=FEWSHOT3)
+
+
+class FewShot3First(oaif.LocalJudgeAnnotator):
+    def ask(self, prompt, response):
+        return chat_ask(self, prompt, response, shots=FEWSHOT3, before="question")
+
+
 class FewShotSystem(oaif.LocalJudgeAnnotator):
     def ask(self, prompt, response):
         return chat_ask(self, prompt, response, system=SYSTEM, shots=FEWSHOT)
@@ -180,6 +206,26 @@ class Compare(oaif.LocalJudgeAnnotator):
         return oaif.both_orders(self.judge, prompts, first, second)
 
 
+class Reference(oaif.LocalJudgeAnnotator):
+    """Pointwise, with the other response shown for comparison: s(a | b) and s(b | a), each the log-odds of Yes to
+    "Compared with the other response, is this a concise response?"; P(first) = sigmoid(s(a | b) - s(b | a))."""
+
+    def ask(self, prompt, response):
+        p, ref = prompt if isinstance(prompt, tuple) else (prompt, "")
+        context, item = oaif.QUESTION[self.task]
+        q = self.question[0].lower() + self.question[1:]
+        text = (f"{context}:\n{p}\n\nAnother {item.lower()}, for comparison:\n{ref}\n\n{item}:\n{response}\n\n"
+                f"Compared with the other {item.lower()}, {q} Answer Yes or No.")
+        head, label, rest = oaif.user_turn(self.tokenizer, text).partition(f"{context}:\n")
+        return head + label, rest
+
+    def __call__(self, prompts, first, second):
+        s = self.scores([(p, b) for p, b in zip(prompts, second)] + [(p, a) for p, a in zip(prompts, first)],
+                        first + second)
+        n = len(prompts)
+        return torch.sigmoid(torch.tensor(s[:n]) - torch.tensor(s[n:])).tolist()
+
+
 class Pairwise(oaif.LocalJudgeAnnotator):
     """The judge `hf:` was before issue 16 (oaif.py at 47e673d), verbatim but for the names."""
 
@@ -206,7 +252,8 @@ class Pairwise(oaif.LocalJudgeAnnotator):
 
 MODES = dict(pointwise=oaif.LocalJudgeAnnotator, meets=Meets, calibrated=Calibrated, fewshot=FewShot,
              pairwise=Pairwise, system=System, askfirst=AskFirst, fewshot2=FewShot2, fewshot_system=FewShotSystem,
-             phrasings=Phrasings, fewshot_phrasings=FewShotPhrasings, compare=Compare)
+             phrasings=Phrasings, fewshot_phrasings=FewShotPhrasings, compare=Compare, fewshot3=FewShot3,
+             fewshot3_first=FewShot3First, reference=Reference)
 
 
 def sample_policy_pairs(a) -> list:
@@ -245,7 +292,12 @@ def on_policy(a, pairs, models, dtype):
                                        ("Prefer the more detailed response.", False)):
         judge = MODES[a.mode](*models[a.judge], task="helpful", instruction=instruction)
         t = time.perf_counter()
-        p_a = judge([r["prompt"] for r in pairs], [r["a"] for r in pairs], [r["b"] for r in pairs])
+        prompts, n = [r["prompt"] for r in pairs], len(pairs)
+        if type(judge).__call__ is oaif.LocalJudgeAnnotator.__call__:  # pointwise: keep each response's score too
+            s = judge.scores(prompts + prompts, [r["a"] for r in pairs] + [r["b"] for r in pairs])
+            p_a = torch.sigmoid(torch.tensor(s[:n]) - torch.tensor(s[n:])).tolist()
+        else:
+            s, p_a = None, judge(prompts, [r["a"] for r in pairs], [r["b"] for r in pairs])
         seconds = (time.perf_counter() - t) / len(pairs)
         verdicts[instruction] = p_a
         agree = [(x > 0.5 if (len(r["a"]) < len(r["b"])) == wants_shorter else x < 0.5) for x, r in zip(p_a, pairs)]
@@ -258,6 +310,7 @@ def on_policy(a, pairs, models, dtype):
             with open(a.out, "a") as out:
                 out.write(json.dumps(dict(judge=a.judge, mode=a.mode, dtype=dtype, instruction=instruction,
                                           pairs=a.pairs_in or a.policy, p_a=[round(x, 4) for x in p_a],
+                                          scores=s and [round(x, 4) for x in s],
                                           seconds=seconds)) + "\n")
     c, d = ([x > 0.5 for x in v] for v in verdicts.values())
     flip = [x != y for x, y in zip(c, d)]
