@@ -21,6 +21,7 @@ oaif's judge (pointwise) or one of the alternatives it was measured against (REA
     python examples/judge_check.py --judge DIR --mode pairwise --kinds length --limit 6
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -226,6 +227,49 @@ class Reference(oaif.LocalJudgeAnnotator):
         return torch.sigmoid(torch.tensor(s[:n]) - torch.tensor(s[n:])).tolist()
 
 
+class Rating(oaif.LocalJudgeAnnotator):
+    """A 1-9 rating instead of Yes/No: "How well does "a concise response" describe this response, from 1 (not at
+    all) to 9 (perfectly)? Answer with one digit."; score = the expected digit (G-Eval style)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        x = self.question[len("Is this "):-1] if self.question.startswith("Is this ") else self.instruction
+        self.question = f"How well does \"{x}\" describe this response, from 1 (not at all) to 9 (perfectly)?"
+        self.words = [self.tokenizer(d, add_special_tokens=False).input_ids[-1] for d in "123456789"]
+
+    def ask(self, prompt, response):
+        head, rest = super().ask(prompt, response)
+        return head, rest.replace(" Answer Yes or No.", " Answer with one digit.")
+
+    @torch.inference_mode()
+    def scores(self, prompts, responses):  # oaif's scores, but the expected digit instead of a log-odds
+        texts = [self.ask("", "")[0]] + ["".join(self.ask(*x)) for x in zip(prompts, responses)]
+        head, *seqs = self.tokenizer(texts, add_special_tokens=False).input_ids
+        head = os.path.commonprefix([head] + [s[:-1] for s in seqs])
+        seqs = [s[len(head):] for s in seqs]
+        W = self.model.get_output_embeddings().weight[self.words].float()
+        cache = self.model.base_model(torch.tensor([head]), use_cache=True)[1]
+        out, digits = [], torch.arange(1, 10, dtype=torch.float32)
+        for i in range(0, len(seqs), self.batch_size):
+            rows = seqs[i:i + self.batch_size]
+            n = torch.tensor([len(r) for r in rows])
+            ids = torch.tensor([r + [0] * (int(n.max()) - len(r)) for r in rows])
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(rows))
+            h = self.model.base_model(input_ids=ids, past_key_values=past).last_hidden_state
+            probs = torch.softmax(h[torch.arange(len(rows)), n - 1].float() @ W.T, -1)  # (b, 9)
+            out += (probs @ digits).tolist()
+            self.stats["annotator_requests"] += len(rows)
+        return out
+
+
+class NoPrompt(oaif.LocalJudgeAnnotator):
+    """A diagnostic, not a judge: the response alone, without the conversation (so relevance cannot count)."""
+
+    def ask(self, prompt, response):
+        return super().ask("", response)
+
+
 class Pairwise(oaif.LocalJudgeAnnotator):
     """The judge `hf:` was before issue 16 (oaif.py at 47e673d), verbatim but for the names."""
 
@@ -253,7 +297,8 @@ class Pairwise(oaif.LocalJudgeAnnotator):
 MODES = dict(pointwise=oaif.LocalJudgeAnnotator, meets=Meets, calibrated=Calibrated, fewshot=FewShot,
              pairwise=Pairwise, system=System, askfirst=AskFirst, fewshot2=FewShot2, fewshot_system=FewShotSystem,
              phrasings=Phrasings, fewshot_phrasings=FewShotPhrasings, compare=Compare, fewshot3=FewShot3,
-             fewshot3_first=FewShot3First, reference=Reference)
+             fewshot3_first=FewShot3First, reference=Reference, rating=Rating,
+             noprompt=NoPrompt)
 
 
 def sample_policy_pairs(a) -> list:
