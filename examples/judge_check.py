@@ -270,6 +270,70 @@ class NoPrompt(oaif.LocalJudgeAnnotator):
         return super().ask("", response)
 
 
+class CompareYesNo(Compare):
+    """Both responses; log-odds of Yes to "Is Response 1 a more concise response than Response 2?", both orders."""
+
+    @torch.inference_mode()
+    def judge(self, prompts, first, second):
+        m = oaif.CRITERION.fullmatch(self.instruction)
+        x = m and m.group(1)
+        q = (f"Is Response 1 a more {x} than Response 2?" if x and " " in x and x.count(" ") == 1 else
+             f"Does Response 1 follow this instruction better than Response 2: {self.instruction}")
+        W, out = self.model.get_output_embeddings().weight[self.words].float(), []
+        for p, a, b in zip(prompts, first, second):
+            text = oaif.user_turn(self.tokenizer, f"Conversation:\n{p}\n\nResponse 1:\n{a}\n\nResponse 2:\n{b}\n\n"
+                                                  f"{q} Answer Yes or No.")
+            ids = torch.tensor([self.tokenizer(text, add_special_tokens=False).input_ids])
+            h = self.model.base_model(input_ids=ids).last_hidden_state[0, -1].float()
+            out.append(torch.softmax(h @ W.T, -1)[0].item())
+            self.stats["annotator_requests"] += 1
+        return out
+
+
+def directive(question, instruction):
+    """"Is this a concise response?" -> "Give a concise response." (else the instruction itself)."""
+    if question.startswith("Is this ") and question.endswith("?"):
+        return f"Give {question[len('Is this '):-1]}."
+    return instruction
+
+
+class PMI(oaif.LocalJudgeAnnotator):
+    """No question: how much more likely the judge finds the response (its end included) when the prompt asks for
+    the criterion: log P(response | prompt + "Give a concise response.") - log P(response | prompt)."""
+
+    def logp(self, user, response):
+        tok = self.tokenizer
+        head = oaif.user_turn(tok, user)
+        full = tok.apply_chat_template([dict(role="user", content=user), dict(role="assistant", content=response)],
+                                       tokenize=False)
+        h, f = tok(head, add_special_tokens=False).input_ids, tok(full, add_special_tokens=False).input_ids
+        n = len(os.path.commonprefix([h, f]))
+        f = f[:len(f) - (f[-1] != self.end)] if self.end in f[n:] else f  # up to and including the turn's end
+        ids = torch.tensor([f])
+        hid = self.model.base_model(input_ids=ids).last_hidden_state[0, n - 1:-1].float()
+        logits = hid @ self.model.get_output_embeddings().weight.float().T
+        self.stats["annotator_requests"] += 1
+        return float(logits.log_softmax(-1).gather(-1, ids[0, n:, None]).sum())
+
+    @torch.inference_mode()
+    def scores(self, prompts, responses):
+        self.end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        d = directive(self.question, self.instruction)
+        return [self.logp(f"{p}\n\n{d}", r) - self.logp(p, r) for p, r in zip(prompts, responses)]
+
+
+class PMINeutral(PMI):
+    """PMI against a minimal pair: log P(r | prompt + "Give a concise response.") - log P(r | prompt + "Give a
+    response.") (only the criterion's words differ)."""
+
+    @torch.inference_mode()
+    def scores(self, prompts, responses):
+        self.end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        d = directive(self.question, self.instruction)
+        neutral = f"Give a {oaif.QUESTION[self.task][1].lower()}."
+        return [self.logp(f"{p}\n\n{d}", r) - self.logp(f"{p}\n\n{neutral}", r) for p, r in zip(prompts, responses)]
+
+
 class Pairwise(oaif.LocalJudgeAnnotator):
     """The judge `hf:` was before issue 16 (oaif.py at 47e673d), verbatim but for the names."""
 
@@ -298,7 +362,8 @@ MODES = dict(pointwise=oaif.LocalJudgeAnnotator, meets=Meets, calibrated=Calibra
              pairwise=Pairwise, system=System, askfirst=AskFirst, fewshot2=FewShot2, fewshot_system=FewShotSystem,
              phrasings=Phrasings, fewshot_phrasings=FewShotPhrasings, compare=Compare, fewshot3=FewShot3,
              fewshot3_first=FewShot3First, reference=Reference, rating=Rating,
-             noprompt=NoPrompt)
+             noprompt=NoPrompt, compare_yn=CompareYesNo, pmi=PMI,
+             pmi_neutral=PMINeutral)
 
 
 def sample_policy_pairs(a) -> list:
@@ -412,7 +477,7 @@ def main():
             judge = MODES[a.mode](*models[a.judge], task="helpful", instruction=instruction)
             prompts = [r["prompt"] for r in kept]
             t = time.perf_counter()
-            if a.mode in ("pairwise", "compare"):  # raw verdicts in both orders, combined as both_orders does
+            if a.mode in ("pairwise", "compare", "compare_yn"):  # raw verdicts in both orders, combined as both_orders does
                 v = judge.judge(prompts + prompts, [r["a"] for r in kept] + [r["b"] for r in kept],
                                 [r["b"] for r in kept] + [r["a"] for r in kept])
                 raw_ab, raw_ba = v[:len(kept)], v[len(kept):]
@@ -427,7 +492,7 @@ def main():
                        confidence=sum(abs(x - 0.5) for x in p_good) / len(kept), seconds=seconds,
                        requests_per_judgment=judge.stats["annotator_requests"] / len(kept),
                        p_good=[round(x, 4) for x in p_good])
-            if a.mode in ("pairwise", "compare"):
+            if a.mode in ("pairwise", "compare", "compare_yn"):
                 res.update(bias=sum(raw_ab + raw_ba) / (2 * len(kept)),
                            agree=sum((x - 0.5) * (y - 0.5) < 0 for x, y in zip(raw_ab, raw_ba)) / len(kept))
             f = lambda k: f"{res[k]:.2f}" if k in res else "—"  # noqa: E731
