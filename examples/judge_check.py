@@ -334,6 +334,16 @@ class PMINeutral(PMI):
         return [self.logp(f"{p}\n\n{d}", r) - self.logp(f"{p}\n\n{neutral}", r) for p, r in zip(prompts, responses)]
 
 
+class FewShot3PMI(FewShot3):
+    """fewshot3's log-odds + 0.2 x pmi_neutral's log-likelihood ratio (the weight picked on the 33 on-policy pairs
+    >= 1.2x apart of judge_check_policy_pairs.jsonl: check it on fresh pairs)."""
+    weight = 0.2
+
+    def scores(self, prompts, responses):
+        pmi = PMINeutral.scores(self, prompts, responses)
+        return [x + self.weight * y for x, y in zip(super().scores(prompts, responses), pmi)]
+
+
 class Pairwise(oaif.LocalJudgeAnnotator):
     """The judge `hf:` was before issue 16 (oaif.py at 47e673d), verbatim but for the names."""
 
@@ -363,7 +373,7 @@ MODES = dict(pointwise=oaif.LocalJudgeAnnotator, meets=Meets, calibrated=Calibra
              phrasings=Phrasings, fewshot_phrasings=FewShotPhrasings, compare=Compare, fewshot3=FewShot3,
              fewshot3_first=FewShot3First, reference=Reference, rating=Rating,
              noprompt=NoPrompt, compare_yn=CompareYesNo, pmi=PMI,
-             pmi_neutral=PMINeutral)
+             pmi_neutral=PMINeutral, fewshot3_pmi=FewShot3PMI)
 
 
 def sample_policy_pairs(a) -> list:
