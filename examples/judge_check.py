@@ -6,6 +6,9 @@ training builds it (oaif.make_annotator), under the instruction that decides eac
     topic   "Prefer the response that answers the question asked."
     fact    "Prefer the factually correct response."
 
+Each row has a split: "tune" (the pairs judge designs were chosen on) or "heldout" (27 length, 4 topic, 4 fact
+pairs written before any design was tried and never used to choose one); --split picks them (default all).
+
 Reports per instruction: accuracy (P(the side the criterion prefers is better) > 1/2), mean confidence
 |p - 1/2|, position bias (mean raw P(first) over both orders; pairwise modes only: pointwise is order-blind),
 both-orders agreement, seconds per judgment (one pair, both orders where the mode has an order). --mode picks
@@ -15,10 +18,35 @@ oaif's judge (pointwise) or one of the alternatives it was measured against (REA
     meets          the same, asked "Does the response meet this criterion: <instruction>"
     calibrated     pointwise minus the response's log-odds to "Is this a good response?" (its base rate)
     fewshot        pointwise after four generic yes/no examples on other criteria (French? mentions a colour?)
+    fewshot2       fewshot plus four more (a bulleted list? formal?)
+    fewshot3       six generic examples whose answer goes against the response's quality (a wrong answer in French:
+                   Yes; a good one in English: No; an off-topic one that mentions a colour: Yes; ...)
+    fewshot3_first fewshot3 with the question also asked before the conversation
+    system         pointwise with a system prompt: judge only the property asked about
+    askfirst       pointwise with the question also asked before the conversation
+    phrasings      the mean log-odds over three phrasings of the question (three passes)
+    pmi            no question: log P(response | prompt + "Give a concise response.") - log P(response | prompt),
+                   the response's end token included (two passes, every response token scored)
+    pmi_neutral    the same against "Give a response." (a minimal pair)
+    fewshot3_pmi   fewshot3's log-odds + 0.2 x pmi_neutral's
+    reference      pointwise with the other response shown: "Compared with the other response, is this ...?"
+    compare        both responses: "Which response is more concise? Answer 1 or 2.", both orders
+    compare_yn     both responses: "Is Response 1 a more concise response than Response 2?", both orders
+    rating         a 1-9 rating of how well "a concise response" describes it (expected digit)
+    noprompt       a diagnostic: pointwise without the conversation
     pairwise       the pre-issue-16 judge: both responses, P("1") / (P("1") + P("2")) after "Preferred Response="
 
-    python examples/judge_check.py --judge /path/to/Qwen2.5-1.5B-Instruct
+On-policy mode (--policy DIR or --pairs-in F): the policy's own pairs, sampled as training samples them
+(oaif.sample_pairs: two responses per prompt, temperature 0.9, up to 192 tokens; the 40 default prompts, then
+again, --n-pairs 80, --seed 0; --pairs-out F saves them, --pairs-in F judges saved ones, and
+examples/judge_check_policy_pairs.jsonl holds SmolLM2-135M-Instruct's), judged under "concise" and "detailed":
+agreement with the length rule (fewer characters = more concise) by the pair's length ratio, mean |p - 1/2|, and
+how many verdicts flip between the two instructions (all pairs; pairs >= 1.2x apart).
+
+    python examples/judge_check.py --judge /path/to/Qwen2.5-1.5B-Instruct [--split heldout]
     python examples/judge_check.py --judge DIR --mode pairwise --kinds length --limit 6
+    python examples/judge_check.py --policy /path/to/SmolLM2-135M-Instruct --pairs-out pairs.jsonl
+    python examples/judge_check.py --judge DIR --pairs-in examples/judge_check_policy_pairs.jsonl --mode fewshot3
 """
 import argparse
 import copy
