@@ -362,14 +362,15 @@ class PMINeutral(PMI):
         return [self.logp(f"{p}\n\n{d}", r) - self.logp(f"{p}\n\n{neutral}", r) for p, r in zip(prompts, responses)]
 
 
-class FewShot3PMI(FewShot3):
+class FewShot3PMI(FewShot3, PMINeutral):
     """fewshot3's log-odds + 0.2 x pmi_neutral's log-likelihood ratio (the weight picked on the 33 on-policy pairs
     >= 1.2x apart of judge_check_policy_pairs.jsonl: check it on fresh pairs)."""
     weight = 0.2
 
     def scores(self, prompts, responses):
         pmi = PMINeutral.scores(self, prompts, responses)
-        return [x + self.weight * y for x, y in zip(super().scores(prompts, responses), pmi)]
+        yes_no = oaif.LocalJudgeAnnotator.scores(self, prompts, responses)  # with fewshot3's ask
+        return [x + self.weight * y for x, y in zip(yes_no, pmi)]
 
 
 class Pairwise(oaif.LocalJudgeAnnotator):
