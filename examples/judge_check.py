@@ -38,8 +38,9 @@ oaif's judge (pointwise) or one of the alternatives it was measured against (REA
 
 On-policy mode (--policy DIR or --pairs-in F): the policy's own pairs, sampled as training samples them
 (oaif.sample_pairs: two responses per prompt, temperature 0.9, up to 192 tokens; the 40 default prompts, then
-again, --n-pairs 80, --seed 0; --pairs-out F saves them, --pairs-in F judges saved ones, and
-examples/judge_check_policy_pairs.jsonl holds SmolLM2-135M-Instruct's), judged under "concise" and "detailed":
+again, --n-pairs 80, --seed 0; --pairs-out F saves them, --pairs-in F judges saved ones, --min-ratio 1.2 only
+those >= 1.2x apart; examples/judge_check_policy_pairs.jsonl holds SmolLM2-135M-Instruct's from seed 0,
+judge_check_policy_pairs_seed1.jsonl a fresh draw from seed 1, never used to choose a design), judged under "concise" and "detailed":
 agreement with the length rule (fewer characters = more concise) by the pair's length ratio, mean |p - 1/2|, and
 how many verdicts flip between the two instructions (all pairs; pairs >= 1.2x apart).
 
@@ -482,6 +483,8 @@ def main():
     p.add_argument("--pairs-in", default="", help="on-policy mode: judge these saved pairs instead of sampling")
     p.add_argument("--n-pairs", type=int, default=80, help="on-policy pairs: the default prompts, then again")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-ratio", type=float, default=1.0,
+                   help="on-policy mode: judge only the pairs at least this far apart in length (characters)")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--out", default="", help="append one JSON line per instruction here")
@@ -494,6 +497,9 @@ def main():
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs)
     elif a.pairs_in:
         pairs = [json.loads(line) for line in open(a.pairs_in) if line.strip()]
+    if a.min_ratio > 1 and (a.policy or a.pairs_in):
+        lengths = [sorted((len(r["a"]), len(r["b"]))) for r in pairs]
+        pairs = [r for r, (short, long) in zip(pairs, lengths) if long >= a.min_ratio * max(1, short)]
     if not a.judge:
         if a.policy and a.pairs_out:
             return print(f"{len(pairs)} pairs saved to {a.pairs_out}")
