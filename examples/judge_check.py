@@ -163,6 +163,26 @@ FEWSHOT3 = [  # the property asked about, whatever the response's quality: bad a
 
 
 class FewShot3(oaif.LocalJudgeAnnotator):
+    """The change proposed for oaif.LocalJudgeAnnotator.ask, verbatim but for JUDGE_SHOTS = FEWSHOT3: the examples
+    as earlier turns (chat template) or earlier "Answer:" blocks (none), all in the shared, cached head."""
+
+    def ask(self, prompt: str, response: str) -> tuple:
+        """(The head every response shares, the rest): JUDGE_SHOTS as earlier turns, then this response's question."""
+        context, item = oaif.QUESTION[self.task]
+        rubric = "" if self.instruction else oaif.TEMPLATES[self.task] + "\n\n"  # the instruction alone decides
+        turn = lambda p, r, q: f"{context}:\n{p}\n\n{item}:\n{r}\n\n{q} Answer Yes or No."  # noqa: E731
+        shots, last = [(turn(p, r, q), a) for p, r, q, a in FEWSHOT3], rubric + turn(prompt, response, self.question)
+        if self.chat:
+            turns = [dict(role=w, content=c) for u, a in shots for w, c in (("user", u), ("assistant", a))]
+            text = self.tokenizer.apply_chat_template(turns + [dict(role="user", content=last)], tokenize=False,
+                                                      add_generation_prompt=True)
+        else:
+            text = "".join(f"{u}\nAnswer:\n{a}\n\n" for u, a in shots) + last + "\nAnswer:\n"
+        cut = text.rindex(last) + len(rubric) + len(f"{context}:\n")  # the head ends with this turn's "Conversation:\n"
+        return text[:cut], text[cut:]
+
+
+class FewShot3Measured(oaif.LocalJudgeAnnotator):  # the version the numbers were measured with (same text)
     def ask(self, prompt, response):
         return chat_ask(self, prompt, response, shots=FEWSHOT3)
 
