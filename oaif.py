@@ -146,13 +146,11 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
 
 
 def fused_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None) -> torch.Tensor:
-    """Per-token log_softmax(hidden @ weight.T / temperature)[label], exactly, without ever holding
-    the (tokens, vocab) logits: chunks of chunk_size rows (None: default_chunk_size), one float kept
-    per row (the logsumexp), each chunk's softmax computed again in the backward.
-
-    hidden: (..., H), float32, bf16 or fp16 (the matmuls run in it); weight: (V, H), the LM head
-    (it gets its gradient too); labels: (...) int64, -100 = ignore. Returns (...) float32, 0 where
-    ignored."""
+    """Per-token log_softmax(hidden @ weight.T / temperature)[label], exactly, never holding the
+    (tokens, vocab) logits: chunks of chunk_size rows (None: default_chunk_size), the logsumexp
+    kept per row, each chunk's softmax computed again in the backward. hidden: (..., H), float32,
+    bf16 or fp16 (the matmuls run in it); weight: (V, H), the LM head (it gets its gradient too);
+    labels: (...) int64, -100 = ignore. Returns (...) float32, 0 where ignored."""
     assert hidden.shape[:-1] == labels.shape, f"hidden {hidden.shape} vs labels {labels.shape}"
     assert weight.dim() == 2 and weight.shape[1] == hidden.shape[-1], "weight must be (V, H)"
     h2, l2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
@@ -172,9 +170,8 @@ def head_temperature(config) -> float:
 def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
     """log pi(y | x): (B,) float32, the sum of log p(token | prefix) over each row's response
     tokens, through the model's body and fused_logprobs (any HF causal LM with a plain LM head).
-
-    All three (B, T): the prompt left-padded, the response right-padded; attention_mask is 1 on real
-    tokens, response_mask 1 on the tokens to score (a response's EOS included)."""
+    All three (B, T), the prompt left-padded, the response right-padded: attention_mask is 1 on
+    real tokens, response_mask on the tokens to score (a response's EOS included)."""
     assert input_ids.shape == attention_mask.shape == response_mask.shape
     head = model.get_output_embeddings()
     if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
@@ -195,10 +192,9 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.
 
 
 # --------------------------------------------------------------------------------------------------
-# The three losses, side by side. Each takes (B,) log-probs of the chosen (y+) and rejected (y-)
-# responses under the policy and the reference, summed over response tokens, and returns (B,) losses
-# of h = [log pi(y+) - log ref(y+)] - [log pi(y-) - log ref(y-)]. label_p = P(y+ is better), a float
-# or (B,): 1.0 is the plain loss; below 1 it also pulls towards y-, with weight 1 - p (soft labels).
+# The three losses, side by side: (B,) losses of h = [log pi(y+) - log ref(y+)] - [log pi(y-) -
+# log ref(y-)], from (B,) log-probs summed over response tokens. label_p = P(y+ is better), float
+# or (B,): 1.0 is the plain loss; below 1 it also pulls towards y- with weight 1 - p (soft labels).
 
 
 def preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
@@ -271,10 +267,8 @@ def response_mask_after_eos(response_ids, eos_ids: list) -> torch.Tensor:
 def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id) -> torch.Tensor:
     """(B, R) ids that continue the left-padded (B, P) `ids`, drawn from softmax(logits /
     temperature) (0: greedy), padded after each row's EOS; FloatingPointError if it is not finite.
-
-    Not `generate`: a checkpoint's generation_config (Qwen2.5's repetition_penalty 1.05) would
-    change the policy's own samples. The draw is an inverse CDF in float64: exact, and on a CPU
-    much faster than multinomial over a 50k vocabulary."""
+    Not `generate`: a checkpoint's generation_config (Qwen2.5's repetition_penalty) would change
+    the policy's own samples. The draw, an inverse CDF in float64, beats multinomial on a CPU."""
     from transformers import StaticCache
 
     B, P = ids.shape
@@ -346,9 +340,8 @@ ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "
 
 def both_orders(judge: Callable, prompts: list, first: list, second: list, stats=None) -> list:
     """Cancel a judge's position bias: p = (v(x, a, b) + 1 - v(x, b, a)) / 2, the verdict asked in
-    both orders. A judge that always names the first response gives 1/2 for every pair: ties.
-    stats, if given, adds over the pairs with both verdicts: order_pairs, first_sum (the raw
-    P(first)), order_agree (the two orders picked the same response)."""
+    both orders; a judge that always names the first response gives 1/2 (ties). stats, if given,
+    adds order_pairs, first_sum (the raw P(first)) and order_agree (both orders picked alike)."""
     n = len(prompts)
     # One call asks both orders: its second half is every pair swapped.
     v = judge(prompts + prompts, first + second, second + first)
@@ -373,8 +366,7 @@ def longer(prompts: list, first: list, second: list) -> list:
     return [0.5 if len(a) == len(b) else float(len(a) > len(b)) for a, b in zip(first, second)]
 
 
-# The paper's annotator prompts in RLAIF's "detailed 0-shot" style: a preamble, the context, the
-# two responses, and the verdict last.
+# The paper's annotator prompts, RLAIF's "detailed 0-shot": a preamble, the pair, the verdict last.
 TEMPLATES = {
     "tldr": "A good summary is a shorter piece of text that has the essence of the original. It "
     "tries to accomplish the same purpose and conveys the key information from the original post. "
@@ -427,8 +419,6 @@ class ClaudeAnnotator:
     SDK's retries do not heal is no verdict; one that cannot heal (400, 401, 403, 404, 422) raises
     OAIFError, and the run stops."""
 
-    PRICE_PER_MTOK = {"claude-haiku-4-5": (1.0, 5.0)}  # USD per million input, output tokens
-
     def __init__(
         self, model="claude-haiku-4-5", task="helpful", instruction="", client=None, max_workers=16
     ):
@@ -478,11 +468,6 @@ class ClaudeAnnotator:
     def __call__(self, prompts: list, first: list, second: list) -> list:
         return both_orders(self.judge, prompts, first, second, self.stats)
 
-    def cost(self, stats=None) -> Optional[float]:
-        """USD for the tokens in stats (default: this annotator's), where the price is known."""
-        price, s = self.PRICE_PER_MTOK.get(self.model), stats or self.stats
-        return price and (s["input_tokens"] * price[0] + s["output_tokens"] * price[1]) / 1e6
-
 
 # "Prefer the more concise response." -> "concise response": an article, words that name the
 # response, at most a relative clause ("the response that answers the question"). Nothing else.
@@ -493,14 +478,31 @@ CRITERION = re.compile(
 
 
 def judge_question(task: str, instruction: str) -> str:
-    """The criterion as a yes/no question about one response, which small judges follow: "Prefer the
-    more concise response." -> "Is this a concise response?"; no instruction: the task's quality.
-    An instruction of another form is asked as itself, never garbled ("Prefer more detail.")."""
+    """The criterion as a yes/no question about one response: "Prefer the more concise response."
+    -> "Is this a concise response?"; no instruction: the task's quality; another form: as is."""
     instruction = " ".join(instruction.split())
     m = CRITERION.fullmatch(instruction or f"Prefer a good {QUESTION[task][1].lower()}.")
     if not m:
         return f"Does it follow the instruction: {instruction}"
     return f"Is this {'an' if m.group(1)[0] in 'aeiouAEIOU' else 'a'} {m.group(1)}?"
+
+
+# Yes/no examples the local judge reads first, each answered against the response's quality (a
+# wrong answer in French is "in French"): then it answers about the property, not about goodness.
+JUDGE_SHOTS = {
+    "Is this a response written in French?": [
+        ("What is the capital of Italy?", "La capitale de l'Italie est Paris, bien sûr.", "Yes"),
+        ("Say hello in French.", 'In French you say "bonjour", and "salut" among friends.', "No"),
+    ],
+    "Is this a response that mentions a colour?": [
+        ("Describe the sea.", "My favourite sandwich is cheese with a slice of red tomato.", "Yes"),
+        ("Describe the sea.", "The sea is vast and restless, its waves breaking on rocks.", "No"),
+    ],
+    "Is this a formal response?": [
+        ("Can you help with my homework?", "Certainly, Madam. I regret I cannot assist.", "Yes"),
+        ("How do rates affect prices?", "sure! rates go up, folks spend less, prices cool", "No"),
+    ],
+}
 
 
 class LocalJudgeAnnotator:
@@ -532,16 +534,30 @@ class LocalJudgeAnnotator:
         full = self.tokenizer.apply_chat_template(turns, tokenize=False)
         return full[len(prompt) :] if full.startswith(prompt) else word
 
-    def ask(self, prompt: str, response: str) -> tuple:
-        """The judge's input about one response, up to its answer: (the shared head, the rest)."""
+    def turn(self, prompt: str, response: str, question: str) -> str:
         context, item = QUESTION[self.task]
+        return f"{context}:\n{prompt}\n\n{item}:\n{response}\n\n{question} Answer Yes or No."
+
+    def ask(self, prompt: str, response: str) -> tuple:
+        """The judge's input about one response, up to its answer: (the shared head, the rest).
+        JUDGE_SHOTS come first, as earlier turns."""
+        shots = [(self.turn(p, r, q), a) for q, rows in JUDGE_SHOTS.items() for p, r, a in rows]
         # With an instruction, the instruction alone decides what "better" means.
         rubric = "" if self.instruction else TEMPLATES[self.task] + "\n\n"
-        question = f"{self.question} Answer Yes or No."
-        text = f"{rubric}{context}:\n{prompt}\n\n{item}:\n{response}\n\n{question}"
-        text = user_turn(self.tokenizer, text) if self.chat else text + "\nAnswer:\n"
-        before, label, rest = text.partition(f"{context}:\n")
-        return before + label, rest
+        last = rubric + self.turn(prompt, response, self.question)
+        if self.chat:
+            turns = []
+            for u, a in shots:
+                turns += [dict(role="user", content=u), dict(role="assistant", content=a)]
+            turns.append(dict(role="user", content=last))
+            text = self.tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = "".join(f"{u}\nAnswer:\n{a}\n\n" for u, a in shots) + last + "\nAnswer:\n"
+        # The head (cached, the same for every response) ends with this turn's "Conversation:\n".
+        cut = text.rindex(last) + len(rubric) + len(QUESTION[self.task][0]) + 2
+        return text[:cut], text[cut:]
 
     @torch.inference_mode()
     def scores(self, prompts: list, responses: list) -> list:
@@ -584,9 +600,8 @@ class LocalJudgeAnnotator:
 
 
 class RewardModelAnnotator:
-    """A reward model (AutoModelForSequenceClassification, one logit, as TRL trains them) scores
-    each response once, as a user and an assistant turn of its chat template (with none:
-    "prompt\\n\\nresponse"); P(first is better) = sigmoid(r1 - r2). It reads no instruction."""
+    """A reward model (a sequence classifier with one logit, as TRL trains them) scores each
+    response once as a chat's two turns; P(first is better) = sigmoid(r1 - r2). No instruction."""
 
     def __init__(self, model, tokenizer):
         if model.config.num_labels != 1:
@@ -633,10 +648,8 @@ def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
 
 
 class Wiring:
-    """How oaif_step reaches its models: fn(model, *args) for sampling (no gradients), the policy's
-    scoring pass (gradients flow back through it) and the reference's; and sums over ranks. Alone,
-    this class calls the models directly; train() passes its Distributed subclass (Part 2), which
-    sends the same calls through DDP, FSDP2 or LoRA."""
+    """How oaif_step reaches its models, fn(model, *args), and sums over ranks. This class calls
+    them directly; train() passes Distributed (Part 2): the same calls through DDP, FSDP2, LoRA."""
 
     world = 1  # processes training together (ranks)
 
@@ -798,6 +811,7 @@ FREE_ON_RESUME |= {"eval_annotator_model"}
 # Counters summed over steps and ranks: an LLM judge's health (as ANNOTATOR_STATS), the totals.
 HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
 TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")
+PRICE_PER_MTOK = {"claude-haiku-4-5": (1.0, 5.0)}  # Claude: USD per million input, output tokens
 
 # The built-in prompts, one sentence each.
 DEFAULT_PROMPTS = re.split(
@@ -839,8 +853,7 @@ def parse_args(argv: Optional[list] = None) -> Config:
 
 def load_model(name: str, device, auto="AutoModelForCausalLM", dtype=torch.float32) -> tuple:
     """(model, tokenizer) from a hub id or a folder, ready to sample: a pad token, left padding,
-    eval mode. auto: the class (a reward model's logits go unchecked). A policy trains in float32
-    (bf16 would round AdamW's small steps away); a judge may run in bf16."""
+    eval mode. A policy trains in float32: bf16 would round AdamW's small steps away."""
     import transformers
 
     # One progress bar per run is enough: ours.
@@ -884,8 +897,7 @@ def check_logprobs(model, tolerance: float = 1e-3) -> None:
 
 
 def judge_dtype(device) -> torch.dtype:
-    """bf16 where its matmuls beat float32: CUDA where supported; a CPU by timing one (with AMX or
-    AVX512-BF16 ~4x faster; without, far slower)."""
+    """bf16 where its matmuls beat float32: CUDA where supported; a CPU by timing one each way."""
     # Its own generator: the run's random stream is left alone.
     a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
     timed = [timeit.repeat(lambda x=x: x @ x.T, number=4, repeat=3) for x in (a, a.bfloat16())]
@@ -936,8 +948,7 @@ def make_annotators(cfg: Config, config: dict, custom, ref_model, tokenizer) -> 
 
 
 def read_lines(path: str, what: str, keys=(), expected="", ok: Callable = lambda row: True) -> list:
-    """Non-blank lines, stripped; with `keys`, (line number, each JSON line's values at them),
-    each checked by ok()."""
+    """Non-blank lines, stripped; with keys, (line number, each JSON line's values) if ok()."""
     if not os.path.isfile(path):
         raise OAIFError(f"{what} not found: {path}")
     try:
@@ -975,8 +986,7 @@ def load_prompts(path: str) -> list:
 
 def load_offline_pairs(path: str, tokenizer, end_id: int, context: Optional[int] = None) -> list:
     """A .jsonl of prompt/chosen/rejected -> [(prompt, prompt ids, chosen ids, rejected ids, 1.0,
-    texts)], each response ended by `end_id` as a sampled one is. A prompt with its longer response
-    over `context` tokens is refused, naming the file and line."""
+    texts)], each response ended by `end_id` as a sampled one is; over `context`: refused."""
     keys = ("prompt", "chosen", "rejected")
     expected = 'non-empty "prompt", "chosen" and "rejected" strings'
     texts = lambda row: all(isinstance(s, str) and s.strip() for s in row)  # noqa: E731
@@ -1014,9 +1024,8 @@ def offline_batch(rows: list, pad_id: int, device) -> tuple:
 
 
 def turn_end(tokenizer, generation_config) -> int:
-    """The token that ends an assistant turn: the special token the chat template puts after a
-    reply (Gemma's <end_of_turn>, ChatML's <|im_end|>), else generation_config's first EOS, else
-    the tokenizer's."""
+    """The token that ends an assistant turn: the special one the chat template puts after a reply
+    (Gemma's <end_of_turn>, ChatML's <|im_end|>), else generation_config's first EOS, or EOS."""
     reply = [dict(role="user", content="x"), dict(role="assistant", content="\x00")]
     try:
         text = tokenizer.apply_chat_template(reply, tokenize=False).partition("\x00")[2]
@@ -1065,8 +1074,7 @@ def step_slice(items: list, step: int, batch_size: int, rank: int = 0, world: in
 
 
 def check_numbers(cfg: Config) -> None:
-    """Every number in range before anything loads: one clear line, not a traceback or a run that
-    does nothing."""
+    """Every number in range before anything loads: one clear line, not a traceback later."""
     positive = {"steps", "batch_size", "max_new_tokens", "annotator_workers", "max_grad_norm"}
     positive |= {"beta"} | ({"eval_prompts"} if cfg.eval_every > 0 else set())
     positive |= {"lora_alpha"} if cfg.lora_rank else set()
@@ -1095,9 +1103,8 @@ def check_numbers(cfg: Config) -> None:
 
 
 def setup_run(cfg: Config, custom_annotator) -> tuple:
-    """Checks that need no model, then the ranks, the device and the seeds -> (cfg with its output
-    folder, rank, world, device, the run's config: the flags, beta, the annotator's name and the
-    data files' digests)."""
+    """Checks that need no model, then the ranks, device and seeds -> (cfg, rank, world, device,
+    the run's config: the flags, beta, the annotator's name, the data files' digests)."""
     check_numbers(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     # --resume without --output-dir: the newest run that has a checkpoint.
@@ -1238,8 +1245,7 @@ def finite_weights(model_or_tensors) -> bool:
 
 
 def save_model(model, tokenizer, path: str, state_dict: Optional[dict] = None) -> None:
-    """save_pretrained of the policy (with peft: its adapter; FSDP: the gathered state_dict) and the
-    tokenizer, if the weights are finite."""
+    """save_pretrained of a finite policy (peft: its adapter; FSDP: state_dict) and tokenizer."""
     if not finite_weights(model if state_dict is None else state_dict.values()):
         raise OAIFError(f"refusing to save non-finite (inf/nan) weights to {path}")
     model.save_pretrained(path, state_dict=state_dict)
@@ -1258,9 +1264,8 @@ def gathered_state(module, optimizer=None) -> dict:
 
 
 def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, config, fixed) -> None:
-    """OUTPUT_DIR/checkpoint-STEP, written under a temporary name, then renamed; trainer_state.pt
-    last marks it complete. config: the run's flags (resume compares them); fixed: --offline's
-    labelled set, kept so that a resume never labels it again."""
+    """OUTPUT_DIR/checkpoint-STEP, written under a temporary name, then renamed; trainer_state.pt,
+    last, marks it complete. It keeps --offline's labelled set: a resume never labels it again."""
     rank, world = rank_and_world()
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(cfg.output_dir, f".tmp-checkpoint-{step}")
@@ -1300,9 +1305,8 @@ def complete_checkpoints(out_dir: str) -> list:
 
 
 def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
-    """-> (the last step done, its records, metrics.jsonl open on rank 0). A resume restores the
-    optimizer, the random streams, the annotator's stats and the metrics up to its step; a fresh
-    run first deletes a previous run's files (setup_run let them through only with --overwrite)."""
+    """-> (the last step done, its records, metrics.jsonl open on rank 0), restoring what a resume
+    needs; a fresh run first deletes a previous run's files (only --overwrite lets some in)."""
     rank, world = rank_and_world()
     out_dir, seed = cfg.output_dir, cfg.seed
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -1379,8 +1383,7 @@ def all_sum(values: dict, device) -> dict:
 
 
 class _Scorer(torch.nn.Module):
-    """Runs fn(model, *args) as its forward: the place where DDP synchronises gradients and FSDP
-    gathers shards."""
+    """fn(model, *args) as its forward: where DDP syncs gradients and FSDP gathers shards."""
 
     def __init__(self, model):
         super().__init__()
@@ -1400,8 +1403,7 @@ class _Scorer(torch.nn.Module):
                 m.eval()
 
     def shard(self) -> None:
-        """FSDP2: each transformer block its own unit; the rest (embeddings, final norm, LM head)
-        the root's."""
+        """FSDP2: each transformer block its own unit; the rest (embeddings, LM head) the root's."""
         from torch.distributed.fsdp import fully_shard
 
         blocks = getattr(self.model, "_no_split_modules", None) or []
@@ -1412,8 +1414,7 @@ class _Scorer(torch.nn.Module):
 
     @torch.no_grad()
     def gathered(self, fn: Callable, *args):
-        """fn(model, *args) in this FSDP root's forward, each unit gathered once for the whole call
-        (not once per decoded token)."""
+        """fn(model, *args) in the FSDP root's forward, each unit gathered once, not per token."""
         from torch.distributed.fsdp import FSDPModule
 
         units = [m for m in self.modules() if isinstance(m, FSDPModule)]
@@ -1428,9 +1429,8 @@ class _Scorer(torch.nn.Module):
 
 
 class Distributed(Wiring):
-    """oaif_step's models across ranks (Part 1's Wiring): the policy's passes go through _Scorer,
-    DDP-wrapped (which syncs the gradients in backward) or FSDP2-sharded (which gathers each block
-    as it runs); LoRA's reference is the policy's own base model with the adapter switched off."""
+    """Part 1's Wiring across ranks: the policy's passes through _Scorer, DDP-wrapped or FSDP2-
+    sharded; with LoRA, the reference is the policy's base model with the adapter switched off."""
 
     def __init__(self, policy, ref_model, base: Callable, fsdp: bool, world: int, device, dropout):
         super().__init__(policy, ref_model)
@@ -1546,8 +1546,7 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
 
 def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotator) -> tuple:
     """What comes from the initial model: (the offline set [(prompt, prompt ids, first ids, second
-    ids, P(first), texts)] or None, how many --offline-data pairs are held out, the reference's
-    answers for the evaluation or None). --offline's set is labelled once, on rank 0."""
+    ids, P(first), texts)] or None, --offline-data pairs held out, the evaluation's answers)."""
     rank, world = rank_and_world()
     fixed, held_out, answers = None, 0, None  # online, no --offline-data, no evaluation
     if cfg.offline_data:
@@ -1648,8 +1647,7 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
 
 
 def judge_health(s: dict) -> dict:
-    """position_bias, order_agreement and judge_confidence (the README says what each means) from
-    the HEALTH sums; each absent where its count is 0."""
+    """position_bias, order_agreement, judge_confidence from HEALTH sums; absent where undefined."""
     health = {}
     n, m = s.get("order_pairs", 0), s.get("verdicts", 0)
     if n:
@@ -1683,7 +1681,7 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         bar.write(f"step {step} | {shown}")
 
 
-def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, cost, model_state) -> None:
+def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, model_state) -> None:
     """Save the policy, its tokenizer and the run's config; print the run's one-line summary."""
     save_model(policy, tokenizer, cfg.output_dir, model_state)
     with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
@@ -1697,7 +1695,12 @@ def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, cost, mo
         line += f"without verdict, {s['input_tokens']} in / {s['output_tokens']} out tokens"
     for k in ("position_bias", "order_agreement", "judge_confidence"):
         line += f", {k.replace('_', ' ')} {s[k]:.3f}" if k in s else ""
-    line += f", about ${cost:.2f}" if cost else ""
+    # What Claude cost, where its price is known.
+    price = PRICE_PER_MTOK.get(cfg.annotator_model) if config["annotator"] == "claude" else None
+    if price:
+        line += (
+            f", about ${(s['input_tokens'] * price[0] + s['output_tokens'] * price[1]) / 1e6:.2f}"
+        )
     print(f"{line}; saved to {cfg.output_dir}", file=sys.stderr)
 
 
@@ -1777,8 +1780,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     model_state = gathered_state(policy) if cfg.fsdp else None
     if rank == 0:
         log.close()
-        cost = annotator.cost(summary) if hasattr(annotator, "cost") else None
-        finish(cfg, saved, tokenizer, config, summary, cost, model_state)
+        finish(cfg, saved, tokenizer, config, summary, model_state)
     if world > 1:
         # Every rank is done before any tears its process group down.
         barrier()

@@ -2169,6 +2169,7 @@ LOCAL_JUDGE = [
     "head_temperature",
     "OAIFError",
     "ANNOTATOR_STATS",
+    "JUDGE_SHOTS",
 ]
 CLAUDE = ["ClaudeAnnotator", "both_orders", "OAIFError", "ANNOTATOR_STATS", *PROMPT]
 STEP = [
