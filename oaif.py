@@ -4,10 +4,10 @@ that it samples itself, labelled on the spot by an LLM annotator.
 Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback", arXiv 2402.04792.
 The losses: DPO arXiv 2305.18290, IPO 2310.12036, SLiC-HF 2305.10425 (its hinge as RSO, 2309.06657).
 
-Algorithm 1, each step (`oaif_step`): sample two responses per prompt from the *current* policy; the
-annotator says which is better; one gradient step of a direct-alignment loss against the frozen
-initial model (the reference). Part 1 below is the method; Part 2 runs it for real around
-`oaif_step` (flags, loading, guards, checkpoints, DDP/FSDP2/LoRA, evaluation).
+Algorithm 1 is `oaif_step`, at the end of Part 1 (read it first): 1) sample two responses per
+prompt from the *current* policy (`sample_pairs`); 2) the annotator says which is better
+(`both_orders`, `ClaudeAnnotator`, `LocalJudgeAnnotator`); 3) the policy's and the frozen initial
+model's log-probs (`sequence_logprobs`); 4) a DPO, IPO or SLiC step. Part 2 runs it for real.
 
 Run:    python oaif.py --model gpt2 --steps 100
         python oaif.py --model gpt2 --annotator claude --instruction "Prefer the concise response."
@@ -64,7 +64,7 @@ def _labelled_rows(hidden, weight, labels, temperature: float) -> tuple:
 
 
 class _FusedLogprobs(torch.autograd.Function):
-    """log_softmax(h @ W.T / T).gather(labels), computed chunk by chunk: all the rest is memory.
+    """log_softmax(h @ W.T / T).gather(labels), chunk by chunk: the chunks only save memory.
     In float32 a chunk's logits are (V, C), worked on in place; in bf16 and fp16 they are (C, V),
     for PyTorch's fused softmax kernels (float32 inside)."""
 
@@ -72,7 +72,7 @@ class _FusedLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, temperature, chunk_size):
         rows, h, head = _labelled_rows(hidden, weight, labels, temperature)
         lab, V = labels[rows], weight.shape[0]
-        # Per row: the answer, and the one float the backward keeps (the logsumexp).
+        # Per row: the answer, and the logsumexp (the one float the float32 backward keeps).
         logp = torch.empty(len(rows), dtype=torch.float32, device=h.device)
         lse = torch.empty_like(logp)
         for s in range(0, len(rows), chunk_size):
@@ -107,8 +107,8 @@ class _FusedLogprobs(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = torch.zeros(head.shape, dtype=torch.float32, device=head.device)
-        # d logp / d logits = onehot(label) - P, so grad_h = g (w[label] - P @ w) / T and
-        # grad_w = onehot.T @ (g h) - P.T @ (g h). The onehot is never built.
+        # d logp / d logits = onehot(label) - P, so with h = hidden / T: grad_h = g (w[label] -
+        # P @ w) / T and grad_w = onehot.T @ (g h) - P.T @ (g h). The onehot is never built.
         for s in range(0, len(rows), C):
             c = slice(s, s + C)
             gh = (g[c, None] * h[c].float()).to(h.dtype)  # (C, H)
@@ -714,7 +714,7 @@ def oaif_step(
         probs, out["annotate_s"] = judged.result() if judged else (pairs["probs"], 0.0)
     out["annotate_wait_s"] = time.perf_counter() - waited
     # 4) Rows 2i, 2i + 1 hold prompt i's pair: its verdict names the chosen (y+), the rejected (y-).
-    # A pair triage drops (a tie, no verdict, a hedge) gets p = 1/2, which no used verdict is near.
+    # A pair triage drops (a tie, no verdict, a hedge) weighs 0; max(p, 1 - p) is P(y+ is better).
     used, out["counts"] = triage(probs, cfg.min_confidence)
     p = torch.tensor([0.5 if v is None else v for v in used], device=logps.device)
     first_wins, usable = p > 0.5, (p != 0.5).float()
@@ -1092,9 +1092,7 @@ def check_numbers(cfg: Config) -> None:
         raise OAIFError("--lora-dropout must be below 1; --lora-rank and --fsdp do not go together")
     # --offline-data samples only the evaluation's answers.
     if cfg.temperature == 0 and not cfg.offline_data:
-        raise OAIFError(
-            "--temperature 0: greedy, both responses would be one (--offline-data only)"
-        )
+        raise OAIFError("--temperature 0 is greedy: two equal responses (only with --offline-data)")
     choices = dict(loss=LOSSES, dtype=("float32", "bfloat16"), labels=("hard", "soft"))
     choices.update(task=TEMPLATES, device=("auto", "cpu", "cuda"))
     for name, allowed in choices.items():
