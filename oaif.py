@@ -462,7 +462,6 @@ class ClaudeAnnotator:
         return verdict
 
     def judge(self, prompts: list, first: list, second: list) -> list:
-        """Raw verdicts, in the order given."""
         return list(self.pool.map(self._one, prompts, first, second))
 
     def __call__(self, prompts: list, first: list, second: list) -> list:
@@ -523,16 +522,18 @@ class LocalJudgeAnnotator:
         n = len(tokenizer(text, add_special_tokens=False).input_ids)
         after = [tokenizer(text + self.reply(w), add_special_tokens=False) for w in ("Yes", "No")]
         self.words = [enc.input_ids[n] for enc in after]
+        if self.words[0] == self.words[1]:
+            raise OAIFError(
+                "the judge's Yes and No begin with one token: its scores would all be 0"
+            )
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
 
     def reply(self, word: str) -> str:
-        """`word` as the chat template writes it after its generation prompt (Llama-2: " Yes")."""
-        if not self.chat:
-            return word
+        """`word` as the chat template writes a reply (Llama-2: " Yes"), bar "<think></think>"."""
         turns = [dict(role="user", content="x"), dict(role="assistant", content=word)]
-        prompt = user_turn(self.tokenizer, "x")
-        full = self.tokenizer.apply_chat_template(turns, tokenize=False)
-        return full[len(prompt) :] if full.startswith(prompt) else word
+        full = self.tokenizer.apply_chat_template(turns, tokenize=False) if self.chat else word
+        rest = full.removeprefix(user_turn(self.tokenizer, "x") if self.chat else "")
+        return rest if rest.lstrip().startswith(word) else word
 
     def turn(self, prompt: str, response: str, question: str) -> str:
         context, item = QUESTION[self.task]
@@ -1105,12 +1106,11 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
     the run's config: the flags, beta, the annotator's name, the data files' digests)."""
     check_numbers(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    # --resume without --output-dir: the newest run that has a checkpoint.
+    # --resume without --output-dir: the newest run (refused below if it has no checkpoint).
     if cfg.resume and not cfg.output_dir:
-        done = [p for p in run_folders("oaif-out") if complete_checkpoints(p)]
-        if not done:
-            raise OAIFError("--resume: no run in oaif-out has a checkpoint; give --output-dir")
-        cfg = dataclasses.replace(cfg, output_dir=done[-1])
+        cfg = dataclasses.replace(cfg, output_dir=(run_folders("oaif-out") or ["oaif-out"])[-1])
+        if rank == 0:
+            print(f"oaif: resuming {cfg.output_dir}", file=sys.stderr)
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
     if custom_annotator is not None:
         spec = getattr(custom_annotator, "__name__", "custom")
@@ -1188,6 +1188,9 @@ def check_output_dir(cfg: Config, config: dict) -> None:
     """A folder that holds a run is never written over unless --resume (same flags) or --overwrite
     (which never deletes --model itself)."""
     out = cfg.output_dir
+    # No --output-dir: a new folder, made when the run starts.
+    if not out:
+        return
     if os.path.isfile(out):
         raise OAIFError(f"--output-dir {out} is a file, not a folder")
     names = os.listdir(out) if os.path.isdir(out) else []
@@ -1336,11 +1339,9 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     if rank == 0 and len(saved) != world:
-        print(
-            f"oaif: {resume_from} was saved on {len(saved)} rank(s), resumed on {world}: a rank "
-            "without saved random state samples from a seed of (--seed, rank, step)",
-            file=sys.stderr,
-        )
+        note = f"oaif: {resume_from} was saved on {len(saved)} rank(s), resumed on {world}: a rank"
+        note += " without saved random state samples from a seed of (--seed, rank, step)"
+        print(note, file=sys.stderr)
     # Each step once, also after a crash past the checkpoint.
     kept = []
     if os.path.exists(metrics_path):
@@ -1555,11 +1556,8 @@ def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotat
             raise OAIFError(f"{cfg.offline_data}: every pair's prompt is held out for evaluation")
         held_out = len(pairs) - len(fixed)
         if held_out and rank == 0:
-            print(
-                f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are "
-                "held out for evaluation",
-                file=sys.stderr,
-            )
+            note = f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are"
+            print(f"{note} held out for evaluation", file=sys.stderr)
     elif cfg.offline and cfg.resume:
         # Labelled once, before step 1, and kept: never labelled (nor paid for) twice.
         last = complete_checkpoints(cfg.output_dir)[-1]
@@ -1679,7 +1677,7 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         bar.write(f"step {step} | {shown}")
 
 
-def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, model_state) -> None:
+def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, model_state, annotator):
     """Save the policy, its tokenizer and the run's config; print the run's one-line summary."""
     save_model(policy, tokenizer, cfg.output_dir, model_state)
     with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
@@ -1694,7 +1692,7 @@ def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, model_st
     for k in ("position_bias", "order_agreement", "judge_confidence"):
         line += f", {k.replace('_', ' ')} {s[k]:.3f}" if k in s else ""
     # What Claude cost, where its price is known.
-    price = PRICE_PER_MTOK.get(cfg.annotator_model) if config["annotator"] == "claude" else None
+    price = PRICE_PER_MTOK.get(annotator.model) if isinstance(annotator, ClaudeAnnotator) else None
     if price:
         line += (
             f", about ${(s['input_tokens'] * price[0] + s['output_tokens'] * price[1]) / 1e6:.2f}"
@@ -1778,7 +1776,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     model_state = gathered_state(policy) if cfg.fsdp else None
     if rank == 0:
         log.close()
-        finish(cfg, saved, tokenizer, config, summary, model_state)
+        finish(cfg, saved, tokenizer, config, summary, model_state, annotator)
     if world > 1:
         # Every rank is done before any tears its process group down.
         barrier()

@@ -2479,3 +2479,50 @@ def test_scoring_passes_keep_no_kv_cache(model_tok):
     ids = torch.tensor([[5, 6, 7, 8]])
     oaif.sequence_logprobs(model, ids, torch.ones_like(ids), torch.ones_like(ids))
     assert seen == [False]
+
+
+def test_local_judge_reads_the_answer_after_a_thinking_template(model_tok, monkeypatch):
+    model, tok = model_tok
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    # Qwen3's way: the reply is written after an empty thinking block, the prompt ends before it
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'user' %}<u>{{ m.content }}\n{% else %}<a>"
+        "<think>\n\n</think>\n\n{{ m.content }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    model.resize_token_embeddings(len(tok))
+    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+    text = "".join(judge.ask("Why?", "Because."))
+    n = len(tok(text, add_special_tokens=False).input_ids)
+    expected = [tok(text + w, add_special_tokens=False).input_ids[n] for w in ("Yes", "No")]
+    assert judge.words == expected and "<think>" not in tok.convert_ids_to_tokens(judge.words)
+    # a judge whose Yes and No begin alike would score every response 0: refused
+    monkeypatch.setattr(oaif.LocalJudgeAnnotator, "reply", lambda self, word: "<think>" + word)
+    with pytest.raises(oaif.OAIFError, match="one token"):
+        oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+
+
+def test_resume_without_output_dir_never_takes_an_older_run(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(tiny, "unused", "--steps", "2", "--save-every", "1")
+    argv = argv[:2] + argv[4:]  # no --output-dir
+    oaif.main(argv)  # run-1, with checkpoints
+    oaif.main(argv[:-2])  # run-2, none
+    before = (tmp_path / "oaif-out" / "run-1" / "metrics.jsonl").read_text()
+    assert "run-2" in bad_run(argv + ["--resume", "--steps", "4"], capsys)
+    assert (tmp_path / "oaif-out" / "run-1" / "metrics.jsonl").read_text() == before
+
+
+def test_claude_passed_to_train_has_its_cost_in_the_summary(api, tiny, tmp_path, capsys):
+    claude = oaif.ClaudeAnnotator(client=api().client())
+    oaif.train(oaif.parse_args(run_args(tiny, tmp_path, "--steps", "1")), annotator=claude)
+    assert "about $" in capsys.readouterr().err
+
+
+def test_overwrite_without_output_dir_and_the_model_here(tiny, tmp_path, monkeypatch):
+    shutil.copytree(tiny, tmp_path / "model")
+    monkeypatch.chdir(tmp_path / "model")
+    argv = run_args(".", "unused", "--steps", "1", "--overwrite")
+    oaif.main(argv[:2] + argv[4:])  # a new folder: nothing of the model's is deleted
+    assert (tmp_path / "model" / "oaif-out" / "run-1" / "metrics.jsonl").exists()
+    assert (tmp_path / "model" / "config.json").exists()
