@@ -128,19 +128,7 @@ FEWSHOT = [
 
 class FewShot(oaif.LocalJudgeAnnotator):
     def ask(self, prompt, response):
-        turns = []
-        for p, r, q, a in FEWSHOT + [(prompt, response, self.question, None)]:
-            turns.append(
-                dict(
-                    role="user",
-                    content=f"Conversation:\n{p}\n\nResponse:\n{r}\n\n{q} Answer Yes or No.",
-                )
-            )
-            turns += [dict(role="assistant", content=a)] if a else []
-        text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        # The examples are part of the shared head.
-        before, label, rest = text.rpartition("Conversation:\n")
-        return before + label, rest
+        return chat_ask(self, prompt, response, shots=FEWSHOT)
 
 
 def chat_ask(judge, prompt, response, system="", before="", shots=()):
