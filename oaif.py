@@ -1108,7 +1108,9 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     # --resume without --output-dir: the newest run (refused below if it has no checkpoint).
     if cfg.resume and not cfg.output_dir:
-        cfg = dataclasses.replace(cfg, output_dir=(run_folders("oaif-out") or ["oaif-out"])[-1])
+        last = run_numbers("oaif-out")[-1:]
+        out = os.path.join("oaif-out", f"run-{last[0]}") if last else "oaif-out"
+        cfg = dataclasses.replace(cfg, output_dir=out)
         if rank == 0:
             print(f"oaif: resuming {cfg.output_dir}", file=sys.stderr)
     spec = cfg.annotator or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "shorter")
@@ -1160,11 +1162,10 @@ def digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def run_folders(root: str) -> list:
-    """The ROOT/run-N folders, by N."""
+def run_numbers(root: str) -> list:
+    """N of each ROOT/run-N folder, in order."""
     names = os.listdir(root) if os.path.isdir(root) else []
-    numbers = sorted(int(n[4:]) for n in names if re.fullmatch(r"run-\d+", n))
-    return [os.path.join(root, f"run-{n}") for n in numbers]
+    return sorted(int(n[4:]) for n in names if re.fullmatch(r"run-\d+", n))
 
 
 def new_run_folder(root: str) -> str:
@@ -1172,8 +1173,7 @@ def new_run_folder(root: str) -> str:
     together never share one) and announced; every rank gets its name."""
     rank, world = rank_and_world()
     while rank == 0:
-        last = run_folders(root)[-1:]
-        path = os.path.join(root, f"run-{int(last[0].rsplit('-', 1)[1]) + 1 if last else 1}")
+        path = os.path.join(root, f"run-{max(run_numbers(root), default=0) + 1}")
         with contextlib.suppress(FileExistsError):
             os.makedirs(path)
             print(f"oaif: output: {path}", file=sys.stderr)
