@@ -8,8 +8,10 @@ Algorithm 1 is `oaif_step`, at the end of Part 1 (read it first): 1) sample two 
 prompt from the *current* policy (`sample_pairs`); 2) the annotator says which is better
 (`both_orders`, `ClaudeAnnotator`, `LocalJudgeAnnotator`); 3) the policy's and the frozen initial
 model's log-probs (`sequence_logprobs`); 4) a DPO, IPO or SLiC step. Part 2 runs it for real.
+Online is the point: the labels are about the policy's own current samples, where offline DPO's
+pairs come from another model and go stale as the policy moves away from it.
 
-Run:    python oaif.py --model gpt2 --steps 100
+Run:    python oaif.py --model gpt2 --steps 100     (no API key: the `shorter` rule labels)
         python oaif.py --model gpt2 --annotator claude --instruction "Prefer the concise response."
         torchrun --nproc_per_node 2 oaif.py --model gpt2 --steps 100    (data parallel)
 Test:   python -m pytest -q test_oaif.py
@@ -366,7 +368,7 @@ def longer(prompts: list, first: list, second: list) -> list:
     return [0.5 if len(a) == len(b) else float(len(a) > len(b)) for a, b in zip(first, second)]
 
 
-# The paper's annotator prompts, RLAIF's "detailed 0-shot": a preamble, the pair, the verdict last.
+# After the paper's annotator prompts (RLAIF's "detailed 0-shot"): preamble, pair, verdict last.
 TEMPLATES = {
     "tldr": "A good summary is a shorter piece of text that has the essence of the original. It "
     "tries to accomplish the same purpose and conveys the key information from the original post. "
@@ -379,13 +381,13 @@ TEMPLATES = {
     "helpfulness only to decide between equally harmless responses.",
 }
 # What each task calls its prompt and its responses.
-QUESTION = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"))
-QUESTION["harmless"] = QUESTION["helpful"]
+NOUNS = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"))
+NOUNS["harmless"] = NOUNS["helpful"]
 
 
 def render_judge_prompt(task: str, instruction: str, prompt: str, first: str, second: str) -> str:
     """The annotator's request about one ordered pair; its reply must end with the verdict."""
-    context, item = QUESTION[task]
+    context, item = NOUNS[task]
     extra = f"\nAbove all: {instruction.strip()}\n" if instruction else ""
     pair = f"{item} 1:\n{first}\n\n{item} 2:\n{second}"
     verdict = f'"Preferred {item}=1" or "Preferred {item}=2"'
@@ -480,7 +482,7 @@ def judge_question(task: str, instruction: str) -> str:
     """The criterion as a yes/no question about one response: "Prefer the more concise response."
     -> "Is this a concise response?"; no instruction: the task's quality; another form: as is."""
     instruction = " ".join(instruction.split())
-    m = CRITERION.fullmatch(instruction or f"Prefer a good {QUESTION[task][1].lower()}.")
+    m = CRITERION.fullmatch(instruction or f"Prefer a good {NOUNS[task][1].lower()}.")
     if not m:
         return f"Does it follow the instruction: {instruction}"
     return f"Is this {'an' if m.group(1)[0] in 'aeiouAEIOU' else 'a'} {m.group(1)}?"
@@ -536,7 +538,7 @@ class LocalJudgeAnnotator:
         return rest if rest.lstrip().startswith(word) else word
 
     def turn(self, prompt: str, response: str, question: str) -> str:
-        context, item = QUESTION[self.task]
+        context, item = NOUNS[self.task]
         return f"{context}:\n{prompt}\n\n{item}:\n{response}\n\n{question} Answer Yes or No."
 
     def ask(self, prompt: str, response: str) -> tuple:
@@ -557,7 +559,7 @@ class LocalJudgeAnnotator:
         else:
             text = "".join(f"{u}\nAnswer:\n{a}\n\n" for u, a in shots) + last + "\nAnswer:\n"
         # The head (cached, the same for every response) ends with this turn's "Conversation:\n".
-        cut = text.rindex(last) + len(rubric) + len(QUESTION[self.task][0]) + 2
+        cut = text.rindex(last) + len(rubric) + len(NOUNS[self.task][0]) + len(":\n")
         return text[:cut], text[cut:]
 
     @torch.inference_mode()
@@ -637,8 +639,8 @@ class RewardModelAnnotator:
 
 def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
     """Which verdicts the loss may use -> (each p, or None where unusable; counts of pairs (usable),
-    ties, no_verdict, low_confidence (within min_confidence of 1/2)). Decided on p in float32 as the
-    loss sees it, within `tie`: a judge's 0.55 and 0.45 fare alike; a used pair is never a tie."""
+    ties, no_verdict, low_confidence). Confidence is |p - 1/2| (0.55 and 0.45 alike), read in
+    float32 as the loss will see p, with slack `tie`: a pair the loss uses is never a tie."""
     # nan, or anything outside [0, 1], is no verdict.
     probs = [float(np.float32(p)) if p is not None and 0 <= p <= 1 else None for p in probs]
     ties = [p is not None and abs(p - 0.5) <= tie for p in probs]
@@ -698,13 +700,13 @@ def oaif_step(
     object with the fields used here); pairs: labelled pairs (offline) in place of steps 1 and 2."""
     start = time.perf_counter()
     wiring = wiring or Wiring(policy, ref_model)
-    # 1) Sample two responses per prompt from the current policy, at --temperature (scored at 1).
+    # 1) Sample two responses per prompt from the current policy at --temperature; π scored at T=1.
     sampling = (tokenizer, prompts, 2, cfg.max_new_tokens, cfg.temperature)
     batch = pairs or wiring.sample(sample_pairs, *sampling)
     out = dict(batch=batch, sample_s=time.perf_counter() - start)
     first, second = batch["texts"][0::2], batch["texts"][1::2]
     with concurrent.futures.ThreadPoolExecutor(1) as background:
-        # 2) The annotator judges each pair, P(first is better), in the background: step 4 needs it.
+        # 2) The annotator judges each pair, P(first is better), in a thread while step 3 runs.
         judged = None if pairs else background.submit(timed, annotator, prompts, first, second)
         # 3) Log-probs of the 2B responses: the policy's with gradients, the frozen reference's.
         ids = batch["input_ids"], batch["attention_mask"], batch["response_mask"]

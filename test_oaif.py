@@ -2158,12 +2158,12 @@ SAMPLER = [
     "left_pad",
     "response_mask_after_eos",
 ]
-PROMPT = ["render_judge_prompt", "parse_verdict", "TEMPLATES", "QUESTION", "ANCHOR", "BARE"]
+PROMPT = ["render_judge_prompt", "parse_verdict", "TEMPLATES", "NOUNS", "ANCHOR", "BARE"]
 LOCAL_JUDGE = [
     "LocalJudgeAnnotator",
     "judge_question",
     "CRITERION",
-    "QUESTION",
+    "NOUNS",
     "TEMPLATES",
     "user_turn",
     "head_temperature",

@@ -89,7 +89,7 @@ class NoShots(oaif.LocalJudgeAnnotator):
     The alternatives below that build on oaif's judge build on this one, as they were measured."""
 
     def ask(self, prompt, response):
-        context, item = oaif.QUESTION[self.task]
+        context, item = oaif.NOUNS[self.task]
         rubric = "" if self.instruction else oaif.TEMPLATES[self.task] + "\n\n"
         question = f"{self.question} Answer Yes or No."
         text = f"{rubric}{context}:\n{prompt}\n\n{item}:\n{response}\n\n{question}"
@@ -135,7 +135,7 @@ def chat_ask(judge, prompt, response, system="", before="", shots=()):
     """Pointwise input for one response, as oaif's ask was, with an optional system prompt, text
     before the conversation (e.g. the question asked first), and few-shot (prompt, response,
     question, answer) turns; all in the cached head."""
-    context, item = oaif.QUESTION[judge.task]
+    context, item = oaif.NOUNS[judge.task]
     turns = [dict(role="system", content=system)] if system else []
     for p, r, q, a in list(shots) + [(prompt, response, judge.question, None)]:
         first = f"{q} Answer Yes or No.\n\n" if before == "question" else before
@@ -254,7 +254,7 @@ class FewShot3(oaif.LocalJudgeAnnotator):
     def ask(self, prompt: str, response: str) -> tuple:
         """(The head every response shares, the rest): FEWSHOT3 as earlier turns, then this
         response's question."""
-        context, item = oaif.QUESTION[self.task]
+        context, item = oaif.NOUNS[self.task]
         # With an instruction, the instruction alone decides.
         rubric = "" if self.instruction else oaif.TEMPLATES[self.task] + "\n\n"
 
@@ -370,7 +370,7 @@ class Reference(oaif.LocalJudgeAnnotator):
 
     def ask(self, prompt, response):
         p, ref = prompt if isinstance(prompt, tuple) else (prompt, "")
-        context, item = oaif.QUESTION[self.task]
+        context, item = oaif.NOUNS[self.task]
         q = self.question[0].lower() + self.question[1:]
         text = (
             f"{context}:\n{p}\n\nAnother {item.lower()}, for comparison:\n{ref}\n\n"
@@ -518,7 +518,7 @@ class PMINeutral(PMI):
     def scores(self, prompts, responses):
         self.end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         d = directive(self.question, self.instruction)
-        neutral = f"Give a {oaif.QUESTION[self.task][1].lower()}."
+        neutral = f"Give a {oaif.NOUNS[self.task][1].lower()}."
         return [
             self.logp(f"{p}\n\n{d}", r) - self.logp(f"{p}\n\n{neutral}", r)
             for p, r in zip(prompts, responses)
@@ -546,7 +546,7 @@ class Pairwise(oaif.LocalJudgeAnnotator):
             oaif.render_judge_prompt(self.task, self.instruction, *x)
             for x in zip(prompts, first, second)
         ]
-        answer = f"Preferred {oaif.QUESTION[self.task][1]}="
+        answer = f"Preferred {oaif.NOUNS[self.task][1]}="
         texts = [
             (oaif.user_turn(self.tokenizer, a) if self.chat else a + "\n") + answer for a in asks
         ]
