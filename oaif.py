@@ -75,8 +75,7 @@ class _FusedLogprobs(torch.autograd.Function):
         rows, h, head = _labelled_rows(hidden, weight, labels, temperature)
         lab, V = labels[rows], weight.shape[0]
         # Per row: the answer, and the logsumexp (the one float the float32 backward keeps).
-        logp = torch.empty(len(rows), dtype=torch.float32, device=h.device)
-        lse = torch.empty_like(logp)
+        logp, lse = torch.empty(2, len(rows), dtype=torch.float32, device=h.device)
         for s in range(0, len(rows), chunk_size):
             c = slice(s, s + chunk_size)
             if h.dtype == torch.float32:
@@ -106,9 +105,7 @@ class _FusedLogprobs(torch.autograd.Function):
         lab, g = labels[rows], grad_out[rows].float()
         grad_h = torch.zeros_like(hidden)
         # A frozen head (LoRA) gets no gradient: no float32 (V, H) buffer, two GEMMs a chunk, not 3.
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros(head.shape, dtype=torch.float32, device=head.device)
+        grad_w = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         # d logp / d logits = onehot(label) - P, so with h = hidden / T: grad_h = g (w[label] -
         # P @ w) / T and grad_w = onehot.T @ (g h) - P.T @ (g h). The onehot is never built.
         for s in range(0, len(rows), C):
@@ -139,12 +136,10 @@ class _FusedLogprobs(torch.autograd.Function):
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
     """Rows per chunk: as many as fit one chunk of float32 logits in a memory budget (a 16th of
     free GPU memory up to 256 MiB; 64 MiB on CPU), but never fewer than a fast matmul needs."""
-    if device.type == "cuda":
-        budget, least = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20), 2048
-    else:
-        budget, least = 64 << 20, 256
+    cuda = device.type == "cuda"
+    budget = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20) if cuda else 64 << 20
     rows = budget // (4 * vocab) // 128 * 128
-    return max(1, min(n_rows, max(rows, least)))
+    return max(1, min(n_rows, max(rows, 2048 if cuda else 256)))
 
 
 def fused_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None) -> torch.Tensor:
@@ -182,8 +177,7 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.
     # Left padding: positions come from the mask, not the column.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    body = model.base_model(input_ids, **inputs)
-    hidden = body.last_hidden_state  # (B, T, H)
+    hidden = model.base_model(input_ids, **inputs).last_hidden_state  # (B, T, H)
     # Under bf16 autocast the body may hand back float32; the head's matmuls run in bf16 too.
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
@@ -281,11 +275,9 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     eos = torch.tensor(eos_ids, device=ids.device)
     # Left padding: positions come from the mask, as in scoring.
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    # First the prompts, then one token at a time.
     step_ids, cache_pos = ids, torch.arange(P, device=ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    finite = True
-    tokens = []
+    finite, tokens = True, []
     for t in range(max_new_tokens):
         inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True)
         out = model(**inputs, cache_position=cache_pos, logits_to_keep=1, **{kv: cache})
@@ -309,10 +301,15 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     return torch.stack(tokens, 1)
 
 
+# Read whole, a response cut at the length cap looks finished (and short): the annotator is told.
+CUT = "\n\n[... the response continues: it is longer than the length limit shown here]"
+
+
 def sample_pairs(model, tokenizer, prompts: list, n=2, max_new_tokens=64, temperature=0.9) -> dict:
     """n samples per prompt, rows i*n .. i*n + n - 1 for prompt i: input_ids, attention_mask and
     response_mask, (n*B, P+R) with the prompt left- and the response right-padded; response_tokens
-    (n*B,), EOS included; texts. Scoring uses these ids: the texts are never tokenized again."""
+    (n*B,), EOS included; texts, what the annotator reads: a response cut at max_new_tokens (no EOS)
+    ends with CUT. Scoring uses these ids: the texts are never tokenized again."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids = [p for p in encode_prompts(tokenizer, prompts) for _ in range(n)]
     ids, mask = left_pad(prompt_ids, pad, model.device)
@@ -322,8 +319,10 @@ def sample_pairs(model, tokenizer, prompts: list, n=2, max_new_tokens=64, temper
     eos_ids = sorted({tokenizer.eos_token_id, *gen_eos} - {None})
     resp = sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad)  # (n*B, R)
     resp_mask = response_mask_after_eos(resp, eos_ids).long()
+    ended = torch.isin(resp, torch.tensor(eos_ids, device=resp.device)).any(1).tolist()
     texts = [
-        tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp, resp_mask)
+        tokenizer.decode(r[m.bool()], skip_special_tokens=True) + ("" if e else CUT)
+        for r, m, e in zip(resp, resp_mask, ended)
     ]
     batch = dict(input_ids=torch.cat([ids, resp], 1), texts=texts, response_tokens=resp_mask.sum(1))
     batch["attention_mask"] = torch.cat([mask, resp_mask], 1)
@@ -344,10 +343,9 @@ def both_orders(judge: Callable, prompts: list, first: list, second: list, stats
     """Cancel a judge's position bias: p = (v(x, a, b) + 1 - v(x, b, a)) / 2, the verdict asked in
     both orders; a judge that always names the first response gives 1/2 (ties). stats, if given,
     adds order_pairs, first_sum (the raw P(first)) and order_agree (both orders picked alike)."""
-    n = len(prompts)
     # One call asks both orders: its second half is every pair swapped.
     v = judge(prompts + prompts, first + second, second + first)
-    ab, ba = v[:n], v[n:]
+    ab, ba = v[: len(prompts)], v[len(prompts) :]
     if stats is not None:
         both = [(a, b) for a, b in zip(ab, ba) if None not in (a, b) and math.isfinite(a + b)]
         stats["order_pairs"] = stats.get("order_pairs", 0) + len(both)
@@ -417,9 +415,8 @@ def parse_verdict(reply: str) -> Optional[float]:
 
 
 class ClaudeAnnotator:
-    """Claude as the annotator: both orders, concurrent requests, verdicts cached. A fault that the
-    SDK's retries do not heal is no verdict; one that cannot heal (400, 401, 403, 404, 422) raises
-    OAIFError, and the run stops."""
+    """Claude as the annotator: both orders, concurrent requests, verdicts cached. After the SDK's
+    retries a fault is no verdict; one that cannot heal (400, 401, 403, 404, 422) stops the run."""
 
     def __init__(
         self, model="claude-haiku-4-5", task="helpful", instruction="", client=None, max_workers=16
@@ -435,9 +432,9 @@ class ClaudeAnnotator:
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
 
     def _one(self, prompt: str, a: str, b: str) -> Optional[float]:
-        # Identical responses: nothing to judge, no call, no verdict.
+        # Identical responses: nothing to judge, no call, a tie.
         if a == b or (prompt, a, b) in self.cache:
-            return self.cache.get((prompt, a, b))
+            return 0.5 if a == b else self.cache[(prompt, a, b)]
         text = render_judge_prompt(self.task, self.instruction, prompt, a, b)
         messages = [dict(role="user", content=text)]
         try:
@@ -518,6 +515,9 @@ class LocalJudgeAnnotator:
         self.question = judge_question(task, self.instruction)
         self.chat = getattr(tokenizer, "chat_template", None)
         self.context = getattr(model.config, "max_position_embeddings", None)
+        # Without a template the judge's input starts as its tokenizer starts a text (Llama: BOS).
+        starts = tokenizer("").input_ids[:1]
+        self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
         # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
         # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
         text = "".join(self.ask("", ""))
@@ -525,9 +525,7 @@ class LocalJudgeAnnotator:
         after = [tokenizer(text + self.reply(w), add_special_tokens=False) for w in ("Yes", "No")]
         self.words = [enc.input_ids[n] for enc in after]
         if self.words[0] == self.words[1]:
-            raise OAIFError(
-                "the judge's Yes and No begin with one token: its scores would all be 0"
-            )
+            raise OAIFError("the judge's Yes and No begin with one token: every score would be 0")
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
 
     def reply(self, word: str) -> str:
@@ -571,7 +569,7 @@ class LocalJudgeAnnotator:
         texts = [self.ask("", "")[0]] + ["".join(self.ask(*x)) for x in zip(prompts, responses)]
         head, *seqs = self.tokenizer(texts, add_special_tokens=False).input_ids
         head = os.path.commonprefix([head] + [s[:-1] for s in seqs])
-        seqs = [s[len(head) :] for s in seqs]
+        head, seqs = self.bos + head, [s[len(head) :] for s in seqs]
         if self.context and len(head) + max(map(len, seqs), default=0) > self.context:
             raise OAIFError(f"a judge prompt is over the judge's context of {self.context} tokens")
         body, device = self.model.base_model, self.model.device
@@ -599,7 +597,9 @@ class LocalJudgeAnnotator:
 
     def __call__(self, prompts: list, first: list, second: list) -> list:
         s = torch.tensor(self.scores(prompts + prompts, first + second))
-        return torch.sigmoid(s[: len(prompts)] - s[len(prompts) :]).tolist()
+        p = torch.sigmoid(s[: len(prompts)] - s[len(prompts) :]).tolist()
+        # One text batched two ways scores apart by rounding (bf16: 0.03): identical ones tie.
+        return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
 
 
 class RewardModelAnnotator:
@@ -607,8 +607,7 @@ class RewardModelAnnotator:
     response once as a chat's two turns; P(first is better) = sigmoid(r1 - r2). No instruction."""
 
     def __init__(self, model, tokenizer):
-        if model.config.num_labels != 1:
-            n = model.config.num_labels
+        if (n := model.config.num_labels) != 1:
             raise OAIFError(f"rm: a reward model has one output (num_labels 1), not {n}")
         # HF reads the score at the last token that is not the pad token.
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -630,7 +629,8 @@ class RewardModelAnnotator:
         r = self.model(**enc.to(self.model.device)).logits[:, 0].float()  # (2B,)
         self.stats["annotator_requests"] += len(texts)
         self.stats["input_tokens"] += int(enc.attention_mask.sum())
-        return torch.sigmoid(r[: len(prompts)] - r[len(prompts) :]).tolist()
+        p = torch.sigmoid(r[: len(prompts)] - r[len(prompts) :]).tolist()
+        return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -893,10 +893,8 @@ def check_logprobs(model, tolerance: float = 1e-3) -> None:
     if not math.isfinite(err):
         raise OAIFError(f"{name}: its logits are not finite (inf or nan): the weights are broken")
     if err > tolerance:
-        raise OAIFError(
-            f"{name}: log-probs from its LM head differ from its own logits by {err:.3g} "
-            "nats per token (a transform after the head that oaif does not know)"
-        )
+        why = f"log-probs from its LM head differ from its own logits by {err:.3g} nats per token"
+        raise OAIFError(f"{name}: {why} (a transform after the head that oaif does not know)")
 
 
 def judge_dtype(device) -> torch.dtype:
@@ -1229,10 +1227,8 @@ def check_output_dir(cfg: Config, config: dict) -> None:
     changed = [k for k in config if k not in FREE_ON_RESUME and not same(k)]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in changed]
     if changed:
-        raise OAIFError(
-            f"--resume with other flags than the checkpoint's: {', '.join(changed)}; "
-            "resume with the same ones or start a new run"
-        )
+        why = f"other flags than the checkpoint's: {', '.join(changed)}"
+        raise OAIFError(f"--resume with {why}; resume with the same ones or start a new run")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1322,6 +1318,8 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
     from torch.distributed.checkpoint import state_dict as dcp
 
     state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+    if state["step"] > cfg.steps:
+        raise OAIFError(f"--steps {cfg.steps}: {resume_from} is past it (step {state['step']})")
     if state["optimizer"]:
         full = dcp.StateDictOptions(full_state_dict=True)
         dcp.set_optimizer_state_dict(root, optimizer, state["optimizer"], options=full)
@@ -1540,8 +1538,8 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
     n, ties = wins + counts["ties"] + losses, counts["ties"]
     rate = dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties)
     rate.update(losses=losses, no_verdict=counts["no_verdict"])
-    rate["policy_chars"] = sum(map(len, policy_texts)) / len(prompts)
-    rate["reference_chars"] = sum(map(len, reference_texts)) / len(prompts)
+    rate["policy_chars"] = sum(len(t.removesuffix(CUT)) for t in policy_texts) / len(prompts)
+    rate["reference_chars"] = sum(len(t.removesuffix(CUT)) for t in reference_texts) / len(prompts)
     return rate
 
 
@@ -1624,7 +1622,8 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     usable, margins = out["usable"], out["margins"]
     sums = dict(counts, loss=float(out["losses"].sum()), margin=float((margins * usable).sum()))
     sums.update(acc=float(((margins > 0).float() * usable).sum()))
-    sums.update(kl=float((logps - out["ref_logps"]).sum()), chars=sum(map(len, texts)))
+    chars = sum(len(t.removesuffix(CUT)) for t in texts)  # what the policy wrote, not CUT
+    sums.update(kl=float((logps - out["ref_logps"]).sum()), chars=chars)
     sums.update(tokens=float(batch["response_tokens"].sum()), seqs=len(texts))
     sums = wiring.total(**sums, **{k: v - stats0.get(k, 0) for k, v in stats.items()})
     used, seqs = max(sums["pairs"], 1), sums["seqs"]
@@ -1679,7 +1678,16 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         bar.write(f"step {step} | {shown}")
 
 
-def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, model_state, annotator):
+def usage(s: dict, annotator) -> str:
+    """An annotator's requests and tokens, and their cost where it is Claude at a known price."""
+    line = f"{s['annotator_requests']} requests, {s['annotator_failures']} without verdict, "
+    line += f"{s['input_tokens']} in / {s['output_tokens']} out tokens"
+    price = PRICE_PER_MTOK.get(annotator.model) if isinstance(annotator, ClaudeAnnotator) else None
+    cost = price and (s["input_tokens"] * price[0] + s["output_tokens"] * price[1]) / 1e6
+    return line + (f", about ${cost:.2f}" if price else "")
+
+
+def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, annotator, judge):
     """Save the policy, its tokenizer and the run's config; print the run's one-line summary."""
     save_model(policy, tokenizer, cfg.output_dir, model_state)
     with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
@@ -1688,17 +1696,12 @@ def finish(cfg: Config, policy, tokenizer, config: dict, summary: dict, model_st
     line = f"oaif: {cfg.steps} steps, {s['pairs']} pairs used, {s['dropped']} dropped ({s['ties']} "
     line += f"ties, {s['no_verdict']} no verdict, {s['low_confidence']} low confidence), "
     line += f"{s['nonfinite']} updates skipped as not finite"
-    if "annotator_requests" in s:
-        line += f"; annotator: {s['annotator_requests']} requests, {s['annotator_failures']} "
-        line += f"without verdict, {s['input_tokens']} in / {s['output_tokens']} out tokens"
+    line += f"; annotator: {usage(s, annotator)}" if "annotator_requests" in s else ""
     for k in ("position_bias", "order_agreement", "judge_confidence"):
         line += f", {k.replace('_', ' ')} {s[k]:.3f}" if k in s else ""
-    # What Claude cost, where its price is known.
-    price = PRICE_PER_MTOK.get(annotator.model) if isinstance(annotator, ClaudeAnnotator) else None
-    if price:
-        line += (
-            f", about ${(s['input_tokens'] * price[0] + s['output_tokens'] * price[1]) / 1e6:.2f}"
-        )
+    # A judge of its own for the evaluation: its requests in this process (not checkpointed).
+    if judge is not annotator and hasattr(judge, "stats"):
+        line += f"; evaluation's annotator: {usage(judge.stats, judge)}"
     print(f"{line}; saved to {cfg.output_dir}", file=sys.stderr)
 
 
@@ -1778,7 +1781,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     model_state = gathered_state(policy) if cfg.fsdp else None
     if rank == 0:
         log.close()
-        finish(cfg, saved, tokenizer, config, summary, model_state, annotator)
+        finish(cfg, saved, tokenizer, config, summary, model_state, annotator, judge)
     if world > 1:
         # Every rank is done before any tears its process group down.
         barrier()

@@ -286,7 +286,9 @@ def test_sample_pairs_shapes_eos_and_texts(model_tok):
         if k < 12:
             assert r[k - 1] == eos  # a response shorter than the cap ends with its EOS
         assert eos not in r[: k - 1].tolist()  # and has none before
-        assert text == tok.decode(r[:k], skip_special_tokens=True)
+        # a response cut at the cap says so to the annotator
+        cut = "" if r[k - 1] == eos else oaif.CUT
+        assert text == tok.decode(r[:k], skip_special_tokens=True) + cut
     assert torch.equal(s["attention_mask"][:, P:], rmask)  # nothing after EOS is attended
 
 
@@ -532,8 +534,8 @@ def test_claude_labels_whichever_order(api):
     assert server.requests == 4  # both orders of both pairs
     assert claude(*PAIRS) == [1.0, 0.0] and server.requests == 4  # the second time from the cache
     assert claude.stats["annotator_requests"] == 4 and claude.stats["output_tokens"] == 36
-    # identical: no call
-    assert claude(["q"], ["same"], ["same"]) == [None] and server.requests == 4
+    # identical: a tie, no call
+    assert claude(["q"], ["same"], ["same"]) == [0.5] and server.requests == 4
 
 
 def test_claude_reply_cut_off_at_max_tokens_is_no_verdict(api):
@@ -781,17 +783,23 @@ def test_win_rate_counts_ties_as_training_does():
     assert (nonsense["n"], nonsense["no_verdict"]) == (0, 2)
 
 
-def test_win_rate_of_a_policy_forced_short_is_one(model_tok):
+def forced_short(model, tok):
+    """A copy of the tiny model that ends every response at once: every final hidden state is
+    100 v and EOS's (tied) embedding is v, so EOS wins."""
     import copy
 
-    model, tok = model_tok
     short = copy.deepcopy(model)
-    # every final hidden state is 100 v and EOS's (tied) embedding is v: EOS wins
     with torch.no_grad():
         v = torch.ones(short.config.n_embd) / short.config.n_embd**0.5
         short.transformer.ln_f.weight.zero_()
         short.transformer.ln_f.bias.copy_(100 * v)
         short.transformer.wte.weight[tok.eos_token_id] = v
+    return short
+
+
+def test_win_rate_of_a_policy_forced_short_is_one(model_tok):
+    model, tok = model_tok
+    short = forced_short(model, tok)
     prompts = oaif.DEFAULT_PROMPTS[:6]
     answers = [
         oaif.sample_answers(m, tok, prompts, 8, batch_size=4, seed=0) for m in (short, model)
@@ -2152,6 +2160,7 @@ SEQUENCE = ["sequence_logprobs", "head_temperature", "OAIFError", *LOGPROBS]
 LOSS_NAMES = ["dpo_loss", "ipo_loss", "slic_loss", "preference_margin"]
 SAMPLER = [
     "sample_pairs",
+    "CUT",
     "sample_tokens",
     "encode_prompts",
     "user_turn",
@@ -2526,3 +2535,91 @@ def test_overwrite_without_output_dir_and_the_model_here(tiny, tmp_path, monkeyp
     oaif.main(argv[:2] + argv[4:])  # a new folder: nothing of the model's is deleted
     assert (tmp_path / "model" / "oaif-out" / "run-1" / "metrics.jsonl").exists()
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_a_response_cut_at_the_cap_tells_the_annotator(model_tok, tiny, tmp_path):
+    # read whole, a cut response looks finished: the annotator reads CUT after it (README: it
+    # moved the 1.5B judge's on-policy agreement from 53-67% to 78-91% under "concise")
+    model, tok = model_tok
+    finished = oaif.sample_pairs(forced_short(model, tok), tok, ["Hi", "Why?"], 2, 8)
+    cut = oaif.sample_pairs(model, tok, ["Hi", "Why?"], 2, 8)
+    assert not any(t.endswith(oaif.CUT) for t in finished["texts"])
+    assert all(t.endswith(oaif.CUT) for t, n in zip(cut["texts"], cut["response_tokens"]) if n == 8)
+    # the annotator gets these texts; the metrics count what the policy wrote, not CUT
+    seen = []
+
+    def annotator(prompts, first, second):
+        seen.extend(first + second)
+        return oaif.shorter(prompts, first, second)
+
+    cfg = oaif.parse_args(run_args(tiny, tmp_path, "--steps", "1"))
+    oaif.train(cfg, annotator=annotator)
+    written = [t.removesuffix(oaif.CUT) for t in seen]
+    assert len(seen) == 8 and any(t.endswith(oaif.CUT) for t in seen)
+    chars = read_metrics(tmp_path)[0]["response_chars"]
+    assert chars == pytest.approx(sum(map(len, written)) / 8)
+    texts = cut["texts"]
+    written = [t.removesuffix(oaif.CUT) for t in texts]
+    r = oaif.win_rate(["Hi", "Why?"] * 2, texts, texts, oaif.shorter)
+    assert r["policy_chars"] == pytest.approx(sum(map(len, written)) / 4)
+
+
+def test_identical_responses_tie_for_the_model_annotators(model_tok, tiny_rm):
+    # one text batched two ways can score apart by rounding (bf16: 0.03 on a 512-wide judge):
+    # identical responses are a tie, whatever the scores
+    model, tok = model_tok
+    judge = oaif.LocalJudgeAnnotator(model, tok)
+    judge.scores = lambda prompts, responses: [0.1 * i for i in range(len(responses))]
+    assert judge(["x", "y"], ["same", "a"], ["same", "b"]) == [
+        0.5,
+        pytest.approx(1 / (1 + math.e**0.2)),
+    ]
+    rm_model, rm_tok = oaif.load_model(
+        tiny_rm, torch.device("cpu"), "AutoModelForSequenceClassification"
+    )
+    rm = oaif.RewardModelAnnotator(rm_model, rm_tok)
+    # each row's score shifted by its place in the batch, as a batch-dependent kernel might
+    rm_model.score.register_forward_hook(
+        lambda m, i, o: o + torch.arange(len(o), dtype=o.dtype)[:, None, None] / 10
+    )
+    assert rm(["x", "y"], ["same", "a"], ["same", "b"])[0] == 0.5
+
+
+def test_local_judge_without_a_template_starts_as_its_tokenizer_does(model_tok):
+    # Llama and Mistral base tokenizers start every text with BOS: the judge reads it too
+    from tokenizers.processors import TemplateProcessing
+
+    model, tok = model_tok
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)]
+    )
+    assert tok("hi").input_ids[0] == bos and not getattr(tok, "chat_template", None)
+    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+    prompts, responses = ["What is a prime number?", "Hi"], ["A number with two divisors.", "Hey"]
+    with torch.no_grad():
+        expected = []
+        for x in zip(prompts, responses):
+            lg = model(torch.tensor([tok("".join(judge.ask(*x))).input_ids])).logits[0, -1]
+            expected.append(float(lg[judge.words[0]] - lg[judge.words[1]]))
+    assert judge.scores(prompts, responses) == pytest.approx(expected, abs=1e-5)
+
+
+def test_summary_counts_the_evaluations_own_annotator(api, tiny, tmp_path, capsys, monkeypatch):
+    server = api()
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "x")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+    argv = run_args(tiny, tmp_path, "--eval-every", "1", "--eval-prompts", "4")
+    oaif.main(argv + ["--eval-annotator", "claude"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert server.requests > 0
+    assert f"evaluation's annotator: {server.requests} requests" in line and "about $" in line
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tiny, tmp_path, capsys):
+    argv = run_args(tiny, tmp_path, "--save-every", "2")
+    oaif.main(argv)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    msg = bad_run(argv + ["--resume", "--steps", "1"], capsys)
+    assert "--steps 1" in msg and "step 2" in msg
+    assert (tmp_path / "metrics.jsonl").read_text() == before

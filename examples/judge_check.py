@@ -643,13 +643,19 @@ def on_policy(a, pairs, models, dtype):
     (characters) by the pair's length ratio, mean |p - 1/2|, and how many verdicts the instruction
     flips."""
     print(f", on-policy: {len(pairs)} pairs from {a.pairs_in or a.policy}")
-    ratio = [max(len(r["a"]), len(r["b"])) / max(1, min(len(r["a"]), len(r["b"]))) for r in pairs]
-    ties = [len(r["a"]) == len(r["b"]) for r in pairs]
+    # Lengths of what the policy wrote: a response cut at the cap ends with oaif.CUT (the judge
+    # reads it; the length rule does not count it).
+    written = [[len(r[k].removesuffix(oaif.CUT)) for k in "ab"] for r in pairs]
+    ratio = [max(x, y) / max(1, min(x, y)) for x, y in written]
+    ties = [x == y for x, y in written]
+    cuts = [r["a"].endswith(oaif.CUT) + r["b"].endswith(oaif.CUT) for r in pairs]
     binned = [
         [i for i, x in enumerate(ratio) if lo <= x < hi and not ties[i]] for lo, hi, _ in BINS
     ]
     apart = [i for i, x in enumerate(ratio) if x >= 1.2]
-    print(f"equal-length pairs (no length verdict): {sum(ties)}")
+    subsets = {k: [i for i in apart if cuts[i] == k] for k in (1, 0)}
+    print(f"equal-length pairs (no length verdict): {sum(ties)}; pairs >= 1.2x apart with one ")
+    print(f"response cut at the cap: {len(subsets[1])}, with none: {len(subsets[0])}")
     print(
         "| instruction | "
         + " | ".join(f"{name} ({len(b)})" for (_, _, name), b in zip(BINS, binned))
@@ -672,14 +678,15 @@ def on_policy(a, pairs, models, dtype):
         seconds = (time.perf_counter() - t) / len(pairs)
         verdicts[instruction] = p_a
         agree = [
-            (x > 0.5 if (len(r["a"]) < len(r["b"])) == wants_shorter else x < 0.5)
-            for x, r in zip(p_a, pairs)
+            (p > 0.5 if (x < y) == wants_shorter else p < 0.5) for p, (x, y) in zip(p_a, written)
         ]
         cells = " | ".join(fraction(agree, b) for b in binned)
         rate = sum(agree[i] for i in apart) / max(1, len(apart))
         print(
             f"| {instruction} | {cells} | **{fraction(agree, apart)}** ({rate:.0%}) | "
-            f"{confidence(p_a, range(n)):.3f}; {confidence(p_a, apart):.3f} | {seconds:.1f} |",
+            f"{confidence(p_a, range(len(pairs))):.3f}; {confidence(p_a, apart):.3f} | "
+            f"{seconds:.1f} | >= 1.2x, one cut {fraction(agree, subsets[1])}, "
+            f"none cut {fraction(agree, subsets[0])}",
             flush=True,
         )
         if a.out:
