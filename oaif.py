@@ -432,9 +432,9 @@ class ClaudeAnnotator:
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
 
     def _one(self, prompt: str, a: str, b: str) -> Optional[float]:
-        # Identical responses: nothing to judge, no call, a tie.
+        # Identical responses: nothing to judge, no call (a tie, in __call__).
         if a == b or (prompt, a, b) in self.cache:
-            return 0.5 if a == b else self.cache[(prompt, a, b)]
+            return self.cache.get((prompt, a, b))
         text = render_judge_prompt(self.task, self.instruction, prompt, a, b)
         messages = [dict(role="user", content=text)]
         try:
@@ -464,7 +464,8 @@ class ClaudeAnnotator:
         return list(self.pool.map(self._one, prompts, first, second))
 
     def __call__(self, prompts: list, first: list, second: list) -> list:
-        return both_orders(self.judge, prompts, first, second, self.stats)
+        p = both_orders(self.judge, prompts, first, second, self.stats)
+        return [0.5 if x == y else v for x, y, v in zip(first, second, p)]
 
 
 # "Prefer the more concise response." -> "concise response": an article, words that name the
@@ -516,7 +517,7 @@ class LocalJudgeAnnotator:
         self.chat = getattr(tokenizer, "chat_template", None)
         self.context = getattr(model.config, "max_position_embeddings", None)
         # Without a template the judge's input starts as its tokenizer starts a text (Llama: BOS).
-        starts = tokenizer("").input_ids[:1]
+        starts = tokenizer("x").input_ids[:1]
         self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
         # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
         # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
@@ -679,8 +680,7 @@ def update(loss, optimizer, max_grad_norm: float, wiring: Wiring) -> tuple:
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    bad = not math.isfinite(grad_norm + float(loss.detach()))
-    skipped = int(wiring.total(bad=bad)["bad"] > 0)
+    skipped = int(wiring.total(bad=not math.isfinite(grad_norm + float(loss.detach())))["bad"] > 0)
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -534,8 +534,10 @@ def test_claude_labels_whichever_order(api):
     assert server.requests == 4  # both orders of both pairs
     assert claude(*PAIRS) == [1.0, 0.0] and server.requests == 4  # the second time from the cache
     assert claude.stats["annotator_requests"] == 4 and claude.stats["output_tokens"] == 36
-    # identical: a tie, no call
+    # identical: a tie, no call, and no pair for the order statistics (none was asked)
+    health = {k: claude.stats[k] for k in ("order_pairs", "first_sum", "order_agree")}
     assert claude(["q"], ["same"], ["same"]) == [0.5] and server.requests == 4
+    assert health == {k: claude.stats[k] for k in health}
 
 
 def test_claude_reply_cut_off_at_max_tokens_is_no_verdict(api):
@@ -2603,6 +2605,12 @@ def test_local_judge_without_a_template_starts_as_its_tokenizer_does(model_tok):
             lg = model(torch.tensor([tok("".join(judge.ask(*x))).input_ids])).logits[0, -1]
             expected.append(float(lg[judge.words[0]] - lg[judge.words[1]]))
     assert judge.scores(prompts, responses) == pytest.approx(expected, abs=1e-5)
+    # a tokenizer that only appends EOS (here the same token as BOS) starts texts with no BOS
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {tok.eos_token}", special_tokens=[(tok.eos_token, tok.eos_token_id)]
+    )
+    assert tok.bos_token_id == tok.eos_token_id and tok("hi").input_ids[-1] == bos
+    assert oaif.LocalJudgeAnnotator(model, tok).bos == []
 
 
 def test_summary_counts_the_evaluations_own_annotator(api, tiny, tmp_path, capsys, monkeypatch):

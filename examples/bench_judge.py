@@ -37,8 +37,8 @@ class Plain(oaif.LocalJudgeAnnotator):
         def tok(t):
             return self.tokenizer(t, add_special_tokens=False).input_ids
 
-        # each whole input's own tokens
-        seqs = [tok("".join(self.ask(p, r))) for p, r in zip(prompts, responses)]
+        # each whole input's own tokens, after the BOS the judge starts with (if any)
+        seqs = [self.bos + tok("".join(self.ask(p, r))) for p, r in zip(prompts, responses)]
         W = self.model.get_output_embeddings().weight[self.words].float()
         out = []
         for i in range(0, len(seqs), self.batch_size):

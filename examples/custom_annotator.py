@@ -23,7 +23,8 @@ def on_topic(prompts, first, second):
 
     def score(prompt, response):
         word = prompt.rstrip("?.!").split()[-1].lower()
-        return sum(response.lower().count(c) for c in set(word))
+        # A response cut at the length cap ends with oaif.CUT: count only what the policy wrote.
+        return sum(response.removesuffix(oaif.CUT).lower().count(c) for c in set(word))
 
     verdicts = []
     for x, a, b in zip(prompts, first, second):

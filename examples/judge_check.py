@@ -50,9 +50,11 @@ them (oaif.sample_pairs: two responses per prompt, temperature 0.9, up to 192 to
 default prompts, then again, --n-pairs 80, --seed 0; --pairs-out F saves them, --pairs-in F judges
 saved ones, --min-ratio 1.2 only those >= 1.2x apart; examples/judge_check_policy_pairs.jsonl
 holds SmolLM2-135M-Instruct's from seed 0, judge_check_policy_pairs_seed1.jsonl a fresh draw from
-seed 1, never used to choose a design), judged under "concise" and "detailed": agreement with the
-length rule (fewer characters = more concise) by the pair's length ratio, mean |p - 1/2|, and how
-many verdicts flip between the two instructions (all pairs; pairs >= 1.2x apart).
+seed 1, not used to choose a design but CUT's wording: README), judged under "concise" and
+"detailed": agreement with the length rule (fewer characters written = more concise; a response cut
+at the cap ends with oaif.CUT, which the judge reads and the rule does not count) by the pair's
+length ratio, and on the pairs >= 1.2x apart with one response cut and with none; mean |p - 1/2|;
+how many verdicts flip between the two instructions (all pairs; pairs >= 1.2x apart).
 
     python examples/judge_check.py --judge /path/to/Qwen2.5-1.5B-Instruct [--split heldout]
     python examples/judge_check.py --judge DIR --mode pairwise --kinds length --limit 6
@@ -654,8 +656,10 @@ def on_policy(a, pairs, models, dtype):
     ]
     apart = [i for i, x in enumerate(ratio) if x >= 1.2]
     subsets = {k: [i for i in apart if cuts[i] == k] for k in (1, 0)}
-    print(f"equal-length pairs (no length verdict): {sum(ties)}; pairs >= 1.2x apart with one ")
-    print(f"response cut at the cap: {len(subsets[1])}, with none: {len(subsets[0])}")
+    print(
+        f"equal-length pairs (no length verdict): {sum(ties)}; >= 1.2x apart: {len(subsets[1])} "
+        f"with one response cut at the cap, {len(subsets[0])} with none"
+    )
     print(
         "| instruction | "
         + " | ".join(f"{name} ({len(b)})" for (_, _, name), b in zip(BINS, binned))
@@ -768,7 +772,7 @@ def main():
     elif a.pairs_in:
         pairs = [json.loads(line) for line in open(a.pairs_in) if line.strip()]
     if a.min_ratio > 1 and (a.policy or a.pairs_in):
-        lengths = [sorted((len(r["a"]), len(r["b"]))) for r in pairs]
+        lengths = [sorted(len(r[k].removesuffix(oaif.CUT)) for k in "ab") for r in pairs]
         pairs = [
             r for r, (short, long) in zip(pairs, lengths) if long >= a.min_ratio * max(1, short)
         ]
