@@ -49,12 +49,13 @@ On-policy mode (--policy DIR or --pairs-in F): the policy's own pairs, sampled a
 them (oaif.sample_pairs: two responses per prompt, temperature 0.9, up to 192 tokens; the 40
 default prompts, then again, --n-pairs 80, --seed 0; --pairs-out F saves them, --pairs-in F judges
 saved ones, --min-ratio 1.2 only those >= 1.2x apart; examples/judge_check_policy_pairs.jsonl
-holds SmolLM2-135M-Instruct's from seed 0, judge_check_policy_pairs_seed1.jsonl a fresh draw from
-seed 1, not used to choose a design but CUT's wording: README), judged under "concise" and
-"detailed": agreement with the length rule (fewer characters written = more concise; a response cut
-at the cap ends with oaif.CUT, which the judge reads and the rule does not count) by the pair's
-length ratio, and on the pairs >= 1.2x apart with one response cut and with none; mean |p - 1/2|;
-how many verdicts flip between the two instructions (all pairs; pairs >= 1.2x apart).
+holds SmolLM2-135M-Instruct's from seed 0, _seed1.jsonl a fresh draw from seed 1 (not used to
+choose a design but CUT's wording), _seed2.jsonl one drawn after that (README); judged under
+"concise" and "detailed": agreement with the length rule (fewer characters written = more
+concise; a response cut at the cap ends with oaif.CUT, which the judge reads and the rule does not
+count) by the pair's length ratio, and on the pairs >= 1.2x apart with one response cut and with
+none; mean |p - 1/2|; how many verdicts flip between the two instructions (all pairs; pairs
+>= 1.2x apart).
 
     python examples/judge_check.py --judge /path/to/Qwen2.5-1.5B-Instruct [--split heldout]
     python examples/judge_check.py --judge DIR --mode pairwise --kinds length --limit 6
