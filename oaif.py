@@ -74,7 +74,7 @@ class _FusedLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, temperature, chunk_size):
         rows, h, head = _labelled_rows(hidden, weight, labels, temperature)
         lab, V = labels[rows], weight.shape[0]
-        # Per row: the answer, and the logsumexp (the one float the float32 backward keeps).
+        # Per row: the answer, and the logsumexp (float32's backward keeps it; bf16's recomputes).
         logp, lse = torch.empty(2, len(rows), dtype=torch.float32, device=h.device)
         for s in range(0, len(rows), chunk_size):
             c = slice(s, s + chunk_size)
@@ -91,7 +91,6 @@ class _FusedLogprobs(torch.autograd.Function):
                 z = h[c] @ head.T
                 z[:, V:] = -math.inf
                 logp[c] = z.log_softmax(-1, dtype=torch.float32).gather(1, lab[c, None])[:, 0]
-                lse[c] = z.gather(1, lab[c, None])[:, 0].float() - logp[c]
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         out = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
@@ -211,13 +210,13 @@ def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=1.0,
     """IPO: (h - 1/(2 beta))^2: the target margin is h* = 1/(2 beta), 0.5 nats at beta = 1. That is
     per sequence on summed log-probs (the IPO paper, our default); TRL averages them per token."""
     h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # IPO Eq. 17. A soft label p moves the target to (p - 1/2) / beta: its population loss's best.
+    # IPO Eq. 17. A soft label p moves the target to (p - 1/2) / beta, its expected loss's minimum.
     return (h - (2 * label_p - 1) / (2 * beta)) ** 2
 
 
 def slic_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.002, label_p=1.0):
     """SLiC as OAIF uses it, the hinge on the reference-normalised h: max(0, 1 - beta h). At beta =
-    0.002 it closes only at h = 500 nats: on short responses, in effect the linear loss -beta h."""
+    0.002 it is zero only from h = 500 nats: on short responses, in effect the linear -beta h."""
     h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     # SLiC-HF Eq. 3 as RSO writes it. A soft label weighs the hinge on each side, p and 1 - p.
     return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)
@@ -291,8 +290,7 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
             nxt = logits.argmax(-1)
         tokens.append(nxt.masked_fill(done, pad_id))
         done = done | torch.isin(nxt, eos)
-        # One host sync per token.
-        if t == max_new_tokens - 1 or done.all():
+        if t == max_new_tokens - 1 or done.all():  # one host sync per token
             break
         step_ids, cache_pos = tokens[-1][:, None], torch.tensor([P + t], device=ids.device)
         mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos[:, -1:] + 1
@@ -425,8 +423,7 @@ class ClaudeAnnotator:
         import anthropic
 
         self.anthropic, self.model, self.task = anthropic, model, task
-        self.instruction = instruction
-        self.cache, self.lock = {}, threading.Lock()  # verdicts by (prompt, first, second)
+        self.instruction, self.cache, self.lock = instruction, {}, threading.Lock()
         self.client = client or anthropic.Anthropic(max_retries=4, timeout=60.0)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
@@ -478,7 +475,7 @@ CRITERION = re.compile(
 
 def judge_question(task: str, instruction: str) -> str:
     """The criterion as a yes/no question about one response: "Prefer the more concise response."
-    -> "Is this a concise response?"; no instruction: the task's quality; another form: as is."""
+    -> "Is this a concise response?"; none: the task's quality; else "Does it follow ...?"."""
     instruction = " ".join(instruction.split())
     m = CRITERION.fullmatch(instruction or f"Prefer a good {NOUNS[task][1].lower()}.")
     if not m:
@@ -486,8 +483,8 @@ def judge_question(task: str, instruction: str) -> str:
     return f"Is this {'an' if m.group(1)[0] in 'aeiouAEIOU' else 'a'} {m.group(1)}?"
 
 
-# Yes/no examples the local judge reads first, each answered against the response's quality (a
-# wrong answer in French is "in French"): then it answers about the property, not about goodness.
+# Yes/no examples the local judge reads first, property and quality at odds (a wrong answer in
+# French: Yes; a good one in English: No): then it answers about the property, not about quality.
 JUDGE_SHOTS = {
     "Is this a response written in French?": [
         ("What is the capital of Italy?", "La capitale de l'Italie est Paris, bien sûr.", "Yes"),
@@ -505,14 +502,14 @@ JUDGE_SHOTS = {
 
 
 class LocalJudgeAnnotator:
-    """Any Hugging Face causal LM as the annotator, offline and pointwise (small judges asked to
-    compare two responses ignore the instruction; asked about one, they follow it): each response
-    alone gets s = log P("Yes") - log P("No") as the answer to judge_question, and
-    P(first is better) = sigmoid(s1 - s2) (Bradley-Terry). One response at a time: no order bias."""
+    """Any Hugging Face causal LM as a pointwise, offline annotator (small judges asked to compare
+    two responses ignore the instruction; asked about one, they follow it): each response alone gets
+    s = log P("Yes") - log P("No") to judge_question (with an instruction, less `debias` x that to
+    "Is this a good response?"); P(first is better) = sigmoid(s1 - s2). Never an order bias."""
 
-    def __init__(self, model, tokenizer, task="helpful", instruction="", batch_size=8):
+    def __init__(self, model, tokenizer, task="helpful", instruction="", batch_size=8, debias=0.25):
         self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.instruction, self.batch_size = instruction.strip(), batch_size
+        self.instruction, self.batch_size, self.debias = instruction.strip(), batch_size, debias
         self.question = judge_question(task, self.instruction)
         self.chat = getattr(tokenizer, "chat_template", None)
         self.context = getattr(model.config, "max_position_embeddings", None)
@@ -528,9 +525,15 @@ class LocalJudgeAnnotator:
         if self.words[0] == self.words[1]:
             raise OAIFError("the judge's Yes and No begin with one token: every score would be 0")
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
+        # Asked "Is this detailed?", a small judge partly answers "Is this good?" (a longer answer
+        # cut at the cap reads as less detailed than a finished one): a share of "good?" comes off.
+        self.good_judge = None
+        if debias and self.instruction:
+            self.good_judge = LocalJudgeAnnotator(model, tokenizer, task, batch_size=batch_size)
+            self.good_judge.stats = self.stats  # its forward passes count as this annotator's
 
     def reply(self, word: str) -> str:
-        """`word` as the chat template writes a reply (Llama-2: " Yes"), bar "<think></think>"."""
+        """`word` as the chat template writes a reply (Llama-2: " Yes"); bare if <think> first."""
         turns = [dict(role="user", content="x"), dict(role="assistant", content=word)]
         full = self.tokenizer.apply_chat_template(turns, tokenize=False) if self.chat else word
         rest = full.removeprefix(user_turn(self.tokenizer, "x") if self.chat else "")
@@ -548,13 +551,10 @@ class LocalJudgeAnnotator:
         rubric = "" if self.instruction else TEMPLATES[self.task] + "\n\n"
         last = rubric + self.turn(prompt, response, self.question)
         if self.chat:
-            turns = []
-            for u, a in shots:
-                turns += [dict(role="user", content=u), dict(role="assistant", content=a)]
-            turns.append(dict(role="user", content=last))
-            text = self.tokenizer.apply_chat_template(
-                turns, tokenize=False, add_generation_prompt=True
-            )
+            roles = ("user", "assistant") * len(shots) + ("user",)
+            turns = [dict(role=r, content=t) for r, t in zip(roles, [*sum(shots, ()), last])]
+            template = self.tokenizer.apply_chat_template
+            text = template(turns, tokenize=False, add_generation_prompt=True)
         else:
             text = "".join(f"{u}\nAnswer:\n{a}\n\n" for u, a in shots) + last + "\nAnswer:\n"
         # The head (cached, the same for every response) ends with this turn's "Conversation:\n".
@@ -563,8 +563,8 @@ class LocalJudgeAnnotator:
 
     @torch.inference_mode()
     def scores(self, prompts: list, responses: list) -> list:
-        """log P("Yes") - log P("No") per response. The head's KV cache is computed once and copied
-        into each batch; responses are batched with their neighbours in length."""
+        """log P("Yes") - log P("No") per response. The shared head's KV cache is computed once a
+        call and copied into each batch; responses are batched with their neighbours in length."""
         # Each input is tokenized whole, as the judge reads it; the cached head is the prefix they
         # all share. Tokenized alone, a head may end otherwise (BPE's "\n\n", SentencePiece "▁Why").
         texts = [self.ask("", "")[0]] + ["".join(self.ask(*x)) for x in zip(prompts, responses)]
@@ -574,7 +574,7 @@ class LocalJudgeAnnotator:
         if self.context and len(head) + max(map(len, seqs), default=0) > self.context:
             raise OAIFError(f"a judge prompt is over the judge's context of {self.context} tokens")
         body, device = self.model.base_model, self.model.device
-        # Only two logits are needed: the head's rows for Yes and No, (2, H).
+        # Only two logits are needed: the LM head's rows for Yes and No, (2, H).
         W = self.model.get_output_embeddings().weight[self.words].float()
         kv = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
         cache = body(torch.tensor([head], device=device), use_cache=True)[1]
@@ -597,7 +597,10 @@ class LocalJudgeAnnotator:
         return [out[i] for i in range(len(seqs))]
 
     def __call__(self, prompts: list, first: list, second: list) -> list:
-        s = torch.tensor(self.scores(prompts + prompts, first + second))
+        both = prompts + prompts, first + second
+        s = torch.tensor(self.scores(*both))
+        if self.good_judge:
+            s -= self.debias * torch.tensor(self.good_judge.scores(*both))
         p = torch.sigmoid(s[: len(prompts)] - s[len(prompts) :]).tolist()
         # One text batched two ways scores apart by rounding (bf16: 0.03): identical ones tie.
         return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
@@ -623,10 +626,8 @@ class RewardModelAnnotator:
             turns = [dict(role="user", content=x), dict(role="assistant", content=y)]
             texts.append(tok.apply_chat_template(turns, tokenize=False) if chat else f"{x}\n\n{y}")
         # Right padding: no real token sees a pad.
-        kw = dict(
-            padding=True, padding_side="right", add_special_tokens=not chat, return_tensors="pt"
-        )
-        enc = tok(texts, **kw)
+        kw = dict(padding=True, padding_side="right", return_tensors="pt")
+        enc = tok(texts, add_special_tokens=not chat, **kw)
         r = self.model(**enc.to(self.model.device)).logits[:, 0].float()  # (2B,)
         self.stats["annotator_requests"] += len(texts)
         self.stats["input_tokens"] += int(enc.attention_mask.sum())
@@ -652,19 +653,18 @@ def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
 
 
 class Wiring:
-    """How oaif_step reaches its models, fn(model, *args), and sums over ranks. This class calls
-    them directly; train() passes Distributed (Part 2): the same calls through DDP, FSDP2, LoRA."""
+    """oaif_step's model calls, each fn(model, *args): sample, policy (the loss pass), reference
+    (frozen); total() sums over ranks. Direct here; Distributed (Part 2): DDP, FSDP2, LoRA."""
 
     world = 1  # processes training together (ranks)
 
     def __init__(self, policy, ref_model):
         self.policy_model, self.ref_model = policy, ref_model
 
-    def sample(self, fn: Callable, *args):
-        return fn(self.policy_model, *args)
-
     def policy(self, fn: Callable, *args):
         return fn(self.policy_model, *args)
+
+    sample = policy  # the same direct call here; Distributed overrides both
 
     @torch.no_grad()
     def reference(self, fn: Callable, *args):
@@ -697,7 +697,7 @@ def oaif_step(
     policy, ref_model, tokenizer, prompts, annotator, optimizer, cfg, pairs=None, wiring=None
 ):
     """Algorithm 1, one step on this rank's prompts -> the step's numbers. cfg: Config (or any
-    object with the fields used here); pairs: labelled pairs (offline) in place of steps 1 and 2."""
+    object with the fields used here); pairs: offline_batch's, with "probs", for steps 1 and 2."""
     start = time.perf_counter()
     wiring = wiring or Wiring(policy, ref_model)
     # 1) Sample two responses per prompt from the current policy at --temperature; π scored at T=1.
@@ -780,6 +780,7 @@ class Config:
     annotator_workers: int = 16  # concurrent annotator requests
     labels: str = "hard"  # hard: the preferred response is certain (the paper); soft: P(better)
     min_confidence: float = 0.05  # drop a pair whose verdict p has |p - 0.5| below this
+    judge_debias: float = 0.25  # hf: with an instruction, less this x its log-odds to "good?"
     # evaluation and the offline baseline
     eval_every: int = 0  # win rate against the initial policy every N steps and at the end
     eval_prompts: int = 16  # held-out prompts for the win rate, never trained on
@@ -910,19 +911,18 @@ def judge_dtype(device) -> torch.dtype:
 def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
     """--annotator SPEC -> the annotator. models caches (model, tokenizer) by name, and holds
     "device": a judge that is --model is the reference model itself, not a third copy."""
-    name = spec[3:]  # hf:NAME, rm:NAME
-    device = models["device"]
+    name, device = spec[3:], models["device"]  # hf:NAME, rm:NAME
     if spec in ("shorter", "longer"):
         return {"shorter": shorter, "longer": longer}[spec]
     if spec == "claude":
-        workers = cfg.annotator_workers
-        return ClaudeAnnotator(claude_model, cfg.task, cfg.instruction, max_workers=workers)
+        return ClaudeAnnotator(claude_model, cfg.task, cfg.instruction, None, cfg.annotator_workers)
     if spec.startswith("hf:"):
         if name not in models:
             # The judge in bf16 where bf16 is fast, whatever --dtype the policy trains in.
             models[name] = load_model(name, device, dtype=judge_dtype(device))
             models[name][0].requires_grad_(False)
-        return LocalJudgeAnnotator(*models[name], task=cfg.task, instruction=cfg.instruction)
+        judge = dict(task=cfg.task, instruction=cfg.instruction, debias=cfg.judge_debias)
+        return LocalJudgeAnnotator(*models[name], **judge)
     if spec.startswith("rm:"):
         # Loaded for each use: never the reference.
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
@@ -1055,11 +1055,10 @@ def split_prompts(cfg: Config) -> tuple:
     random.Random(cfg.seed).shuffle(prompts)
     n_eval = min(cfg.eval_prompts, len(prompts) - 1) if cfg.eval_every > 0 else 0
     left = len(prompts) - n_eval
-    batch = cfg.batch_size
-    if n_eval and left < batch and not cfg.offline_data:
+    if n_eval and left < cfg.batch_size and not cfg.offline_data:
         raise OAIFError(
             f"{len(prompts)} prompts: {n_eval} held out for evaluation leave {left} to "
-            f"train on, under --batch-size {batch}: lower --eval-prompts or --batch-size"
+            f"train on, under --batch-size {cfg.batch_size}: lower --eval-prompts or --batch-size"
         )
     return prompts[:n_eval], prompts[n_eval:]
 
@@ -1209,7 +1208,7 @@ def check_output_dir(cfg: Config, config: dict) -> None:
     if not os.path.isfile(os.path.join(last, "oaif_config.json")):
         raise OAIFError(f"--resume: no complete checkpoint of this oaif in {out}; start a new run")
     with open(os.path.join(last, "oaif_config.json")) as f:
-        saved = json.load(f)
+        saved = {"judge_debias": 0.0, **json.load(f)}  # an older oaif's judge had none
 
     def same(k):
         # --eval-every may change, but not whether it is 0: that decides the held-out split.
@@ -1219,8 +1218,9 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         if k in ("prompts", "offline_data"):
             return os.path.splitext(saved[k])[1] == os.path.splitext(config[k])[1]
         # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
-        # Claude model with another annotator.
-        idle = dict(eval_prompts=not config["eval_every"])
+        # Claude model with another annotator, the debias where no hf: judge has an instruction.
+        debiased = config["annotator"].startswith("hf:") and config["instruction"].strip()
+        idle = dict(eval_prompts=not config["eval_every"], judge_debias=not debiased)
         idle["annotator_model"] = config["annotator"] != "claude"
         return idle.get(k) or saved.get(k) == config[k]
 

@@ -667,29 +667,45 @@ def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
         ["Nobody knows.", "Hey"],
     )
 
-    def tokens(p, r):  # (the head, the rest)
+    def tokens(judge, p, r):  # (the head, the rest)
         return sum((tok(t).input_ids for t in judge.ask(p, r)), [])
 
-    ids = [tokens(p, r) for p, r in zip(prompts + prompts, a + b)]
-    # the first token of each answer as it follows the input (its own test below)
-    yes, no = judge.words
-    # the plain path: each whole input alone, unpadded, uncached, the model's own logits
-    with torch.no_grad():
-        s = [
-            float(lg[yes] - lg[no]) for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)
-        ]
+    def plain(judge):  # each whole input alone, unpadded, uncached, the model's own logits
+        yes, no = judge.words  # the first token of each answer as it follows the input (below)
+        ids = [tokens(judge, p, r) for p, r in zip(prompts + prompts, a + b)]
+        with torch.no_grad():
+            last = [model(torch.tensor([x])).logits[0, -1] for x in ids]
+        return ids, [float(lg[yes] - lg[no]) for lg in last]
+
+    ids, s = plain(judge)
     # the head's KV cache copied into batches of 3 right-padded inputs (then 1): the same log-odds
-    # and verdicts
     assert judge.scores(prompts + prompts, a + b) == pytest.approx(s, abs=1e-5)
+    # with an instruction, a quarter of the log-odds to the task's own question comes off: the
+    # no-instruction judge's, tested by the other case
+    good = oaif.LocalJudgeAnnotator(model, tok, task="tldr")
+    g_ids, g = plain(good) if instruction else ([], [0.0] * 4)
+    assert (judge.good_judge is not None) == bool(instruction) and good.good_judge is None
+    s = [x - 0.25 * y for x, y in zip(s, g)]
     p_ab = judge(prompts, a, b)
     assert p_ab == pytest.approx([1 / (1 + math.exp(s[i + 2] - s[i])) for i in range(2)], abs=1e-5)
     assert judge(prompts, b, a) == pytest.approx([1 - p for p in p_ab], abs=1e-6)  # order-blind
     assert judge(["x"], ["same"], ["same"]) == [0.5] and judge([], [], []) == []
     with pytest.raises(oaif.OAIFError, match="over the judge's context of 1024 tokens"):
         judge(["x"], ["word " * 1100], ["y"])
-    # one forward per response, none per order
-    assert judge.stats["annotator_requests"] == 4 + 4 + 4 + 2
-    assert judge.stats["input_tokens"] == 3 * sum(map(len, ids)) + 2 * len(tokens("x", "same"))
+    # one forward per response and question, none per order
+    k = 2 if instruction else 1
+    assert judge.stats["annotator_requests"] == 4 + k * (4 + 4 + 2)
+    same = [tokens(j, "x", "same") for j in (judge, good)[:k]]
+    total = 3 * sum(map(len, ids)) + 2 * len(same[0])
+    assert judge.stats["input_tokens"] == total + 2 * sum(map(len, g_ids)) + 2 * len(same[-1]) * (
+        k - 1
+    )
+    # debias=0: the question's log-odds alone
+    plain_judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", instruction, 3, debias=0)
+    assert plain_judge.good_judge is None
+    s0 = plain(plain_judge)[1]
+    want = [1 / (1 + math.exp(s0[i + 2] - s0[i])) for i in range(2)]
+    assert plain_judge(prompts, a, b) == pytest.approx(want, abs=1e-5)
 
 
 def test_local_judge_scores_the_tokens_of_each_whole_input():
@@ -1139,6 +1155,11 @@ def test_length_control_reads_a_finished_arm_only_if_its_flags_match(tmp_path, c
 
     first = run("--steps", "1")
     assert run("--steps", "1") == first  # the same flags: both arms read, not run again
+    for arm in ("concise", "detailed"):  # as an oaif before --judge-debias saved them: the same
+        saved = json.loads((tmp_path / arm / "oaif_config.json").read_text())
+        del saved["judge_debias"]
+        (tmp_path / arm / "oaif_config.json").write_text(json.dumps(saved))
+    assert run("--steps", "1") == first
     # other flags: never the old arms' numbers
     with pytest.raises(SystemExit, match="holds a previous run"):
         run("--steps", "2")
@@ -2411,11 +2432,27 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
     oaif.main(run_args(tiny, out, "--steps", "1", "--save-every", "1", "--prompts", "p.txt"))
     # no evaluation: no held-out split; not Claude: no Claude model; the same file, named otherwise
     idle = ["--eval-prompts", "5", "--annotator-model", "claude-other", "--prompts", "./p.txt"]
+    idle += ["--judge-debias", "0.5"]  # the hf: judge's only
     oaif.main(run_args(tiny, out, "--steps", "2", "--resume", *idle))
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert "--eval-every" in bad_run(
         run_args(tiny, out, "--steps", "3", "--resume", *idle, "--eval-every", "1"), capsys
     )
+    # a local judge's labels change with its debias: refused there, not without an instruction
+    hf = ["--annotator", f"hf:{tiny}", "--save-every", "1"]
+    judged = [*hf, "--instruction", "Prefer the more concise response."]
+    oaif.main(run_args(tiny, tmp_path / "hf", "--steps", "1", *judged))
+    again = run_args(tiny, tmp_path / "hf", "--resume", *judged, "--judge-debias", "0")
+    assert "--judge-debias 0.25 -> 0.0" in bad_run(again, capsys)
+    oaif.main(run_args(tiny, tmp_path / "plain", "--steps", "1", *hf))
+    oaif.main(run_args(tiny, tmp_path / "plain", "--resume", *hf, "--judge-debias", "0.5"))
+    # a checkpoint of an oaif before --judge-debias: its judge had none (0)
+    config = tmp_path / "hf" / "checkpoint-1" / "oaif_config.json"
+    saved = json.loads(config.read_text())
+    del saved["judge_debias"]
+    config.write_text(json.dumps(saved))
+    oaif.main(run_args(tiny, tmp_path / "hf", "--resume", *judged, "--judge-debias", "0"))
+    assert [r["step"] for r in read_metrics(tmp_path / "hf")] == [1, 2]
 
 
 def test_a_printed_pair_is_one_the_loss_used():

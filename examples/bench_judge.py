@@ -1,5 +1,6 @@
-"""Judgments per second of the `--annotator hf:DIR` judge (pointwise: one forward per response),
-with and without what makes it cheaper, on the same pairs, configurations alternating:
+"""Judgments per second of the `--annotator hf:DIR` judge (pointwise: one forward per response and
+question; with an instruction hf: asks two, the instruction's and "good?", and this times the
+first), with and without what makes it cheaper, on the same pairs, configurations alternating:
 
     plain   every input whole, in the order given, left-padded to its batch's longest (the judge
             before issue 16's item 3, verbatim)
@@ -101,7 +102,7 @@ def main():
         for path, dtype in configs if rep % 2 == 0 else configs[::-1]:
             model.to(dtype)
             cls = Plain if path == "plain" else oaif.LocalJudgeAnnotator
-            judge = cls(model, tok, instruction=a.instruction, batch_size=a.batch_size)
+            judge = cls(model, tok, instruction=a.instruction, batch_size=a.batch_size, debias=0)
             t = time.perf_counter()
             s = judge.scores(prompts + prompts, first + second)
             seconds[path, dtype].append(time.perf_counter() - t)

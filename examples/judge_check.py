@@ -19,7 +19,8 @@ the mode has an order). --mode picks oaif's judge (pointwise) or one of the alte
 measured against (README, the judge check):
 
     pointwise      oaif.LocalJudgeAnnotator: P(Yes) to "Is this a concise response?" per
-                   response, compared; after oaif.JUDGE_SHOTS, its few-shot examples
+                   response, less --debias x that to "Is this a good response?", compared;
+                   after oaif.JUDGE_SHOTS, its few-shot examples
     noshots        the same without the examples: oaif's judge before JUDGE_SHOTS
     meets          noshots asked "Does the response meet this criterion: <instruction>"
     calibrated     noshots minus the response's log-odds to "Is this a good response?"
@@ -50,7 +51,9 @@ them (oaif.sample_pairs: two responses per prompt, temperature 0.9, up to 192 to
 default prompts, then again, --n-pairs 80, --seed 0; --pairs-out F saves them, --pairs-in F judges
 saved ones, --min-ratio 1.2 only those >= 1.2x apart; examples/judge_check_policy_pairs.jsonl
 holds SmolLM2-135M-Instruct's from seed 0, _seed1.jsonl a fresh draw from seed 1 (not used to
-choose a design but CUT's wording), _seed2.jsonl one drawn after that (README); judged under
+choose a design but CUT's wording and the debias weight), _seed2.jsonl one drawn after CUT's
+wording, _seed3.jsonl one drawn for the debias weight and judged after it was chosen (README);
+--debias W sets the pointwise judge's (oaif's default 0.25; the other modes: none); judged under
 "concise" and "detailed": agreement with the length rule (fewer characters written = more
 concise; a response cut at the cap ends with oaif.CUT, which the judge reads and the rule does not
 count) by the pair's length ratio, and on the pairs >= 1.2x apart with one response cut and with
@@ -602,6 +605,13 @@ MODES = dict(
 ORDERED = ("pairwise", "compare", "compare_yn")  # the modes that see both responses in an order
 
 
+def build(a, models, instruction):
+    """The judge --mode names: pointwise as oaif has it (--debias), the others as they were measured
+    (without the debias, which came after them)."""
+    debias = a.debias if a.mode == "pointwise" else 0
+    return MODES[a.mode](*models[a.judge], task="helpful", instruction=instruction, debias=debias)
+
+
 def sample_policy_pairs(a) -> list:
     """--n-pairs pairs from --policy as training samples them: batches of 8 prompts
     (Config.batch_size), the default prompts in order and again, two responses each
@@ -672,11 +682,14 @@ def on_policy(a, pairs, models, dtype):
         ("Prefer the more concise response.", True),
         ("Prefer the more detailed response.", False),
     ):
-        judge = MODES[a.mode](*models[a.judge], task="helpful", instruction=instruction)
+        judge = build(a, models, instruction)
         t = time.perf_counter()
         prompts, n = [r["prompt"] for r in pairs], len(pairs)
         if type(judge).__call__ is oaif.LocalJudgeAnnotator.__call__:  # pointwise: keep the scores
-            s = judge.scores(prompts + prompts, [r["a"] for r in pairs] + [r["b"] for r in pairs])
+            both = prompts + prompts, [r["a"] for r in pairs] + [r["b"] for r in pairs]
+            s = judge.scores(*both)
+            if judge.good_judge:
+                s = [x - judge.debias * g for x, g in zip(s, judge.good_judge.scores(*both))]
             p_a = torch.sigmoid(torch.tensor(s[:n]) - torch.tensor(s[n:])).tolist()
         else:
             s, p_a = None, judge(prompts, [r["a"] for r in pairs], [r["b"] for r in pairs])
@@ -755,6 +768,12 @@ def main():
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--debias",
+        type=float,
+        default=oaif.LocalJudgeAnnotator.__init__.__defaults__[-1],
+        help="pointwise: the weight of the judge's 'Is this a good response?' log-odds taken off",
+    )
+    p.add_argument(
         "--min-ratio",
         type=float,
         default=1.0,
@@ -800,7 +819,7 @@ def main():
     for kind in a.kinds.split(","):
         kept = [r for r in rows if r["kind"] == kind][: a.limit or None]
         for instruction, good in INSTRUCTIONS[kind]:
-            judge = MODES[a.mode](*models[a.judge], task="helpful", instruction=instruction)
+            judge = build(a, models, instruction)
             prompts = [r["prompt"] for r in kept]
             t = time.perf_counter()
             if a.mode in ORDERED:  # raw verdicts in both orders, combined as both_orders does

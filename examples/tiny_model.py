@@ -106,7 +106,7 @@ def finished(argv: list) -> bool:
     if not os.path.isfile(path):
         return False
     with open(path) as f:
-        saved = json.load(f)
+        saved = {"judge_debias": 0.0, **json.load(f)}  # a run from before the debias had none
     if cfg["beta"] is None:  # as the run saved it
         cfg["beta"] = oaif.DEFAULT_BETA[cfg["loss"]]
     for k in ("prompts", "offline_data"):  # the same file name, other contents: run again
@@ -114,6 +114,8 @@ def finished(argv: list) -> bool:
             with open(cfg[k], "rb") as f:
                 cfg[f"{k}_sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
     free = ("sample_every", "resume", "overwrite")  # they do not change what the run learns
+    if not (cfg["annotator"].startswith("hf:") and cfg["instruction"].strip()):
+        free += ("judge_debias",)  # only an hf: judge with an instruction has one
     return all(saved.get(k) == v for k, v in cfg.items() if k not in free)
 
 
