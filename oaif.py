@@ -1218,7 +1218,7 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         if k in ("prompts", "offline_data"):
             return os.path.splitext(saved[k])[1] == os.path.splitext(config[k])[1]
         # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
-        # Claude model with another annotator, the debias where no hf: judge has an instruction.
+        # Claude model with another annotator, the debias but for training's hf: judge, instructed.
         debiased = config["annotator"].startswith("hf:") and config["instruction"].strip()
         idle = dict(eval_prompts=not config["eval_every"], judge_debias=not debiased)
         idle["annotator_model"] = config["annotator"] != "claude"

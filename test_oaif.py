@@ -5,6 +5,7 @@ HTTP).
     python -m pytest -q test_oaif.py
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -1165,6 +1166,22 @@ def test_length_control_reads_a_finished_arm_only_if_its_flags_match(tmp_path, c
         run("--steps", "2")
     # 2 steps and the evaluation
     assert [len(r) for r in run("--steps", "2", "--overwrite").values()] == [3, 3]
+
+
+def test_a_finished_run_counts_the_debias_only_where_an_hf_judge_reads_an_instruction(tmp_path):
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import tiny_model
+
+    flags = ["--output-dir", str(tmp_path), "--instruction", "Prefer the more concise response."]
+    for judges, counts in (
+        (["--annotator", "shorter"], False),
+        (["--annotator", "shorter", "--eval-annotator", "hf:x"], True),  # the win rates change
+        (["--annotator", "hf:x"], True),
+    ):
+        saved = dataclasses.asdict(oaif.parse_args([*flags, *judges, "--judge-debias", "0"]))
+        (tmp_path / "oaif_config.json").write_text(json.dumps(dict(saved, beta=0.1)))
+        assert tiny_model.finished([*flags, *judges, "--judge-debias", "0"])
+        assert tiny_model.finished([*flags, *judges]) is not counts  # the default, 0.25
 
 
 def test_bench_logprobs_quick(tmp_path):

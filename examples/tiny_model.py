@@ -114,7 +114,8 @@ def finished(argv: list) -> bool:
             with open(cfg[k], "rb") as f:
                 cfg[f"{k}_sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
     free = ("sample_every", "resume", "overwrite")  # they do not change what the run learns
-    if not (cfg["annotator"].startswith("hf:") and cfg["instruction"].strip()):
+    judges = (cfg["annotator"], cfg["eval_annotator"])  # training's, the evaluation's
+    if not (cfg["instruction"].strip() and any(j.startswith("hf:") for j in judges)):
         free += ("judge_debias",)  # only an hf: judge with an instruction has one
     return all(saved.get(k) == v for k, v in cfg.items() if k not in free)
 
