@@ -978,7 +978,7 @@ def read_lines(path: str, what: str, keys=(), expected="", ok: Callable = lambda
     if not os.path.isfile(path):
         raise OAIFError(f"{what} not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError as e:
         why = f"{path} is not ({e.reason} at byte {e.start})"
@@ -1329,8 +1329,9 @@ def complete_checkpoints(out_dir: str) -> list:
 
 
 def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
-    """-> (the last step done, its records, metrics.jsonl open on rank 0), restoring what a resume
-    needs; a fresh run first deletes a previous run's files (only --overwrite lets some in)."""
+    """-> (the last step done, its records and evaluations, metrics.jsonl open on rank 0),
+    restoring what a resume needs; a fresh run first deletes a previous run's files (only
+    --overwrite lets some in)."""
     rank, world = rank_and_world()
     out_dir, seed = cfg.output_dir, cfg.seed
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -1377,8 +1378,11 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
         if rank == 0:
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-    done = [r for r in map(json.loads, kept) if not r.get("eval")]
-    return state["step"], done, open(metrics_path, "a") if rank == 0 else None
+    return (
+        state["step"],
+        list(map(json.loads, kept)),
+        open(metrics_path, "a") if rank == 0 else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1687,8 +1691,9 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         judged = f"{record['n']} judged, {record['ties']} ties, {record['no_verdict']} no verdict"
         bar.write(f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({judged})")
         return
-    shown = dict(loss=f"{record['loss']:.3f}", margin=f"{record['reward_margin']:.2f}")
-    bar.set_postfix(shown, len=f"{record['response_tokens']:.1f}", pairs=record["pairs"])
+    # The signal is the length and the KL: on fresh pairs every step the loss stays near log 2.
+    shown = dict(len=f"{record['response_tokens']:.1f} tokens", kl=f"{record['kl']:.2f} nats")
+    bar.set_postfix(shown, loss=f"{record['loss']:.3f}", pairs=record["pairs"])
     if record["nonfinite"]:
         bar.write(f"step {step}: the loss or gradient is not finite (inf or nan): update skipped")
     elif not record["updated"]:
@@ -1701,6 +1706,19 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         win, lose = out["batch"]["texts"][2 * i : 2 * i + 2][:: 1 if p > 0.5 else -1]
         shown = f"prompt: {prompts[i]!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}"
         bar.write(f"step {step} | {shown}")
+
+
+def moved(history: list, n: int = 5) -> dict:
+    """How the run moved: [first, last] of the mean response tokens and of the KL (nats per
+    response) over the first and the last k = n steps (fewer in a short run), and of the win rate
+    (the first and last evaluations; [] without any)."""
+    steps = [r for r in history if not r.get("eval")]
+    k = max(1, min(n, len(steps) // 2))
+    out = dict(k=k)
+    for key in ("response_tokens", "kl"):
+        out[key] = [float(np.mean([r[key] for r in rows])) for rows in (steps[:k], steps[-k:])]
+    wins = [r["win_rate"] for r in history if r.get("eval")]
+    return dict(out, win_rate=wins[:1] + wins[-1:])
 
 
 def usage(s: dict, annotator) -> str:
@@ -1728,6 +1746,13 @@ def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, a
     if judge is not annotator and hasattr(judge, "stats"):
         line += f"; evaluation's annotator: {usage(judge.stats, judge)}"
     print(f"{line}; saved to {cfg.output_dir}", file=sys.stderr)
+    m = summary["moved"]
+    line = f"oaif: the first {m['k']} steps -> the last {m['k']}: response length {{:.1f}} -> "
+    line += "{:.1f} tokens, KL to the reference {:.2f} -> {:.2f} nats"
+    line = line.format(*m["response_tokens"], *m["kl"])
+    if m["win_rate"]:
+        line += "; win rate vs the initial policy {:.2f} -> {:.2f}".format(*m["win_rate"])
+    print(line, file=sys.stderr)
 
 
 def diverged(step: int, what: str, cfg: Config) -> OAIFError:
@@ -1765,9 +1790,9 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     if not cfg.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=new_run_folder("oaif-out"))
         config["output_dir"] = cfg.output_dir
-    start, done, log = open_run(cfg, resume_from, optimizer, wiring.score, stats)
+    start, history, log = open_run(cfg, resume_from, optimizer, wiring.score, stats)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
-    totals = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}
+    totals = {k: sum(r.get(k, 0) for r in history if not r.get("eval")) for k in TOTALS}
     record, last_eval = {}, None  # the last step's metrics, the last evaluation's
     for step in bar:
         begin, stats0 = time.perf_counter(), dict(stats)
@@ -1790,10 +1815,12 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         lr, seconds = optimizer.param_groups[0]["lr"], time.perf_counter() - begin
         record = step_record(step, out, cfg, wiring, stats, stats0, lr, seconds)
         totals = {k: v + record[k] for k, v in totals.items()}
+        history.append(record)
         if rank == 0:
             report(record, log, bar, cfg.sample_every, prompts, out)
         if eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
             last_eval = evaluate(step, cfg, wiring, tokenizer, eval_prompts, ref_answers, judge)
+            history.append(last_eval)
             if rank == 0:
                 report(last_eval, log, bar)
         if cfg.save_every and step % cfg.save_every == 0:
@@ -1802,6 +1829,7 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     # The annotator's counters over all ranks and the whole run.
     whole = all_sum(stats, device) if stats else {}
     summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **judge_health(whole))
+    summary["moved"] = moved(history)
     summary.update({k: int(v) for k, v in whole.items() if k not in HEALTH})
     model_state = gathered_state(policy) if cfg.fsdp else None
     if rank == 0:
