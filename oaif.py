@@ -85,7 +85,8 @@ def oaif_step(
     # A pair triage drops (a tie, no verdict, a hedge) weighs 0; max(p, 1 - p) is P(y+ is better).
     used, out["counts"] = triage(probs, cfg.min_confidence)
     p = torch.tensor([0.5 if v is None else v for v in used], device=logps.device)
-    first_wins, usable = p > 0.5, (p != 0.5).float()
+    first_wins = p > 0.5
+    usable = (p != 0.5).float()
     # TRL's IPO (--average-logps) scores the mean log-prob per response token, not the sum.
     n = batch["response_tokens"].clamp(min=1) if cfg.average_logps else 1
     lp, ref_lp = logps / n, ref_logps / n
@@ -205,7 +206,8 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     step_ids, cache_pos = ids, torch.arange(P, device=ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    finite, tokens = True, []
+    finite = True
+    tokens = []
     for t in range(max_new_tokens):
         inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True)
         out = model(**inputs, cache_position=cache_pos, logits_to_keep=1, **{kv: cache})
@@ -336,8 +338,12 @@ class ClaudeAnnotator:
         # Only this annotator needs the SDK. Its retries heal 429, 529, 5xx and timeouts.
         import anthropic
 
-        self.anthropic, self.model, self.task = anthropic, model, task
-        self.instruction, self.cache, self.lock = instruction, {}, threading.Lock()
+        self.anthropic = anthropic
+        self.model = model
+        self.task = task
+        self.instruction = instruction
+        self.cache = {}
+        self.lock = threading.Lock()
         self.client = client or anthropic.Anthropic(max_retries=4, timeout=60.0)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
@@ -534,7 +540,8 @@ class RewardModelAnnotator:
 
     @torch.inference_mode()
     def __call__(self, prompts: list, first: list, second: list) -> list:
-        tok, chat = self.tokenizer, self.tokenizer.chat_template
+        tok = self.tokenizer
+        chat = self.tokenizer.chat_template
         texts = []
         for x, y in zip(prompts + prompts, first + second):
             turns = [dict(role="user", content=x), dict(role="assistant", content=y)]
@@ -622,7 +629,8 @@ class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk_size):
         rows, h, head = _labelled_rows(hidden, weight, labels, temperature)
-        lab, V = labels[rows], weight.shape[0]
+        lab = labels[rows]
+        V = weight.shape[0]
         # Per row: the answer, and the logsumexp (float32's backward keeps it; bf16's recomputes).
         logp, lse = torch.empty(2, len(rows), dtype=torch.float32, device=h.device)
         for s in range(0, len(rows), chunk_size):
@@ -650,7 +658,8 @@ class _FusedLogprobs(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         T, C, V = ctx.temperature, ctx.chunk_size, weight.shape[0]
         rows, h, head = _labelled_rows(hidden, weight, labels, T)
-        lab, g = labels[rows], grad_out[rows].float()
+        lab = labels[rows]
+        g = grad_out[rows].float()
         grad_h = torch.zeros_like(hidden)
         # A frozen head (LoRA) gets no gradient: no float32 (V, H) buffer, two GEMMs a chunk, not 3.
         grad_w = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -834,9 +843,20 @@ RUN_FILES = re.compile(
     r"|(adapter_)?model.*\.safetensors.*|chat_template\.\w+"
 )
 # The flags --resume may change: they do not change what is trained (--eval-every: only > 0 does).
-FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "annotator_workers", "sample_every"}
-FREE_ON_RESUME |= {"resume", "overwrite", "output_dir", "device", "fsdp", "eval_annotator"}
-FREE_ON_RESUME |= {"eval_annotator_model"}
+FREE_ON_RESUME = {
+    "steps",
+    "save_every",
+    "keep_checkpoints",
+    "annotator_workers",
+    "sample_every",
+    "resume",
+    "overwrite",
+    "output_dir",
+    "device",
+    "fsdp",
+    "eval_annotator",
+    "eval_annotator_model",
+}
 # Counters summed over steps and ranks: an LLM judge's health (as ANNOTATOR_STATS), the totals.
 HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
 TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")
@@ -936,7 +956,8 @@ def judge_dtype(device) -> torch.dtype:
 def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
     """--annotator SPEC -> the annotator. models caches (model, tokenizer) by name, and holds
     "device": a judge that is --model is the reference model itself, not a third copy."""
-    name, device = spec[3:], models["device"]  # hf:NAME, rm:NAME
+    name = spec[3:]  # hf:NAME, rm:NAME
+    device = models["device"]
     if spec in ("shorter", "longer"):
         return {"shorter": shorter, "longer": longer}[spec]
     if spec == "claude":
@@ -1333,7 +1354,8 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
     restoring what a resume needs; a fresh run first deletes a previous run's files (only
     --overwrite lets some in)."""
     rank, world = rank_and_world()
-    out_dir, seed = cfg.output_dir, cfg.seed
+    out_dir = cfg.output_dir
+    seed = cfg.seed
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     os.makedirs(out_dir, exist_ok=True)
     if not resume_from:
@@ -1462,9 +1484,14 @@ class Distributed(Wiring):
 
     def __init__(self, policy, ref_model, base: Callable, fsdp: bool, world: int, device, dropout):
         super().__init__(policy, ref_model)
-        self.base, self.fsdp, self.world, self.device = base, fsdp, world, device
-        self.dropout, self.own_logps = dropout, None
-        self.score, self.ref_score = _Scorer(policy), _Scorer(ref_model)
+        self.base = base
+        self.fsdp = fsdp
+        self.world = world
+        self.device = device
+        self.dropout = dropout
+        self.own_logps = None
+        self.score = _Scorer(policy)
+        self.ref_score = _Scorer(ref_model)
         if fsdp:
             self.score.shard()
             self.ref_score.shard()
@@ -1500,9 +1527,11 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
     # A prompt too long for the context is refused, never truncated.
     lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
     i = max(range(len(prompts)), key=lengths.__getitem__, default=0)
-    context, new = context_length(ref_model.config), cfg.max_new_tokens
+    context = context_length(ref_model.config)
+    new = cfg.max_new_tokens
     if context and prompts and lengths[i] + new > context:
-        words, over = " ".join(prompts[i].split()[:8])[:60], lengths[i] + new - context
+        words = " ".join(prompts[i].split()[:8])[:60]
+        over = lengths[i] + new - context
         raise OAIFError(
             f'{cfg.prompts or "the built-in prompts"}: the prompt "{words}..." has '
             f"{lengths[i]} tokens; with --max-new-tokens {new} that is {over} over the "
@@ -1564,7 +1593,8 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
     used, counts = triage(annotator(prompts, policy_texts, reference_texts), 0.0)
     wins = sum(p is not None and p > 0.5 for p in used)
     losses = sum(p is not None and p < 0.5 for p in used)
-    n, ties = wins + counts["ties"] + losses, counts["ties"]
+    ties = counts["ties"]
+    n = wins + ties + losses
     rate = dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties)
     rate.update(losses=losses, no_verdict=counts["no_verdict"])
     rate["policy_chars"] = sum(len(t.removesuffix(CUT)) for t in policy_texts) / len(prompts)
@@ -1576,7 +1606,9 @@ def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotat
     """What comes from the initial model: (the offline set [(prompt, prompt ids, first ids, second
     ids, P(first), texts)] or None, --offline-data pairs held out, the evaluation's answers)."""
     rank, world = rank_and_world()
-    fixed, held_out, answers = None, 0, None  # online, no --offline-data, no evaluation
+    fixed = None  # online, no --offline-data, no evaluation
+    held_out = 0
+    answers = None
     if cfg.offline_data:
         end = turn_end(tokenizer, initial.generation_config)
         pairs = load_offline_pairs(cfg.offline_data, tokenizer, end, context_length(initial.config))
@@ -1640,7 +1672,8 @@ def evaluate(step, cfg, wiring, tokenizer, prompts, ref_answers, judge) -> Optio
 
 def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     """The step's metrics.jsonl line: oaif_step's numbers and the annotator's, summed over ranks."""
-    probs, counts = out["probs"], out["counts"]
+    probs = out["probs"]
+    counts = out["counts"]
     batch = out["batch"]
     # An LLM judge's verdicts: how far from 1/2 (each p in [0, 1], as triage counts them).
     if "verdicts" in stats and not cfg.offline_data:
@@ -1648,14 +1681,16 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
         stats["confidence_sum"] += sum(abs(p - 0.5) for p in probs if p is not None and 0 <= p <= 1)
     logps = out["logps"] if wiring.own_logps is None else wiring.own_logps
     texts = batch["texts"]
-    usable, margins = out["usable"], out["margins"]
+    usable = out["usable"]
+    margins = out["margins"]
     sums = dict(counts, loss=float(out["losses"].sum()), margin=float((margins * usable).sum()))
     sums.update(acc=float(((margins > 0).float() * usable).sum()))
     chars = sum(len(t.removesuffix(CUT)) for t in texts)  # what the policy wrote, not CUT
     sums.update(kl=float((logps - out["ref_logps"]).sum()), chars=chars)
     sums.update(tokens=float(batch["response_tokens"].sum()), seqs=len(texts))
     sums = wiring.total(**sums, **{k: v - stats0.get(k, 0) for k, v in stats.items()})
-    used, seqs = max(sums["pairs"], 1), sums["seqs"]
+    used = max(sums["pairs"], 1)
+    seqs = sums["seqs"]
     record = dict(step=step, loss=sums["loss"] / used, pairs=int(sums["pairs"]))
     record["dropped"] = int(sums["ties"] + sums["no_verdict"] + sums["low_confidence"])
     record.update({k: int(sums[k]) for k in ("ties", "no_verdict", "low_confidence")})
@@ -1675,7 +1710,8 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
 def judge_health(s: dict) -> dict:
     """position_bias, order_agreement, judge_confidence from HEALTH sums; absent where undefined."""
     health = {}
-    n, m = s.get("order_pairs", 0), s.get("verdicts", 0)
+    n = s.get("order_pairs", 0)
+    m = s.get("verdicts", 0)
     if n:
         health.update(position_bias=s["first_sum"] / n, order_agreement=s["order_agree"] / n)
     if m:
@@ -1793,13 +1829,16 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     start, history, log = open_run(cfg, resume_from, optimizer, wiring.score, stats)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
     totals = {k: sum(r.get(k, 0) for r in history if not r.get("eval")) for k in TOTALS}
-    record, last_eval = {}, None  # the last step's metrics, the last evaluation's
+    record = {}  # the last step's metrics, the last evaluation's
+    last_eval = None
     for step in bar:
-        begin, stats0 = time.perf_counter(), dict(stats)
+        begin = time.perf_counter()
+        stats0 = dict(stats)
         # A linear warm-up: a function of the step, so there is nothing to checkpoint.
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-        prompts, pairs = step_slice(train_prompts, step, cfg.batch_size, rank, world), None
+        prompts = step_slice(train_prompts, step, cfg.batch_size, rank, world)
+        pairs = None
         if fixed is not None:
             rows = step_slice(fixed, step, cfg.batch_size, rank, world)
             prompts, pairs = offline_batch(rows, tokenizer.pad_token_id, device)
@@ -1809,11 +1848,10 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             )
         except FloatingPointError as e:
             raise diverged(step, str(e), cfg) from None
-        updated = out["n_used"] > 0 and not out["nonfinite"]
-        if updated and wiring.total(bad=not finite_weights(policy))["bad"]:
+        lr = optimizer.param_groups[0]["lr"]
+        record = step_record(step, out, cfg, wiring, stats, stats0, lr, time.perf_counter() - begin)
+        if record["updated"] and wiring.total(bad=not finite_weights(policy))["bad"]:
             raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)
-        lr, seconds = optimizer.param_groups[0]["lr"], time.perf_counter() - begin
-        record = step_record(step, out, cfg, wiring, stats, stats0, lr, seconds)
         totals = {k: v + record[k] for k, v in totals.items()}
         history.append(record)
         if rank == 0:

@@ -2318,7 +2318,6 @@ def build_piece(names: list, imports: list) -> dict:
         decorated.append("\n".join(decorators + [text]))
     order = sorted(range(len(decorated)), key=lambda k: list(found.values())[k].lineno)
     code = "\n\n".join(decorated[k] for k in order)
-    exec(code, ns)
     tree = ast.parse(code)
     bound = {
         n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
@@ -2344,6 +2343,7 @@ def build_piece(names: list, imports: list) -> dict:
     read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     missing = read - bound - set(ns) - set(dir(builtins))
     assert not missing, f"{names[0]} reads {sorted(missing)}, not among the names its row lists"
+    exec(code, ns)
     return ns
 
 
