@@ -947,8 +947,9 @@ def judge_dtype(device) -> torch.dtype:
     """bf16 where its matmuls beat float32: CUDA where supported; a CPU by timing one each way."""
     # Its own generator: the run's random stream is left alone.
     a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
-    timed = [timeit.repeat(lambda x=x: x @ x.T, number=4, repeat=3) for x in (a, a.bfloat16())]
-    seconds = [min(t) for t in timed]
+    seconds = [
+        min(timeit.repeat(lambda x=x: x @ x.T, number=4, repeat=3)) for x in (a, a.bfloat16())
+    ]
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
     return torch.bfloat16 if fast else torch.float32
 
@@ -1750,11 +1751,12 @@ def moved(history: list, n: int = 5) -> dict:
     (the first and last evaluations; [] without any)."""
     steps = [r for r in history if not r.get("eval")]
     k = max(1, min(n, len(steps) // 2))
-    out = dict(k=k)
-    for key in ("response_tokens", "kl"):
-        out[key] = [float(np.mean([r[key] for r in rows])) for rows in (steps[:k], steps[-k:])]
+    ends = (steps[:k], steps[-k:])
+    out = {
+        key: [sum(r[key] for r in rows) / k for rows in ends] for key in ("response_tokens", "kl")
+    }
     wins = [r["win_rate"] for r in history if r.get("eval")]
-    return dict(out, win_rate=wins[:1] + wins[-1:])
+    return dict(out, k=k, win_rate=wins[:1] + wins[-1:])
 
 
 def usage(s: dict, annotator) -> str:
@@ -1828,7 +1830,6 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         config["output_dir"] = cfg.output_dir
     start, history, log = open_run(cfg, resume_from, optimizer, wiring.score, stats)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
-    totals = {k: sum(r.get(k, 0) for r in history if not r.get("eval")) for k in TOTALS}
     record = {}  # the last step's metrics, the last evaluation's
     last_eval = None
     for step in bar:
@@ -1852,20 +1853,21 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         record = step_record(step, out, cfg, wiring, stats, stats0, lr, time.perf_counter() - begin)
         if record["updated"] and wiring.total(bad=not finite_weights(policy))["bad"]:
             raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)
-        totals = {k: v + record[k] for k, v in totals.items()}
         history.append(record)
         if rank == 0:
             report(record, log, bar, cfg.sample_every, prompts, out)
         if eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
             last_eval = evaluate(step, cfg, wiring, tokenizer, eval_prompts, ref_answers, judge)
-            history.append(last_eval)
+            # Rank 0 alone evaluates: the others' history holds the steps only.
             if rank == 0:
                 report(last_eval, log, bar)
+                history.append(last_eval)
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(cfg, step, saved, tokenizer, optimizer, wiring, stats, config, fixed)
     bar.close()
     # The annotator's counters over all ranks and the whole run.
     whole = all_sum(stats, device) if stats else {}
+    totals = {k: sum(r.get(k, 0) for r in history if not r.get("eval")) for k in TOTALS}
     summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **judge_health(whole))
     summary["moved"] = moved(history)
     summary.update({k: int(v) for k, v in whole.items() if k not in HEALTH})
