@@ -1345,9 +1345,9 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
 def complete_checkpoints(out_dir: str) -> list:
     """The complete checkpoint folders of out_dir, oldest first."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    done = [n for n in names if re.fullmatch(r"checkpoint-\d+", n)]
-    done = [n for n in done if os.path.isfile(os.path.join(out_dir, n, "trainer_state.pt"))]
-    return [os.path.join(out_dir, n) for n in sorted(done, key=lambda n: int(n.split("-")[1]))]
+    steps = sorted(int(n[11:]) for n in names if re.fullmatch(r"checkpoint-\d+", n))
+    paths = [os.path.join(out_dir, f"checkpoint-{step}") for step in steps]
+    return [p for p in paths if os.path.isfile(os.path.join(p, "trainer_state.pt"))]
 
 
 def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
@@ -1598,8 +1598,8 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
     n = wins + ties + losses
     rate = dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties)
     rate.update(losses=losses, no_verdict=counts["no_verdict"])
-    rate["policy_chars"] = sum(len(t.removesuffix(CUT)) for t in policy_texts) / len(prompts)
-    rate["reference_chars"] = sum(len(t.removesuffix(CUT)) for t in reference_texts) / len(prompts)
+    for side, texts in (("policy", policy_texts), ("reference", reference_texts)):
+        rate[f"{side}_chars"] = sum(len(t.removesuffix(CUT)) for t in texts) / len(prompts)
     return rate
 
 
@@ -1735,11 +1735,13 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         bar.write(f"step {step}: the loss or gradient is not finite (inf or nan): update skipped")
     elif not record["updated"]:
         bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
+    if not sample_every or step % sample_every:
+        return
     # Each printed pair is the batch's next one: a cycle of prompts would show the same each time.
-    i = step // sample_every % len(prompts) if sample_every and prompts else 0
+    i = step // sample_every % len(prompts)
+    p = out["probs"][i]
     # Only a pair the loss used: not one triage dropped as a hedge or nonsense.
-    p = out["probs"][i] if out and out["usable"][i] else None
-    if sample_every and step % sample_every == 0 and p not in (None, 0.5):
+    if out["usable"][i]:
         win, lose = out["batch"]["texts"][2 * i : 2 * i + 2][:: 1 if p > 0.5 else -1]
         shown = f"prompt: {prompts[i]!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}"
         bar.write(f"step {step} | {shown}")

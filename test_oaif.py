@@ -2523,9 +2523,7 @@ def test_the_run_ends_saying_how_length_kl_and_win_rate_moved(tiny, tmp_path, ca
 
 def test_printed_pairs_show_a_new_prompt_each_time():
     bar, shown = Bar(), []
-    record = dict(
-        loss=0.7, reward_margin=0.0, response_tokens=5, pairs=8, nonfinite=0, updated=True
-    )
+    record = dict(loss=0.7, kl=0.0, response_tokens=5, pairs=8, nonfinite=0, updated=True)
     for step in range(10, 90, 10):  # 40 prompts, 8 a step, a pair printed every 10 steps
         prompts = oaif.step_slice(oaif.DEFAULT_PROMPTS, step, 8)
         texts = [f"{p} answer" for p in prompts for _ in "ab"]
@@ -2567,9 +2565,7 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
 
 
 def test_a_printed_pair_is_one_the_loss_used():
-    record = dict(
-        loss=0.7, reward_margin=0.0, response_tokens=5, pairs=1, nonfinite=0, updated=True
-    )
+    record = dict(loss=0.7, kl=0.0, response_tokens=5, pairs=1, nonfinite=0, updated=True)
     batch = dict(texts=["short", "a longer one", "x", "yy"])
     for probs, usable, shown in (
         ([0.51, 1.0], [0.0, 1.0], 0),
