@@ -1356,7 +1356,6 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
     --overwrite lets some in)."""
     rank, world = rank_and_world()
     out_dir = cfg.output_dir
-    seed = cfg.seed
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     os.makedirs(out_dir, exist_ok=True)
     if not resume_from:
@@ -1374,7 +1373,7 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
         dcp.set_optimizer_state_dict(root, optimizer, state["optimizer"], options=full)
     # A rank that saved no random state samples from a new stream of (seed, step, rank).
     for set_seed in (random.seed, np.random.seed, torch.manual_seed):
-        set_seed((seed + 1_000_003 * state["step"] + rank) % 2**32)
+        set_seed((cfg.seed + 1_000_003 * state["step"] + rank) % 2**32)
     saved = sorted(int(n[4:-3]) for n in os.listdir(resume_from) if re.fullmatch(r"rng-\d+\.pt", n))
     # Fewer ranks now: rank r % world adds rank r's annotator requests.
     for r in [r for r in saved if r % world == rank]:
@@ -1675,20 +1674,19 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     """The step's metrics.jsonl line: oaif_step's numbers and the annotator's, summed over ranks."""
     probs = out["probs"]
     counts = out["counts"]
-    batch = out["batch"]
     # An LLM judge's verdicts: how far from 1/2 (each p in [0, 1], as triage counts them).
     if "verdicts" in stats and not cfg.offline_data:
         stats["verdicts"] += len(probs) - counts["no_verdict"]
         stats["confidence_sum"] += sum(abs(p - 0.5) for p in probs if p is not None and 0 <= p <= 1)
     logps = out["logps"] if wiring.own_logps is None else wiring.own_logps
-    texts = batch["texts"]
+    texts = out["batch"]["texts"]
     usable = out["usable"]
     margins = out["margins"]
     sums = dict(counts, loss=float(out["losses"].sum()), margin=float((margins * usable).sum()))
     sums.update(acc=float(((margins > 0).float() * usable).sum()))
     chars = sum(len(t.removesuffix(CUT)) for t in texts)  # what the policy wrote, not CUT
     sums.update(kl=float((logps - out["ref_logps"]).sum()), chars=chars)
-    sums.update(tokens=float(batch["response_tokens"].sum()), seqs=len(texts))
+    sums.update(tokens=float(out["batch"]["response_tokens"].sum()), seqs=len(texts))
     sums = wiring.total(**sums, **{k: v - stats0.get(k, 0) for k, v in stats.items()})
     used = max(sums["pairs"], 1)
     seqs = sums["seqs"]
@@ -1765,7 +1763,8 @@ def usage(s: dict, annotator) -> str:
     """An annotator's requests and tokens, and their cost where it is Claude at a known price."""
     line = f"{s['annotator_requests']} requests, {s['annotator_failures']} without verdict, "
     line += f"{s['input_tokens']} in / {s['output_tokens']} out tokens"
-    price = PRICE_PER_MTOK.get(annotator.model) if isinstance(annotator, ClaudeAnnotator) else None
+    # Claude's model is a name with a price; a local judge's is a module, priced at nothing.
+    price = PRICE_PER_MTOK.get(str(getattr(annotator, "model", "")))
     cost = price and (s["input_tokens"] * price[0] + s["output_tokens"] * price[1]) / 1e6
     return line + (f", about ${cost:.2f}" if price else "")
 
