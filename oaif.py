@@ -999,12 +999,15 @@ def read_lines(path: str, what: str, keys=(), expected="", ok: Callable = lambda
     """Non-blank lines, stripped; with keys, (line number, each JSON line's values) if ok()."""
     if not os.path.isfile(path):
         raise OAIFError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    # utf-8-sig: Notepad and Excel start UTF-8 files with a byte-order mark.
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        why = f"{path} is not ({e.reason} at byte {e.start})"
-        raise OAIFError(f"{what} must be UTF-8 text: {why}") from None
+        line = e.object[: e.start].count(b"\n") + 1
+        raise OAIFError(f"{what} must be UTF-8 text: {path}:{line} is not ({e.reason})") from None
+    lines = [(i, line.strip()) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise OAIFError(f"{what} is empty: {path}")
     if not keys:
@@ -1394,7 +1397,9 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
     kept = []
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
-            kept = [x for x in f if x.strip() and json.loads(x)["step"] <= state["step"]]
+            # A last line cut short by a crash has no newline, and is past the checkpoint anyway.
+            kept = [x for x in f if x.strip() and x[-1] == "\n"]
+            kept = [x for x in kept if json.loads(x)["step"] <= state["step"]]
         # Every rank has read it before rank 0 writes it again.
         barrier()
         if rank == 0:
@@ -1402,7 +1407,12 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
                 f.writelines(kept)
     return (
         state["step"],
-        list(map(json.loads, kept)),
+        # The evaluations a straight run makes, on rank 0: not the extra one that ended a run.
+        [
+            r
+            for r in map(json.loads, kept)
+            if not r.get("eval") or rank == 0 and r["step"] % cfg.eval_every == 0
+        ],
         open(metrics_path, "a") if rank == 0 else None,
     )
 
@@ -1789,6 +1799,9 @@ def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, a
     line = f"oaif: the first {m['k']} steps -> the last {m['k']}: response length {{:.1f}} -> "
     line += "{:.1f} tokens, KL to the reference {:.2f} -> {:.2f} nats"
     line = line.format(*m["response_tokens"], *m["kl"])
+    # Offline, the steps score the fixed pairs' responses: their length is not the policy's.
+    if cfg.offline or cfg.offline_data:
+        line += " (of the fixed pairs, not of the policy's samples)"
     if m["win_rate"]:
         line += "; win rate vs the initial policy {:.2f} -> {:.2f}".format(*m["win_rate"])
     print(line, file=sys.stderr)

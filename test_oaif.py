@@ -519,6 +519,10 @@ def test_files_with_a_byte_order_mark_read_as_their_text(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(bom + pair.encode())
     rows = oaif.read_lines(str(tmp_path / "d.jsonl"), "offline data", ("prompt", "chosen"), "x")
     assert rows == [(1, ("Why?", "Because."))]
+    # A byte that is not UTF-8 is named by its line, past the BOM and past any read buffer.
+    (tmp_path / "bad.txt").write_bytes(bom + b"one\n" * 5000 + b"caf\xe9\n")
+    with pytest.raises(oaif.OAIFError, match=r"bad.txt:5001 is not"):
+        oaif.load_prompts(str(tmp_path / "bad.txt"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2169,10 +2173,12 @@ def test_length_control_checks_its_judges_before_training(tiny, tmp_path, monkey
     bad = [
         (["--neutral-judge", f"hf:{tmp_path / 'missing'}"], "not a model folder"),
         (["--neutral-judge", "claude"], "ANTHROPIC_API_KEY"),
-        (["--neutral-judge", "best"], "use hf:, rm:, claude"),
+        (["--neutral-judge", "best"], "use hf:MODEL, rm:MODEL or claude"),
+        (["--neutral-judge", "claude-haiku-4-5"], "use hf:MODEL"),  # oaif knows "claude" alone
+        (["--neutral-judge", "hf:"], "use hf:MODEL"),
         (["--neutral-judge", f"rm:{tiny}"], "one output, not 2"),
         # a reward model reads no instruction: it cannot steer the two arms
-        (["--judge", f"rm:{tiny}"], "use hf:, claude"),
+        (["--judge", f"rm:{tiny}"], "use hf:MODEL or claude"),
     ]
     for extra, why in bad:
         with pytest.raises(SystemExit) as e:
@@ -2288,7 +2294,7 @@ def readme_pieces(path: str = os.path.join(HERE, "README.md")) -> dict:
 
 def build_piece(names: list, imports: list) -> dict:
     """A fresh namespace holding only the piece's imports and the source of its names, pasted in
-    oaif.py's order, nothing added; every global name any of that source reads, on any branch (a
+    the row's order, nothing added; every global name any of that source reads, on any branch (a
     CUDA-only one too), must be among them."""
     import ast
     import builtins
@@ -2316,8 +2322,8 @@ def build_piece(names: list, imports: list) -> dict:
             f"@{ast.get_source_segment(source, d)}" for d in getattr(node, "decorator_list", [])
         ]
         decorated.append("\n".join(decorators + [text]))
-    order = sorted(range(len(decorated)), key=lambda k: list(found.values())[k].lineno)
-    code = "\n\n".join(decorated[k] for k in order)
+    # Pasted in the row's order, as a reader copies them.
+    code = "\n\n".join(decorated[list(found).index(name)] for name in names)
     tree = ast.parse(code)
     bound = {
         n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
@@ -2519,6 +2525,25 @@ def test_the_run_ends_saying_how_length_kl_and_win_rate_moved(tiny, tmp_path, ca
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("oaif: the first 2 steps -> the last 2: response length ")
     assert "tokens, KL to the reference" in line and "win rate vs the initial policy" in line
+
+
+def test_a_resumed_run_says_it_moved_as_a_straight_run_does(tiny, tmp_path, capsys):
+    evals = ["--eval-every", "4", "--eval-prompts", "2"]
+    straight = oaif.main(run_args(tiny, tmp_path / "a", "--steps", "4", *evals))
+    # The first run ends at step 2 with an evaluation a straight run never makes.
+    oaif.main(run_args(tiny, tmp_path / "b", "--steps", "2", "--save-every", "2", *evals))
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.6')  # a crash mid-line, past the checkpoint
+    resumed = oaif.main(run_args(tiny, tmp_path / "b", "--steps", "4", "--resume", *evals))
+    assert resumed["summary"]["moved"] == straight["summary"]["moved"]
+    assert len(straight["summary"]["moved"]["win_rate"]) == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 2, 3, 4, 4]
+
+
+def test_offline_the_closing_line_says_whose_length_it_is(tiny, tmp_path, capsys):
+    data = write_pairs(tmp_path / "d.jsonl", [dict(prompt="Why?", chosen="A.", rejected="B b.")])
+    oaif.main(run_args(tiny, tmp_path / "out", "--offline-data", data))
+    assert "(of the fixed pairs, not of the policy's samples)" in capsys.readouterr().err
 
 
 def test_printed_pairs_show_a_new_prompt_each_time():

@@ -152,9 +152,12 @@ def check_judge(parser, flag: str, spec: str, rules: bool) -> None:
         return
     if spec == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
         parser.error(f"{flag} claude needs ANTHROPIC_API_KEY in the environment")
-    allowed = ("hf:", "rm:", "claude", "shorter", "longer") if rules else ("hf:", "claude")
-    if not spec.startswith(allowed):
-        parser.error(f"{flag} {spec}: use {', '.join(allowed)}")
+    models = ("hf:", "rm:") if rules else ("hf:",)
+    names = ("claude", "shorter", "longer") if rules else ("claude",)
+    if spec not in names and not (spec.startswith(models) and spec[3:]):
+        parser.error(
+            f"{flag} {spec}: use {', '.join(m + 'MODEL' for m in models)} or {', '.join(names)}"
+        )
     if spec.startswith(("hf:", "rm:")):
         from transformers import AutoConfig
 
