@@ -101,9 +101,18 @@ def oaif_step(
     n_used = wiring.total(n=out["counts"]["pairs"])["n"]
     loss = losses.sum() * wiring.world / max(n_used, 1)
     grad_norm, skipped = update(loss, optimizer, cfg.max_grad_norm, wiring) if n_used else (0.0, 0)
-    out.update(probs=probs, logps=logps.detach(), ref_logps=ref_logps, losses=losses.detach())
-    out["margins"] = beta * preference_margin(chosen, rejected, ref_chosen, ref_rejected).detach()
-    return dict(out, usable=usable, n_used=n_used, grad_norm=grad_norm, nonfinite=skipped)
+    return dict(
+        out,
+        probs=probs,
+        logps=logps.detach(),
+        ref_logps=ref_logps,
+        losses=losses.detach(),
+        margins=beta * preference_margin(chosen, rejected, ref_chosen, ref_rejected).detach(),
+        usable=usable,
+        n_used=n_used,
+        grad_norm=grad_norm,
+        nonfinite=skipped,
+    )
 
 
 class Wiring:
@@ -157,10 +166,13 @@ def sample_pairs(model, tokenizer, prompts: list, n=2, max_new_tokens=64, temper
         tokenizer.decode(r[m.bool()], skip_special_tokens=True) + ("" if e else CUT)
         for r, m, e in zip(resp, resp_mask, ended)
     ]
-    batch = dict(input_ids=torch.cat([ids, resp], 1), texts=texts, response_tokens=resp_mask.sum(1))
-    batch["attention_mask"] = torch.cat([mask, resp_mask], 1)
-    batch["response_mask"] = torch.cat([torch.zeros_like(mask), resp_mask], 1)
-    return batch
+    return dict(
+        input_ids=torch.cat([ids, resp], 1),
+        attention_mask=torch.cat([mask, resp_mask], 1),
+        response_mask=torch.cat([torch.zeros_like(mask), resp_mask], 1),
+        response_tokens=resp_mask.sum(1),
+        texts=texts,
+    )
 
 
 # Read whole, a response cut at the length cap looks finished (and short): the annotator is told.
@@ -569,8 +581,9 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.
     assert input_ids.shape == attention_mask.shape == response_mask.shape
     head = model.get_output_embeddings()
     if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
-        name = type(model).__name__
-        raise OAIFError(f"{name}: its LM head has a bias or a logit soft-cap, not a plain one")
+        raise OAIFError(
+            f"{type(model).__name__}: its LM head has a bias or a logit soft-cap, not a plain one"
+        )
     # Left padding: positions come from the mask, not the column.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -935,12 +948,15 @@ def check_logprobs(model, tolerance: float = 1e-3) -> None:
     own = model(input_ids=ids, attention_mask=ones).logits[:, :-1].float().log_softmax(-1)
     own = own.gather(-1, ids[:, 1:, None]).sum((1, 2))
     err = float((sequence_logprobs(model, ids, ones, ones) - own).abs().max()) / 7
-    name = type(model).__name__
     if not math.isfinite(err):
-        raise OAIFError(f"{name}: its logits are not finite (inf or nan): the weights are broken")
+        raise OAIFError(
+            f"{type(model).__name__}: its logits are not finite (inf or nan): the weights are broken"
+        )
     if err > tolerance:
-        why = f"log-probs from its LM head differ from its own logits by {err:.3g} nats per token"
-        raise OAIFError(f"{name}: {why} (a transform after the head that oaif does not know)")
+        raise OAIFError(
+            f"{type(model).__name__}: log-probs from its LM head differ from its own logits by {err:.3g} nats per "
+            "token (a transform after the head that oaif does not know)"
+        )
 
 
 def judge_dtype(device) -> torch.dtype:
@@ -1061,17 +1077,21 @@ def pair_batch(prompt_ids: list, first_ids: list, second_ids: list, pad_id: int,
     R = max(1, max(len(r) for r in resp))
     r_ids = torch.tensor([list(r) + [pad_id] * (R - len(r)) for r in resp], device=device)
     r_mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in resp], device=device)
-    batch = dict(input_ids=torch.cat([ids, r_ids], 1), attention_mask=torch.cat([mask, r_mask], 1))
-    batch["response_mask"] = torch.cat([torch.zeros_like(mask), r_mask], 1)
-    return dict(batch, response_tokens=r_mask.sum(1))
+    return dict(
+        input_ids=torch.cat([ids, r_ids], 1),
+        attention_mask=torch.cat([mask, r_mask], 1),
+        response_mask=torch.cat([torch.zeros_like(mask), r_mask], 1),
+        response_tokens=r_mask.sum(1),
+    )
 
 
 def offline_batch(rows: list, pad_id: int, device) -> tuple:
     """A step's fixed pairs -> (prompts, oaif_step's pairs: pair_batch with texts and labels)."""
-    prompt_ids, first, second = [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
-    batch = pair_batch(prompt_ids, first, second, pad_id, device)
-    batch.update(texts=[t for r in rows for t in r[5]], probs=[r[4] for r in rows])
-    return [r[0] for r in rows], batch
+    ids = [[r[k] for r in rows] for k in (1, 2, 3)]  # prompts', first and second responses' ids
+    batch = pair_batch(*ids, pad_id, device)
+    return [r[0] for r in rows], dict(
+        batch, texts=[t for r in rows for t in r[5]], probs=[r[4] for r in rows]
+    )
 
 
 def turn_end(tokenizer, generation_config) -> int:
@@ -1136,15 +1156,21 @@ def check_numbers(cfg: Config) -> None:
             must = "positive" if f.name in positive else "0 or more"
             raise OAIFError(f"--{f.name.replace('_', '-')} must be {must} (and finite), not {v}")
     if cfg.min_confidence > 0.5:
-        v = cfg.min_confidence
-        raise OAIFError(f"--min-confidence is a distance from 1/2: at most 0.5, not {v}")
+        raise OAIFError(
+            f"--min-confidence is a distance from 1/2: at most 0.5, not {cfg.min_confidence}"
+        )
     if cfg.lora_dropout >= 1 or (cfg.lora_rank and cfg.fsdp):
         raise OAIFError("--lora-dropout must be below 1; --lora-rank and --fsdp do not go together")
     # --offline-data samples only the evaluation's answers.
     if cfg.temperature == 0 and not cfg.offline_data:
         raise OAIFError("--temperature 0 is greedy: two equal responses (only with --offline-data)")
-    choices = dict(loss=LOSSES, dtype=("float32", "bfloat16"), labels=("hard", "soft"))
-    choices.update(task=TEMPLATES, device=("auto", "cpu", "cuda"))
+    choices = dict(
+        loss=LOSSES,
+        dtype=("float32", "bfloat16"),
+        labels=("hard", "soft"),
+        task=TEMPLATES,
+        device=("auto", "cpu", "cuda"),
+    )
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise OAIFError(f"unknown --{name} {getattr(cfg, name)!r}; choose {', '.join(allowed)}")
@@ -1175,9 +1201,13 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
                 f"the annotator here is {spec}, which cannot follow it"
             )
     # The data files' contents too: --resume refuses another file at the same path.
-    beta = DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
-    config = dict(dataclasses.asdict(cfg), beta=beta, annotator=spec)
-    config.update(prompts_sha256=digest(cfg.prompts), offline_data_sha256=digest(cfg.offline_data))
+    config = dict(
+        dataclasses.asdict(cfg),
+        beta=DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta,
+        annotator=spec,
+        prompts_sha256=digest(cfg.prompts),
+        offline_data_sha256=digest(cfg.offline_data),
+    )
     if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
         raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
     check_output_dir(cfg, config)
@@ -1270,15 +1300,20 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
         # Claude model with another annotator, the debias but for training's hf: judge, instructed.
         debiased = config["annotator"].startswith("hf:") and config["instruction"].strip()
-        idle = dict(eval_prompts=not config["eval_every"], judge_debias=not debiased)
-        idle["annotator_model"] = config["annotator"] != "claude"
+        idle = dict(
+            eval_prompts=not config["eval_every"],
+            judge_debias=not debiased,
+            annotator_model=config["annotator"] != "claude",
+        )
         return idle.get(k) or saved.get(k) == config[k]
 
     changed = [k for k in config if k not in FREE_ON_RESUME and not same(k)]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in changed]
     if changed:
-        why = f"other flags than the checkpoint's: {', '.join(changed)}"
-        raise OAIFError(f"--resume with {why}; resume with the same ones or start a new run")
+        raise OAIFError(
+            f"--resume with other flags than the checkpoint's: {', '.join(changed)}; resume with "
+            "the same ones or start a new run"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1329,9 +1364,14 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
         torch.save(fixed if cfg.offline else None, os.path.join(tmp, "offline_pairs.pt"))
     barrier()
     # Each rank samples from its own random stream.
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.save(dict(rng, annotator=stats), os.path.join(tmp, f"rng-{rank}.pt"))
+    rng = dict(
+        python=random.getstate(),
+        numpy=np.random.get_state(),
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        annotator=stats,
+    )
+    torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))
     barrier()
     if rank == 0:
         # The data's position and the learning rate are functions of the step: the step is all.
@@ -1541,11 +1581,11 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
     new = cfg.max_new_tokens
     if context and prompts and lengths[i] + new > context:
         words = " ".join(prompts[i].split()[:8])[:60]
-        over = lengths[i] + new - context
         raise OAIFError(
             f'{cfg.prompts or "the built-in prompts"}: the prompt "{words}..." has '
-            f"{lengths[i]} tokens; with --max-new-tokens {new} that is {over} over the "
-            f"model's context of {context}: shorten it or lower --max-new-tokens"
+            f"{lengths[i]} tokens; with --max-new-tokens {new} that is "
+            f"{lengths[i] + new - context} over the model's context of {context}: shorten it or "
+            "lower --max-new-tokens"
         )
     ref_model.requires_grad_(False)
     if not cfg.lora_rank and resume_from:
@@ -1605,8 +1645,14 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
     losses = sum(p is not None and p < 0.5 for p in used)
     ties = counts["ties"]
     n = wins + ties + losses
-    rate = dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties)
-    rate.update(losses=losses, no_verdict=counts["no_verdict"])
+    rate = dict(
+        win_rate=(wins + 0.5 * ties) / n if n else float("nan"),
+        n=n,
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        no_verdict=counts["no_verdict"],
+    )
     for side, texts in (("policy", policy_texts), ("reference", reference_texts)):
         rate[f"{side}_chars"] = sum(len(t.removesuffix(CUT)) for t in texts) / len(prompts)
     return rate
@@ -1627,8 +1673,11 @@ def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotat
             raise OAIFError(f"{cfg.offline_data}: every pair's prompt is held out for evaluation")
         held_out = len(pairs) - len(fixed)
         if held_out and rank == 0:
-            note = f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are"
-            print(f"{note} held out for evaluation", file=sys.stderr)
+            print(
+                f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are "
+                "held out for evaluation",
+                file=sys.stderr,
+            )
     elif cfg.offline and cfg.resume:
         # Labelled once, before step 1, and kept: never labelled (nor paid for) twice.
         last = complete_checkpoints(cfg.output_dir)[-1]
@@ -1654,8 +1703,10 @@ def label_offline_set(cfg, initial, tokenizer, prompts, annotator) -> list:
         s = sample_pairs(initial, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
         rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
         # Python floats: a numpy verdict would make offline_pairs.pt unloadable with weights_only.
-        probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
-        probs = [None if p is None else float(p) for p in probs]
+        probs = [
+            None if p is None else float(p)
+            for p in annotator(chunk, s["texts"][0::2], s["texts"][1::2])
+        ]
         for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk))):
             texts = s["texts"][2 * j : 2 * j + 2]
             fixed.append((x, ids, rows[2 * j], rows[2 * j + 1], probs[j], texts))
@@ -1692,25 +1743,40 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     texts = out["batch"]["texts"]
     usable = out["usable"]
     margins = out["margins"]
-    sums = dict(counts, loss=float(out["losses"].sum()), margin=float((margins * usable).sum()))
-    sums.update(acc=float(((margins > 0).float() * usable).sum()))
-    chars = sum(len(t.removesuffix(CUT)) for t in texts)  # what the policy wrote, not CUT
-    sums.update(kl=float((logps - out["ref_logps"]).sum()), chars=chars)
-    sums.update(tokens=float(out["batch"]["response_tokens"].sum()), seqs=len(texts))
+    sums = dict(
+        counts,
+        loss=float(out["losses"].sum()),
+        margin=float((margins * usable).sum()),
+        acc=float(((margins > 0).float() * usable).sum()),
+        kl=float((logps - out["ref_logps"]).sum()),
+        chars=sum(len(t.removesuffix(CUT)) for t in texts),  # what the policy wrote, not CUT
+        tokens=float(out["batch"]["response_tokens"].sum()),
+        seqs=len(texts),
+    )
     sums = wiring.total(**sums, **{k: v - stats0.get(k, 0) for k, v in stats.items()})
     used = max(sums["pairs"], 1)
     seqs = sums["seqs"]
-    record = dict(step=step, loss=sums["loss"] / used, pairs=int(sums["pairs"]))
-    record["dropped"] = int(sums["ties"] + sums["no_verdict"] + sums["low_confidence"])
-    record.update({k: int(sums[k]) for k in ("ties", "no_verdict", "low_confidence")})
-    record.update(reward_margin=sums["margin"] / used, reward_accuracy=sums["acc"] / used)
-    record.update(kl=sums["kl"] / seqs, response_tokens=sums["tokens"] / seqs)
-    record.update(response_chars=sums["chars"] / seqs)
-    record.update({k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums}, **judge_health(sums))
-    record.update(nonfinite=out["nonfinite"], grad_norm=out["grad_norm"], lr=lr)
-    record.update(updated=out["n_used"] > 0 and not out["nonfinite"], seconds=seconds)
-    record.update({k: out[k] for k in ("sample_s", "annotate_s", "annotate_wait_s")})
-    record["train_s"] = seconds - out["sample_s"] - out["annotate_wait_s"]
+    record = dict(
+        step=step,
+        loss=sums["loss"] / used,
+        pairs=int(sums["pairs"]),
+        dropped=int(sums["ties"] + sums["no_verdict"] + sums["low_confidence"]),
+        **{k: int(sums[k]) for k in ("ties", "no_verdict", "low_confidence")},
+        reward_margin=sums["margin"] / used,
+        reward_accuracy=sums["acc"] / used,
+        kl=sums["kl"] / seqs,
+        response_tokens=sums["tokens"] / seqs,
+        response_chars=sums["chars"] / seqs,
+        **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums},
+        **judge_health(sums),
+        nonfinite=out["nonfinite"],
+        grad_norm=out["grad_norm"],
+        lr=lr,
+        updated=out["n_used"] > 0 and not out["nonfinite"],
+        seconds=seconds,
+        **{k: out[k] for k in ("sample_s", "annotate_s", "annotate_wait_s")},
+        train_s=seconds - out["sample_s"] - out["annotate_wait_s"],
+    )
     if wiring.device.type == "cuda":
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(wiring.device) / 2**30
     return record
@@ -1733,8 +1799,10 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
     print(json.dumps(record), file=log, flush=True)
     step = record["step"]
     if record.get("eval"):
-        judged = f"{record['n']} judged, {record['ties']} ties, {record['no_verdict']} no verdict"
-        bar.write(f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({judged})")
+        bar.write(
+            f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({record['n']} "
+            f"judged, {record['ties']} ties, {record['no_verdict']} no verdict)"
+        )
         return
     # The signal is the length and the KL: on fresh pairs every step the loss stays near log 2.
     shown = dict(len=f"{record['response_tokens']:.1f} tokens", kl=f"{record['kl']:.2f} nats")
@@ -1755,12 +1823,12 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         bar.write(f"step {step} | {shown}")
 
 
-def moved(history: list, n: int = 5) -> dict:
+def moved(history: list) -> dict:
     """How the run moved: [first, last] of the mean response tokens and of the KL (nats per
-    response) over the first and the last k = n steps (fewer in a short run), and of the win rate
+    response) over the first and the last k = 5 steps (fewer in a short run), and of the win rate
     (the first and last evaluations; [] without any)."""
     steps = [r for r in history if not r.get("eval")]
-    k = max(1, min(n, len(steps) // 2))
+    k = max(1, min(5, len(steps) // 2))
     ends = (steps[:k], steps[-k:])
     out = {
         key: [sum(r[key] for r in rows) / k for rows in ends] for key in ("response_tokens", "kl")
@@ -1771,8 +1839,10 @@ def moved(history: list, n: int = 5) -> dict:
 
 def usage(s: dict, annotator) -> str:
     """An annotator's requests and tokens, and their cost where it is Claude at a known price."""
-    line = f"{s['annotator_requests']} requests, {s['annotator_failures']} without verdict, "
-    line += f"{s['input_tokens']} in / {s['output_tokens']} out tokens"
+    line = (
+        f"{s['annotator_requests']} requests, {s['annotator_failures']} without verdict, "
+        f"{s['input_tokens']} in / {s['output_tokens']} out tokens"
+    )
     # Claude's model is a name with a price; a local judge's is a module, priced at nothing.
     price = PRICE_PER_MTOK.get(str(getattr(annotator, "model", "")))
     cost = price and (s["input_tokens"] * price[0] + s["output_tokens"] * price[1]) / 1e6
@@ -1785,9 +1855,11 @@ def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, a
     with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     s = summary
-    line = f"oaif: {cfg.steps} steps, {s['pairs']} pairs used, {s['dropped']} dropped ({s['ties']} "
-    line += f"ties, {s['no_verdict']} no verdict, {s['low_confidence']} low confidence), "
-    line += f"{s['nonfinite']} updates skipped as not finite"
+    line = (
+        f"oaif: {cfg.steps} steps, {s['pairs']} pairs used, {s['dropped']} dropped ({s['ties']} "
+        f"ties, {s['no_verdict']} no verdict, {s['low_confidence']} low confidence), "
+        f"{s['nonfinite']} updates skipped as not finite"
+    )
     line += f"; annotator: {usage(s, annotator)}" if "annotator_requests" in s else ""
     for k in ("position_bias", "order_agreement", "judge_confidence"):
         line += f", {k.replace('_', ' ')} {s[k]:.3f}" if k in s else ""
@@ -1796,21 +1868,27 @@ def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, a
         line += f"; evaluation's annotator: {usage(judge.stats, judge)}"
     print(f"{line}; saved to {cfg.output_dir}", file=sys.stderr)
     m = summary["moved"]
-    line = f"oaif: the first {m['k']} steps -> the last {m['k']}: response length {{:.1f}} -> "
-    line += "{:.1f} tokens, KL to the reference {:.2f} -> {:.2f} nats"
-    line = line.format(*m["response_tokens"], *m["kl"])
+    tokens = m["response_tokens"]
+    line = (
+        f"oaif: the first {m['k']} steps -> the last {m['k']}: response length {tokens[0]:.1f} -> "
+        f"{tokens[1]:.1f} tokens, KL to the reference {m['kl'][0]:.2f} -> {m['kl'][1]:.2f} nats"
+    )
     # Offline, the steps score the fixed pairs' responses: their length is not the policy's.
     if cfg.offline or cfg.offline_data:
         line += " (of the fixed pairs, not of the policy's samples)"
     if m["win_rate"]:
-        line += "; win rate vs the initial policy {:.2f} -> {:.2f}".format(*m["win_rate"])
+        line += (
+            f"; win rate vs the initial policy {m['win_rate'][0]:.2f} -> {m['win_rate'][-1]:.2f}"
+        )
     print(line, file=sys.stderr)
 
 
 def diverged(step: int, what: str, cfg: Config) -> OAIFError:
     last = (complete_checkpoints(cfg.output_dir) or ["none (--save-every N keeps some)"])[-1]
-    why = f"the run diverged (--lr {cfg.lr} too high?); last good checkpoint: {last}"
-    return OAIFError(f"step {step}: {what}: {why}")
+    return OAIFError(
+        f"step {step}: {what}: the run diverged (--lr {cfg.lr} too high?); "
+        f"last good checkpoint: {last}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1881,10 +1959,14 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     bar.close()
     # The annotator's counters over all ranks and the whole run.
     whole = all_sum(stats, device) if stats else {}
-    totals = {k: sum(r.get(k, 0) for r in history if not r.get("eval")) for k in TOTALS}
-    summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **judge_health(whole))
-    summary["moved"] = moved(history)
-    summary.update({k: int(v) for k, v in whole.items() if k not in HEALTH})
+    summary = dict(
+        {k: sum(r.get(k, 0) for r in history if not r.get("eval")) for k in TOTALS},
+        steps=cfg.steps,
+        held_out_pairs=held_out,
+        moved=moved(history),
+        **judge_health(whole),
+        **{k: int(v) for k, v in whole.items() if k not in HEALTH},
+    )
     model_state = gathered_state(policy) if cfg.fsdp else None
     if rank == 0:
         log.close()
