@@ -950,12 +950,13 @@ def check_logprobs(model, tolerance: float = 1e-3) -> None:
     err = float((sequence_logprobs(model, ids, ones, ones) - own).abs().max()) / 7
     if not math.isfinite(err):
         raise OAIFError(
-            f"{type(model).__name__}: its logits are not finite (inf or nan): the weights are broken"
+            f"{type(model).__name__}: its logits are not finite (inf or nan): the weights are "
+            "broken"
         )
     if err > tolerance:
         raise OAIFError(
-            f"{type(model).__name__}: log-probs from its LM head differ from its own logits by {err:.3g} nats per "
-            "token (a transform after the head that oaif does not know)"
+            f"{type(model).__name__}: log-probs from its LM head differ from its own logits by "
+            f"{err:.3g} nats per token (a transform after the head that oaif does not know)"
         )
 
 
