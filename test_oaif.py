@@ -2165,6 +2165,16 @@ def test_length_control_parallel_stops_the_other_arm_when_one_fails(tmp_path, mo
                 p.kill()
 
 
+def test_online_vs_offline_interval_is_wilsons():
+    import online_vs_offline
+
+    # Wilson's score interval: (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    low, high = online_vs_offline.interval(0.5, 32)
+    assert (low, high) == pytest.approx((0.3363, 0.6637), abs=1e-4)
+    low, high = online_vs_offline.interval(1.0, 16)
+    assert high == pytest.approx(1.0) and low == pytest.approx(16 / (16 + 1.96**2), abs=1e-9)
+
+
 def test_length_control_checks_its_judges_before_training(tiny, tmp_path, monkeypatch, capsys):
     import length_control
 
@@ -2788,7 +2798,8 @@ def test_summary_counts_the_evaluations_own_annotator(api, tiny, tmp_path, capsy
     monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
     argv = run_args(tiny, tmp_path, "--eval-every", "1", "--eval-prompts", "4")
     oaif.main(argv + ["--eval-annotator", "claude"])
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    # The summary; the last line says how the run moved.
+    line = capsys.readouterr().err.strip().splitlines()[-2]
     assert server.requests > 0
     assert f"evaluation's annotator: {server.requests} requests" in line and "about $" in line
 
