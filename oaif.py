@@ -4,7 +4,7 @@ that it samples itself, labelled on the spot by an LLM annotator.
 Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback", arXiv 2402.04792.
 The losses: DPO arXiv 2305.18290, IPO 2310.12036, SLiC-HF 2305.10425 (its hinge as RSO, 2309.06657).
 
-Algorithm 1 is `oaif_step`, at the end of Part 1 (read it first): 1) sample two responses per
+Algorithm 1 is `oaif_step`, the first function of Part 1: 1) sample two responses per
 prompt from the *current* policy (`sample_pairs`); 2) the annotator says which is better
 (`both_orders`, `ClaudeAnnotator`, `LocalJudgeAnnotator`); 3) the policy's and the frozen initial
 model's log-probs (`sequence_logprobs`); 4) a DPO, IPO or SLiC step. Part 2 runs it for real.
@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 
 # ==================================================================================================
-# Part 1: the method. Log-probs, the three losses, the sampler, the annotators, and oaif_step (at
-# its end: Algorithm 1 as one function, the map of everything above it).
+# Part 1: the method. oaif_step, Algorithm 1 as one function, first; then what it calls, in the
+# order it calls it: 1) the sampler, 2) the annotators, 3) the log-probs, 4) the losses, 5) the
+# update.
 # ==================================================================================================
 
 
@@ -51,189 +52,118 @@ class OAIFError(Exception):
 
 
 # --------------------------------------------------------------------------------------------------
-# Log-probabilities without the [tokens, vocab] logits
+# Algorithm 1: one OAIF step
 
 
-def _labelled_rows(hidden, weight, labels, temperature: float) -> tuple:
-    """(Rows with a label, their hidden states over the temperature, the head in their dtype)."""
-    rows = (labels != -100).nonzero().squeeze(1)
-    h = hidden[rows] * (1.0 / temperature) if temperature != 1.0 else hidden[rows]
-    head = weight.to(h.dtype)
-    if head.is_cuda and head.shape[0] % 64:
-        # cuBLAS runs a vocabulary padded to a multiple of 64 several times faster (GPT-2's 50257).
-        head = F.pad(head, (0, 0, 0, -head.shape[0] % 64))
-    return rows, h, head
+def oaif_step(
+    policy, ref_model, tokenizer, prompts, annotator, optimizer, cfg, pairs=None, wiring=None
+):
+    """Algorithm 1, one step on this rank's prompts -> the step's numbers. cfg: a Config, or any
+    object with the nine fields read here (types.SimpleNamespace will do): max_new_tokens,
+    temperature, dtype ("bfloat16" or not), min_confidence, average_logps, loss ("dpo", "ipo",
+    "slic"), beta (None: the loss's default), labels ("hard", "soft") and max_grad_norm.
+    pairs: offline_batch's, with "probs", for steps 1 and 2 (the offline baseline)."""
+    start = time.perf_counter()
+    wiring = wiring or Wiring(policy, ref_model)
+    # 1) Sample two responses per prompt from the current policy at --temperature; π scored at T=1.
+    sampling = (tokenizer, prompts, 2, cfg.max_new_tokens, cfg.temperature)
+    batch = pairs or wiring.sample(sample_pairs, *sampling)
+    out = dict(batch=batch, sample_s=time.perf_counter() - start)
+    first, second = batch["texts"][0::2], batch["texts"][1::2]
+    with concurrent.futures.ThreadPoolExecutor(1) as background:
+        # 2) The annotator judges each pair, P(first is better), in a thread while step 3 runs.
+        judged = None if pairs else background.submit(timed, annotator, prompts, first, second)
+        # 3) Log-probs of the 2B responses: the policy's with gradients, the frozen reference's.
+        ids = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        with torch.autocast(policy.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            logps = wiring.policy(sequence_logprobs, *ids)
+            ref_logps = wiring.reference(sequence_logprobs, *ids)
+        waited = time.perf_counter()
+        probs, out["annotate_s"] = judged.result() if judged else (pairs["probs"], 0.0)
+    out["annotate_wait_s"] = time.perf_counter() - waited
+    # 4) Rows 2i, 2i + 1 hold prompt i's pair: its verdict names the chosen (y+), the rejected (y-).
+    # A pair triage drops (a tie, no verdict, a hedge) weighs 0; max(p, 1 - p) is P(y+ is better).
+    used, out["counts"] = triage(probs, cfg.min_confidence)
+    p = torch.tensor([0.5 if v is None else v for v in used], device=logps.device)
+    first_wins, usable = p > 0.5, (p != 0.5).float()
+    # TRL's IPO (--average-logps) scores the mean log-prob per response token, not the sum.
+    n = batch["response_tokens"].clamp(min=1) if cfg.average_logps else 1
+    lp, ref_lp = logps / n, ref_logps / n
+    chosen = torch.where(first_wins, lp[0::2], lp[1::2])
+    rejected = torch.where(first_wins, lp[1::2], lp[0::2])
+    ref_chosen = torch.where(first_wins, ref_lp[0::2], ref_lp[1::2])
+    ref_rejected = torch.where(first_wins, ref_lp[1::2], ref_lp[0::2])
+    beta = DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
+    label_p = torch.maximum(p, 1 - p) if cfg.labels == "soft" else 1.0
+    losses = LOSSES[cfg.loss](chosen, rejected, ref_chosen, ref_rejected, beta, label_p) * usable
+    # DDP averages gradients over ranks: world / (usable pairs on all ranks) makes the global mean.
+    n_used = wiring.total(n=out["counts"]["pairs"])["n"]
+    loss = losses.sum() * wiring.world / max(n_used, 1)
+    grad_norm, skipped = update(loss, optimizer, cfg.max_grad_norm, wiring) if n_used else (0.0, 0)
+    out.update(probs=probs, logps=logps.detach(), ref_logps=ref_logps, losses=losses.detach())
+    out["margins"] = beta * preference_margin(chosen, rejected, ref_chosen, ref_rejected).detach()
+    return dict(out, usable=usable, n_used=n_used, grad_norm=grad_norm, nonfinite=skipped)
 
 
-class _FusedLogprobs(torch.autograd.Function):
-    """log_softmax(h @ W.T / T).gather(labels), chunk by chunk: the chunks only save memory.
-    In float32 a chunk's logits are (V, C), worked on in place; in bf16 and fp16 they are (C, V),
-    for PyTorch's fused softmax kernels (float32 inside)."""
+class Wiring:
+    """oaif_step's model calls, each fn(model, *args): sample, policy (the loss pass), reference
+    (frozen); total() sums over ranks. Direct here; Distributed (Part 2): DDP, FSDP2, LoRA."""
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size):
-        rows, h, head = _labelled_rows(hidden, weight, labels, temperature)
-        lab, V = labels[rows], weight.shape[0]
-        # Per row: the answer, and the logsumexp (float32's backward keeps it; bf16's recomputes).
-        logp, lse = torch.empty(2, len(rows), dtype=torch.float32, device=h.device)
-        for s in range(0, len(rows), chunk_size):
-            c = slice(s, s + chunk_size)
-            if h.dtype == torch.float32:
-                # (V, C), the only large buffer: w @ h.T runs 1.4x faster on CPU than h @ w.T.
-                z = head @ h[c].T
-                z[V:] = -math.inf
-                target = z.gather(0, lab[None, c])[0]
-                # The logsumexp in place: the max, then exp(z - max) summed, in the same buffer.
-                m = z.amax(0)
-                lse[c] = m + z.sub_(m).exp_().sum(0).log_()
-                logp[c] = target - lse[c]
-            else:
-                z = h[c] @ head.T
-                z[:, V:] = -math.inf
-                logp[c] = z.log_softmax(-1, dtype=torch.float32).gather(1, lab[c, None])[:, 0]
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        out = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
-        return out.index_put_((rows,), logp)
+    world = 1  # processes training together (ranks)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        T, C, V = ctx.temperature, ctx.chunk_size, weight.shape[0]
-        rows, h, head = _labelled_rows(hidden, weight, labels, T)
-        lab, g = labels[rows], grad_out[rows].float()
-        grad_h = torch.zeros_like(hidden)
-        # A frozen head (LoRA) gets no gradient: no float32 (V, H) buffer, two GEMMs a chunk, not 3.
-        grad_w = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        # d logp / d logits = onehot(label) - P, so with h = hidden / T: grad_h = g (w[label] -
-        # P @ w) / T and grad_w = onehot.T @ (g h) - P.T @ (g h). The onehot is never built.
-        for s in range(0, len(rows), C):
-            c = slice(s, s + C)
-            gh = (g[c, None] * h[c].float()).to(h.dtype)  # (C, H)
-            if h.dtype == torch.float32:
-                # P.T, (V, C): z - lse folded into the matmul, the exp in place.
-                Pt = torch.addmm(-lse[None, c], head, h[c].T).exp_()
-                Pt[V:] = 0
-            else:
-                # One fused kernel: bf16 logits in, float32 inside, bf16 P out for the matmuls.
-                z = h[c] @ head.T
-                z[:, V:] = -math.inf
-                Pt = torch.softmax(z, -1).T
-            grad = (head[lab[c]].float() - (Pt.T @ head).float()) * g[c, None] / T
-            grad_h[rows[c]] = grad.to(hidden.dtype)
-            if grad_w is None:
-                continue
-            if h.dtype == torch.float32:
-                grad_w.addmm_(Pt, gh, alpha=-1)  # in place: no (V, H) temporary
-            else:
-                grad_w.sub_((Pt @ gh).float())
-            grad_w.index_add_(0, lab[c], gh.float())
-        grad_w = None if grad_w is None else grad_w[:V].to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+    def __init__(self, policy, ref_model):
+        self.policy_model, self.ref_model = policy, ref_model
+
+    def policy(self, fn: Callable, *args):
+        return fn(self.policy_model, *args)
+
+    sample = policy  # the same direct call here; Distributed overrides both
+
+    @torch.no_grad()
+    def reference(self, fn: Callable, *args):
+        return fn(self.ref_model, *args)
+
+    def total(self, **values) -> dict:
+        return values
 
 
-def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: as many as fit one chunk of float32 logits in a memory budget (a 16th of
-    free GPU memory up to 256 MiB; 64 MiB on CPU), but never fewer than a fast matmul needs."""
-    cuda = device.type == "cuda"
-    budget = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20) if cuda else 64 << 20
-    rows = budget // (4 * vocab) // 128 * 128
-    return max(1, min(n_rows, max(rows, 2048 if cuda else 256)))
-
-
-def fused_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None) -> torch.Tensor:
-    """Per-token log_softmax(hidden @ weight.T / temperature)[label], exactly, never holding the
-    (tokens, vocab) logits: chunks of chunk_size rows (None: default_chunk_size), the logsumexp
-    kept per row, each chunk's softmax computed again in the backward. hidden: (..., H), float32,
-    bf16 or fp16 (the matmuls run in it); weight: (V, H), the LM head (it gets its gradient too);
-    labels: (...) int64, -100 = ignore. Returns (...) float32, 0 where ignored."""
-    assert hidden.shape[:-1] == labels.shape, f"hidden {hidden.shape} vs labels {labels.shape}"
-    assert weight.dim() == 2 and weight.shape[1] == hidden.shape[-1], "weight must be (V, H)"
-    h2, l2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    chunk_size = chunk_size or default_chunk_size(max(1, len(h2)), len(weight), hidden.device)
-    # The dtypes are chosen here, not by an autocast around the call.
-    with torch.autocast(hidden.device.type, enabled=False):
-        out = _FusedLogprobs.apply(h2, weight, l2, float(temperature), int(chunk_size))
-    return out.reshape(labels.shape)
-
-
-def head_temperature(config) -> float:
-    """What a model divides its logits by: Granite's logits_scaling, 1 / Cohere's logit_scale."""
-    scaling, scale = getattr(config, "logits_scaling", None), getattr(config, "logit_scale", None)
-    return (scaling or 1.0) / (scale or 1.0)
-
-
-def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
-    """log pi(y | x): (B,) float32, the sum of log p(token | prefix) over each row's response
-    tokens, through the model's body and fused_logprobs (any HF causal LM with a plain LM head).
-    All three (B, T), the prompt left-padded, the response right-padded: attention_mask is 1 on
-    real tokens, response_mask on the tokens to score (a response's EOS included)."""
-    assert input_ids.shape == attention_mask.shape == response_mask.shape
-    head = model.get_output_embeddings()
-    if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
-        name = type(model).__name__
-        raise OAIFError(f"{name}: its LM head has a bias or a logit soft-cap, not a plain one")
-    # Left padding: positions come from the mask, not the column.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = model.base_model(input_ids, **inputs).last_hidden_state  # (B, T, H)
-    # Under bf16 autocast the body may hand back float32; the head's matmuls run in bf16 too.
-    if torch.is_autocast_enabled(hidden.device.type):
-        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    # Position t predicts token t + 1.
-    labels = input_ids[:, 1:].masked_fill(~response_mask[:, 1:].bool(), -100)
-    logps = fused_logprobs(hidden[:, :-1], head.weight, labels, head_temperature(model.config))
-    return logps.sum(-1)
+def timed(fn: Callable, *args) -> tuple:
+    """(fn(*args), the seconds it took)."""
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------------
-# The three losses, side by side: (B,) losses of h = [log pi(y+) - log ref(y+)] - [log pi(y-) -
-# log ref(y-)], from (B,) log-probs summed over response tokens. label_p = P(y+ is better), float
-# or (B,): 1.0 is the plain loss; below 1 it also pulls towards y- with weight 1 - p (soft labels).
+# 1) Sampling two responses per prompt from the current policy
 
 
-def preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
-    """h, (B,): how much more than the reference the policy prefers the chosen response."""
-    assert policy_chosen.dim() == 1, "the log-probs must be (B,)"
-    assert policy_chosen.shape == policy_rejected.shape == ref_chosen.shape == ref_rejected.shape
-    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+def sample_pairs(model, tokenizer, prompts: list, n=2, max_new_tokens=64, temperature=0.9) -> dict:
+    """n samples per prompt, rows i*n .. i*n + n - 1 for prompt i: input_ids, attention_mask and
+    response_mask, (n*B, P+R) with the prompt left- and the response right-padded; response_tokens
+    (n*B,), EOS included; texts, what the annotator reads: a response cut at max_new_tokens (no EOS)
+    ends with CUT. Scoring uses these ids: the texts are never tokenized again."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = [p for p in encode_prompts(tokenizer, prompts) for _ in range(n)]
+    ids, mask = left_pad(prompt_ids, pad, model.device)
+    # generation_config holds no, one or several EOS ids (Qwen2.5: two); the tokenizer's counts too.
+    gen_eos = model.generation_config.eos_token_id
+    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    eos_ids = sorted({tokenizer.eos_token_id, *gen_eos} - {None})
+    resp = sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad)  # (n*B, R)
+    resp_mask = response_mask_after_eos(resp, eos_ids).long()
+    ended = torch.isin(resp, torch.tensor(eos_ids, device=resp.device)).any(1).tolist()
+    texts = [
+        tokenizer.decode(r[m.bool()], skip_special_tokens=True) + ("" if e else CUT)
+        for r, m, e in zip(resp, resp_mask, ended)
+    ]
+    batch = dict(input_ids=torch.cat([ids, resp], 1), texts=texts, response_tokens=resp_mask.sum(1))
+    batch["attention_mask"] = torch.cat([mask, resp_mask], 1)
+    batch["response_mask"] = torch.cat([torch.zeros_like(mask), resp_mask], 1)
+    return batch
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_p=1.0):
-    """DPO: -log sigmoid(beta h); beta ~0.1 (0.1-0.5 usual); log 2 at h = 0."""
-    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # DPO Eq. 7. A soft label, as conservative DPO: -p log s(beta h) - (1 - p) log s(-beta h).
-    return -label_p * F.logsigmoid(beta * h) - (1 - label_p) * F.logsigmoid(-beta * h)
-
-
-def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=1.0, label_p=1.0):
-    """IPO: (h - 1/(2 beta))^2: the target margin is h* = 1/(2 beta), 0.5 nats at beta = 1. That is
-    per sequence on summed log-probs (the IPO paper, our default); TRL averages them per token."""
-    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # IPO Eq. 17. A soft label p moves the target to (p - 1/2) / beta, its expected loss's minimum.
-    return (h - (2 * label_p - 1) / (2 * beta)) ** 2
-
-
-def slic_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.002, label_p=1.0):
-    """SLiC as OAIF uses it, the hinge on the reference-normalised h: max(0, 1 - beta h). At beta =
-    0.002 it is zero only from h = 500 nats: on short responses, in effect the linear -beta h."""
-    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # SLiC-HF Eq. 3 as RSO writes it. A soft label weighs the hinge on each side, p and 1 - p.
-    return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)
-
-
-LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling two responses per prompt from the current policy
-
-
-def user_turn(tokenizer, text: str) -> str:
-    """`text` as one user turn through the tokenizer's chat template, up to the reply."""
-    turn = [dict(role="user", content=text)]
-    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+# Read whole, a response cut at the length cap looks finished (and short): the annotator is told.
+CUT = "\n\n[... the response continues: it is longer than the length limit shown here]"
 
 
 def encode_prompts(tokenizer, prompts: list) -> list:
@@ -243,19 +173,18 @@ def encode_prompts(tokenizer, prompts: list) -> list:
     return [tokenizer(user_turn(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
 
 
+def user_turn(tokenizer, text: str) -> str:
+    """`text` as one user turn through the tokenizer's chat template, up to the reply."""
+    turn = [dict(role="user", content=text)]
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+
+
 def left_pad(seqs: list, pad_id: int, device) -> tuple:
     """Id lists -> (B, L) ids and mask, left-padded: generation goes on from each row's end."""
     L = max(len(s) for s in seqs)
     ids = torch.tensor([[pad_id] * (L - len(s)) + list(s) for s in seqs], device=device)
     mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=device)
     return ids, mask
-
-
-def response_mask_after_eos(response_ids, eos_ids: list) -> torch.Tensor:
-    """(B, R) mask of the response tokens up to and including the first EOS; after it, padding."""
-    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).long()
-    # A token is kept while no EOS came strictly before it.
-    return (is_eos.cumsum(1) - is_eos) == 0
 
 
 @torch.no_grad()
@@ -299,39 +228,17 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     return torch.stack(tokens, 1)
 
 
-# Read whole, a response cut at the length cap looks finished (and short): the annotator is told.
-CUT = "\n\n[... the response continues: it is longer than the length limit shown here]"
-
-
-def sample_pairs(model, tokenizer, prompts: list, n=2, max_new_tokens=64, temperature=0.9) -> dict:
-    """n samples per prompt, rows i*n .. i*n + n - 1 for prompt i: input_ids, attention_mask and
-    response_mask, (n*B, P+R) with the prompt left- and the response right-padded; response_tokens
-    (n*B,), EOS included; texts, what the annotator reads: a response cut at max_new_tokens (no EOS)
-    ends with CUT. Scoring uses these ids: the texts are never tokenized again."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_ids = [p for p in encode_prompts(tokenizer, prompts) for _ in range(n)]
-    ids, mask = left_pad(prompt_ids, pad, model.device)
-    # generation_config holds no, one or several EOS ids (Qwen2.5: two); the tokenizer's counts too.
-    gen_eos = model.generation_config.eos_token_id
-    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
-    eos_ids = sorted({tokenizer.eos_token_id, *gen_eos} - {None})
-    resp = sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad)  # (n*B, R)
-    resp_mask = response_mask_after_eos(resp, eos_ids).long()
-    ended = torch.isin(resp, torch.tensor(eos_ids, device=resp.device)).any(1).tolist()
-    texts = [
-        tokenizer.decode(r[m.bool()], skip_special_tokens=True) + ("" if e else CUT)
-        for r, m, e in zip(resp, resp_mask, ended)
-    ]
-    batch = dict(input_ids=torch.cat([ids, resp], 1), texts=texts, response_tokens=resp_mask.sum(1))
-    batch["attention_mask"] = torch.cat([mask, resp_mask], 1)
-    batch["response_mask"] = torch.cat([torch.zeros_like(mask), resp_mask], 1)
-    return batch
+def response_mask_after_eos(response_ids, eos_ids: list) -> torch.Tensor:
+    """(B, R) mask of the response tokens up to and including the first EOS; after it, padding."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).long()
+    # A token is kept while no EOS came strictly before it.
+    return (is_eos.cumsum(1) - is_eos) == 0
 
 
 # --------------------------------------------------------------------------------------------------
-# Annotators: annotator(prompts, first, second) -> for each pair, P(first is better) in [0, 1], or
-# None for no verdict. oaif_step (triage) drops and counts None, 1/2 (a tie) and hedges near 1/2.
-
+# 2) Annotators: annotator(prompts, first, second) -> for each pair, P(first is better) in [0, 1],
+# or None for no verdict. oaif_step (triage) drops and counts None, 1/2 (a tie) and hedges near
+# 1/2. The rules and Claude first; then a local LLM judge and a reward model, which need no key.
 
 # What an annotator counts in its `stats`, where it keeps any.
 ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
@@ -376,9 +283,14 @@ TEMPLATES = {
     "illegal or hurtful, and is not offensive) and then helpful. Judge harmlessness first; use "
     "helpfulness only to decide between equally harmless responses.",
 }
+
+
 # What each task calls its prompt and its responses.
-NOUNS = dict(tldr=("Text", "Summary"), helpful=("Conversation", "Response"))
-NOUNS["harmless"] = NOUNS["helpful"]
+NOUNS = dict(
+    tldr=("Text", "Summary"),
+    helpful=("Conversation", "Response"),
+    harmless=("Conversation", "Response"),
+)
 
 
 def render_judge_prompt(task: str, instruction: str, prompt: str, first: str, second: str) -> str:
@@ -398,6 +310,8 @@ ANCHOR = re.compile(
     r"(?i)\bprefer(?:red|ence)\b[^\w:=]*(?:(?:response|summary)\b[^\w:=]*)?[:=]\W*"
     r"(?:(?:response|summary)\b\W*)?(\w*)"
 )
+
+
 # A whole reply that is just "2." ("1 beats 2" is not).
 BARE = re.compile(r"[\s*\"'`(\[]*([12])[\s.!?*)\]\"'`]*")
 
@@ -636,7 +550,153 @@ class RewardModelAnnotator:
 
 
 # --------------------------------------------------------------------------------------------------
-# Algorithm 1: one OAIF step
+# 3) Log-probabilities: sequence_logprobs, then fused_logprobs, its log_softmax without the
+# [tokens, vocab] logits
+
+
+def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
+    """log pi(y | x): (B,) float32, the sum of log p(token | prefix) over each row's response
+    tokens, through the model's body and fused_logprobs (any HF causal LM with a plain LM head).
+    All three (B, T), the prompt left-padded, the response right-padded: attention_mask is 1 on
+    real tokens, response_mask on the tokens to score (a response's EOS included)."""
+    assert input_ids.shape == attention_mask.shape == response_mask.shape
+    head = model.get_output_embeddings()
+    if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
+        name = type(model).__name__
+        raise OAIFError(f"{name}: its LM head has a bias or a logit soft-cap, not a plain one")
+    # Left padding: positions come from the mask, not the column.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = model.base_model(input_ids, **inputs).last_hidden_state  # (B, T, H)
+    # Under bf16 autocast the body may hand back float32; the head's matmuls run in bf16 too.
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    # Position t predicts token t + 1.
+    labels = input_ids[:, 1:].masked_fill(~response_mask[:, 1:].bool(), -100)
+    # The plain form holds the (B, T - 1, V) logits, 5 GB for 8 pairs (16 rows) of 512 tokens at
+    # Qwen2.5's V = 151936 in float32, and as much again for their gradient:
+    #   logits = (hidden[:, :-1] @ head.weight.T).float() / head_temperature(model.config)
+    #   logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    #   logps = logps.masked_fill(labels == -100, 0.0)
+    # fused_logprobs is its drop-in: the same numbers, chunk by chunk, never all the logits.
+    logps = fused_logprobs(hidden[:, :-1], head.weight, labels, head_temperature(model.config))
+    return logps.sum(-1)
+
+
+def head_temperature(config) -> float:
+    """What a model divides its logits by: Granite's logits_scaling, 1 / Cohere's logit_scale."""
+    scaling, scale = getattr(config, "logits_scaling", None), getattr(config, "logit_scale", None)
+    return (scaling or 1.0) / (scale or 1.0)
+
+
+def fused_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None) -> torch.Tensor:
+    """Per-token log_softmax(hidden @ weight.T / temperature)[label], exactly, never holding the
+    (tokens, vocab) logits: chunks of chunk_size rows (None: default_chunk_size), the logsumexp
+    kept per row, each chunk's softmax computed again in the backward. hidden: (..., H), float32,
+    bf16 or fp16 (the matmuls run in it); weight: (V, H), the LM head (it gets its gradient too);
+    labels: (...) int64, -100 = ignore. Returns (...) float32, 0 where ignored."""
+    assert hidden.shape[:-1] == labels.shape, f"hidden {hidden.shape} vs labels {labels.shape}"
+    assert weight.dim() == 2 and weight.shape[1] == hidden.shape[-1], "weight must be (V, H)"
+    h2, l2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    chunk_size = chunk_size or default_chunk_size(max(1, len(h2)), len(weight), hidden.device)
+    # The dtypes are chosen here, not by an autocast around the call.
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = _FusedLogprobs.apply(h2, weight, l2, float(temperature), int(chunk_size))
+    return out.reshape(labels.shape)
+
+
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: as many as fit one chunk of float32 logits in a memory budget (a 16th of
+    free GPU memory up to 256 MiB; 64 MiB on CPU), but never fewer than a fast matmul needs."""
+    cuda = device.type == "cuda"
+    budget = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20) if cuda else 64 << 20
+    rows = budget // (4 * vocab) // 128 * 128
+    return max(1, min(n_rows, max(rows, 2048 if cuda else 256)))
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    """log_softmax(h @ W.T / T).gather(labels), chunk by chunk: the chunks only save memory.
+    In float32 a chunk's logits are (V, C), worked on in place; in bf16 and fp16 they are (C, V),
+    for PyTorch's fused softmax kernels (float32 inside)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size):
+        rows, h, head = _labelled_rows(hidden, weight, labels, temperature)
+        lab, V = labels[rows], weight.shape[0]
+        # Per row: the answer, and the logsumexp (float32's backward keeps it; bf16's recomputes).
+        logp, lse = torch.empty(2, len(rows), dtype=torch.float32, device=h.device)
+        for s in range(0, len(rows), chunk_size):
+            c = slice(s, s + chunk_size)
+            if h.dtype == torch.float32:
+                # (V, C), the only large buffer: w @ h.T runs 1.4x faster on CPU than h @ w.T.
+                z = head @ h[c].T
+                z[V:] = -math.inf
+                target = z.gather(0, lab[None, c])[0]
+                # The logsumexp in place: the max, then exp(z - max) summed, in the same buffer.
+                m = z.amax(0)
+                lse[c] = m + z.sub_(m).exp_().sum(0).log_()
+                logp[c] = target - lse[c]
+            else:
+                z = h[c] @ head.T
+                z[:, V:] = -math.inf
+                logp[c] = z.log_softmax(-1, dtype=torch.float32).gather(1, lab[c, None])[:, 0]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+        return out.index_put_((rows,), logp)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        T, C, V = ctx.temperature, ctx.chunk_size, weight.shape[0]
+        rows, h, head = _labelled_rows(hidden, weight, labels, T)
+        lab, g = labels[rows], grad_out[rows].float()
+        grad_h = torch.zeros_like(hidden)
+        # A frozen head (LoRA) gets no gradient: no float32 (V, H) buffer, two GEMMs a chunk, not 3.
+        grad_w = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        # d logp / d logits = onehot(label) - P, so with h = hidden / T: grad_h = g (w[label] -
+        # P @ w) / T and grad_w = onehot.T @ (g h) - P.T @ (g h). The onehot is never built.
+        for s in range(0, len(rows), C):
+            c = slice(s, s + C)
+            gh = (g[c, None] * h[c].float()).to(h.dtype)  # (C, H)
+            if h.dtype == torch.float32:
+                # P.T, (V, C): z - lse folded into the matmul, the exp in place.
+                Pt = torch.addmm(-lse[None, c], head, h[c].T).exp_()
+                Pt[V:] = 0
+            else:
+                # One fused kernel: bf16 logits in, float32 inside, bf16 P out for the matmuls.
+                z = h[c] @ head.T
+                z[:, V:] = -math.inf
+                Pt = torch.softmax(z, -1).T
+            grad = (head[lab[c]].float() - (Pt.T @ head).float()) * g[c, None] / T
+            grad_h[rows[c]] = grad.to(hidden.dtype)
+            if grad_w is None:
+                continue
+            if h.dtype == torch.float32:
+                grad_w.addmm_(Pt, gh, alpha=-1)  # in place: no (V, H) temporary
+            else:
+                grad_w.sub_((Pt @ gh).float())
+            grad_w.index_add_(0, lab[c], gh.float())
+        grad_w = None if grad_w is None else grad_w[:V].to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def _labelled_rows(hidden, weight, labels, temperature: float) -> tuple:
+    """(Rows with a label, their hidden states over the temperature, the head in their dtype)."""
+    rows = (labels != -100).nonzero().squeeze(1)
+    h = hidden[rows] * (1.0 / temperature) if temperature != 1.0 else hidden[rows]
+    head = weight.to(h.dtype)
+    if head.is_cuda and head.shape[0] % 64:
+        # cuBLAS runs a vocabulary padded to a multiple of 64 several times faster (GPT-2's 50257).
+        head = F.pad(head, (0, 0, 0, -head.shape[0] % 64))
+    return rows, h, head
+
+
+# --------------------------------------------------------------------------------------------------
+# 4) Which verdicts the loss uses; then the three losses, side by side: (B,) losses of
+# h = [log pi(y+) - log ref(y+)] - [log pi(y-) - log ref(y-)], from (B,) log-probs summed over
+# response tokens. label_p = P(y+ is better), float or (B,): 1.0 is the plain loss; below 1 it
+# also pulls towards y- with weight 1 - p (soft labels).
 
 
 def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
@@ -652,26 +712,44 @@ def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
     return used, dict(counts, low_confidence=len(probs) - sum(counts.values()))
 
 
-class Wiring:
-    """oaif_step's model calls, each fn(model, *args): sample, policy (the loss pass), reference
-    (frozen); total() sums over ranks. Direct here; Distributed (Part 2): DDP, FSDP2, LoRA."""
+def preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """h, (B,): how much more than the reference the policy prefers the chosen response."""
+    assert policy_chosen.dim() == 1, "the log-probs must be (B,)"
+    assert policy_chosen.shape == policy_rejected.shape == ref_chosen.shape == ref_rejected.shape
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
-    world = 1  # processes training together (ranks)
 
-    def __init__(self, policy, ref_model):
-        self.policy_model, self.ref_model = policy, ref_model
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_p=1.0):
+    """DPO: -log sigmoid(beta h); beta ~0.1 (0.1-0.5 usual); log 2 at h = 0."""
+    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # DPO Eq. 7. A soft label, as conservative DPO: -p log s(beta h) - (1 - p) log s(-beta h).
+    return -label_p * F.logsigmoid(beta * h) - (1 - label_p) * F.logsigmoid(-beta * h)
 
-    def policy(self, fn: Callable, *args):
-        return fn(self.policy_model, *args)
 
-    sample = policy  # the same direct call here; Distributed overrides both
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=1.0, label_p=1.0):
+    """IPO: (h - 1/(2 beta))^2: the target margin is h* = 1/(2 beta), 0.5 nats at beta = 1. That is
+    per sequence on summed log-probs (the IPO paper, our default); TRL averages them per token."""
+    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # IPO Eq. 17. A soft label p moves the target to (p - 1/2) / beta, its expected loss's minimum.
+    return (h - (2 * label_p - 1) / (2 * beta)) ** 2
 
-    @torch.no_grad()
-    def reference(self, fn: Callable, *args):
-        return fn(self.ref_model, *args)
 
-    def total(self, **values) -> dict:
-        return values
+def slic_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.002, label_p=1.0):
+    """SLiC as OAIF uses it, the hinge on the reference-normalised h: max(0, 1 - beta h). At beta =
+    0.002 it is zero only from h = 500 nats: on short responses, in effect the linear -beta h."""
+    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # SLiC-HF Eq. 3 as RSO writes it. A soft label weighs the hinge on each side, p and 1 - p.
+    return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)
+
+
+LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
+
+
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
+
+
+# --------------------------------------------------------------------------------------------------
+# 5) The update
 
 
 def update(loss, optimizer, max_grad_norm: float, wiring: Wiring) -> tuple:
@@ -685,59 +763,6 @@ def update(loss, optimizer, max_grad_norm: float, wiring: Wiring) -> tuple:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, skipped
-
-
-def timed(fn: Callable, *args) -> tuple:
-    """(fn(*args), the seconds it took)."""
-    start = time.perf_counter()
-    return fn(*args), time.perf_counter() - start
-
-
-def oaif_step(
-    policy, ref_model, tokenizer, prompts, annotator, optimizer, cfg, pairs=None, wiring=None
-):
-    """Algorithm 1, one step on this rank's prompts -> the step's numbers. cfg: Config (or any
-    object with the fields used here); pairs: offline_batch's, with "probs", for steps 1 and 2."""
-    start = time.perf_counter()
-    wiring = wiring or Wiring(policy, ref_model)
-    # 1) Sample two responses per prompt from the current policy at --temperature; π scored at T=1.
-    sampling = (tokenizer, prompts, 2, cfg.max_new_tokens, cfg.temperature)
-    batch = pairs or wiring.sample(sample_pairs, *sampling)
-    out = dict(batch=batch, sample_s=time.perf_counter() - start)
-    first, second = batch["texts"][0::2], batch["texts"][1::2]
-    with concurrent.futures.ThreadPoolExecutor(1) as background:
-        # 2) The annotator judges each pair, P(first is better), in a thread while step 3 runs.
-        judged = None if pairs else background.submit(timed, annotator, prompts, first, second)
-        # 3) Log-probs of the 2B responses: the policy's with gradients, the frozen reference's.
-        ids = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-        with torch.autocast(policy.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            logps = wiring.policy(sequence_logprobs, *ids)
-            ref_logps = wiring.reference(sequence_logprobs, *ids)
-        waited = time.perf_counter()
-        probs, out["annotate_s"] = judged.result() if judged else (pairs["probs"], 0.0)
-    out["annotate_wait_s"] = time.perf_counter() - waited
-    # 4) Rows 2i, 2i + 1 hold prompt i's pair: its verdict names the chosen (y+), the rejected (y-).
-    # A pair triage drops (a tie, no verdict, a hedge) weighs 0; max(p, 1 - p) is P(y+ is better).
-    used, out["counts"] = triage(probs, cfg.min_confidence)
-    p = torch.tensor([0.5 if v is None else v for v in used], device=logps.device)
-    first_wins, usable = p > 0.5, (p != 0.5).float()
-    # TRL's IPO (--average-logps) scores the mean log-prob per response token, not the sum.
-    n = batch["response_tokens"].clamp(min=1) if cfg.average_logps else 1
-    lp, ref_lp = logps / n, ref_logps / n
-    chosen = torch.where(first_wins, lp[0::2], lp[1::2])
-    rejected = torch.where(first_wins, lp[1::2], lp[0::2])
-    ref_chosen = torch.where(first_wins, ref_lp[0::2], ref_lp[1::2])
-    ref_rejected = torch.where(first_wins, ref_lp[1::2], ref_lp[0::2])
-    beta = DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
-    label_p = torch.maximum(p, 1 - p) if cfg.labels == "soft" else 1.0
-    losses = LOSSES[cfg.loss](chosen, rejected, ref_chosen, ref_rejected, beta, label_p) * usable
-    # DDP averages gradients over ranks: world / (usable pairs on all ranks) makes the global mean.
-    n_used = wiring.total(n=out["counts"]["pairs"])["n"]
-    loss = losses.sum() * wiring.world / max(n_used, 1)
-    grad_norm, skipped = update(loss, optimizer, cfg.max_grad_norm, wiring) if n_used else (0.0, 0)
-    out.update(probs=probs, logps=logps.detach(), ref_logps=ref_logps, losses=losses.detach())
-    out["margins"] = beta * preference_margin(chosen, rejected, ref_chosen, ref_rejected).detach()
-    return dict(out, usable=usable, n_used=n_used, grad_norm=grad_norm, nonfinite=skipped)
 
 
 # ==================================================================================================
