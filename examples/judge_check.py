@@ -614,10 +614,11 @@ def build(a, models, instruction):
 
 def sample_policy_pairs(a) -> list:
     """--n-pairs pairs from --policy as training samples them: batches of 8 prompts
-    (Config.batch_size), the default prompts in order and again, two responses each
+    (Config.batch_size), the default prompts (or --prompts) in order and again, two responses each
     (oaif.sample_pairs), one seed for the whole draw."""
     model, tokenizer = oaif.load_model(a.policy, torch.device("cpu"))
-    prompts = (oaif.DEFAULT_PROMPTS * (a.n_pairs // len(oaif.DEFAULT_PROMPTS) + 1))[: a.n_pairs]
+    base = oaif.load_prompts(a.prompts)
+    prompts = (base * (a.n_pairs // len(base) + 1))[: a.n_pairs]
     torch.manual_seed(a.seed)
     pairs, t = [], time.perf_counter()
     for i in range(0, len(prompts), oaif.Config.batch_size):
@@ -765,6 +766,11 @@ def main():
     )
     p.add_argument(
         "--n-pairs", type=int, default=80, help="on-policy pairs: the default prompts, then again"
+    )
+    p.add_argument(
+        "--prompts",
+        default="",
+        help="on-policy sampling: these prompts (as oaif's --prompts) instead of the default ones",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
