@@ -397,22 +397,31 @@ class ClaudeAnnotator:
         return [0.5 if x == y else v for x, y, v in zip(first, second, p)]
 
 
-# "Prefer the more concise response." -> "concise response": an article, words that name the
-# response, at most a relative clause ("the response that answers the question"). Nothing else.
-CRITERION = re.compile(
-    r"(?i)prefer (?:the|an?) (?:more )?"
-    r"((?:\w+[ -])*?(?:response|summary|answer)(?: (?:that|which) .+?)?)\.?"
-)
+# How the local judge turns an instruction in any words into its yes/no question about one response:
+# the judge model itself writes the question, greedily, after these examples of free wordings (none
+# about length, the property the wordings were checked on). Printed at the start of a run.
+QUESTION_SHOTS = """Each instruction says what kind of response to prefer. Its question asks \
+that of one response, in the fewest words.
 
+Instruction: Prefer responses in French.
+Question: Is this a response written in French?
 
-def judge_question(task: str, instruction: str) -> str:
-    """The criterion as a yes/no question about one response: "Prefer the more concise response."
-    -> "Is this a concise response?"; none: the task's quality; else "Does it follow ...?"."""
-    instruction = " ".join(instruction.split())
-    m = CRITERION.fullmatch(instruction or f"Prefer a good {NOUNS[task][1].lower()}.")
-    if not m:
-        return f"Does it follow the instruction: {instruction}"
-    return f"Is this {'an' if m.group(1)[0] in 'aeiouAEIOU' else 'a'} {m.group(1)}?"
+Instruction: Prefer the more polite response.
+Question: Is this a polite response?
+
+Instruction: Don't be so stiff.
+Question: Is this an informal response?
+
+Instruction: a colour somewhere, please
+Question: Is this a response that mentions a colour?
+
+Instruction: Avoid jargon.
+Question: Is this a response free of jargon?
+
+Instruction: Prefer the response that answers the question asked.
+Question: Is this a response that answers the question asked?
+
+Instruction: """
 
 
 # Yes/no examples the local judge reads first, property and quality at odds (a wrong answer in
@@ -436,33 +445,39 @@ JUDGE_SHOTS = {
 class LocalJudgeAnnotator:
     """Any Hugging Face causal LM as a pointwise, offline annotator (small judges asked to compare
     two responses ignore the instruction; asked about one, they follow it): each response alone gets
-    s = log P("Yes") - log P("No") to judge_question (with an instruction, less `debias` x that to
-    "Is this a good response?"); P(first is better) = sigmoid(s1 - s2). Never an order bias."""
+    s = log P("Yes") - log P("No") to `question` (by default the judge's own, written from the
+    instruction; none: "Is this a good response?"), less `debias` x that to "Is this a good
+    response?" where there is an instruction; P(first is better) = sigmoid(s1 - s2). Never an
+    order bias. Each response is read once: its questions continue from its KV cache."""
 
-    def __init__(self, model, tokenizer, task="helpful", instruction="", batch_size=8, debias=0.25):
+    def __init__(self, model, tokenizer, task="helpful", instruction="", debias=0.25, question=""):
         self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.instruction, self.batch_size, self.debias = instruction.strip(), batch_size, debias
-        self.question = judge_question(task, self.instruction)
+        self.instruction, self.debias = instruction.strip(), debias
         self.chat = getattr(tokenizer, "chat_template", None)
         self.context = getattr(model.config, "max_position_embeddings", None)
         # Without a template the judge's input starts as its tokenizer starts a text (Llama: BOS).
         starts = tokenizer("x").input_ids[:1]
         self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
+        self.good = f"Is this a good {NOUNS[task][1].lower()}?"
+        self.question = question.strip() or self.instruction and self.write_question() or self.good
         # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
         # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
-        text = "".join(self.ask("", ""))
+        text = self.ask("", "", "")
         n = len(tokenizer(text, add_special_tokens=False).input_ids)
         after = [tokenizer(text + self.reply(w), add_special_tokens=False) for w in ("Yes", "No")]
         self.words = [enc.input_ids[n] for enc in after]
         if self.words[0] == self.words[1]:
             raise OAIFError("the judge's Yes and No begin with one token: every score would be 0")
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
-        # Asked "Is this detailed?", a small judge partly answers "Is this good?" (a longer answer
-        # cut at the cap reads as less detailed than a finished one): a share of "good?" comes off.
-        self.good_judge = None
-        if debias and self.instruction:
-            self.good_judge = LocalJudgeAnnotator(model, tokenizer, task, batch_size=batch_size)
-            self.good_judge.stats = self.stats  # its forward passes count as this annotator's
+
+    @torch.inference_mode()
+    def write_question(self) -> str:
+        """The instruction as a yes/no question about one response, in the judge's own words."""
+        text = f"{QUESTION_SHOTS}{' '.join(self.instruction.split())}\nQuestion: Is this"
+        enc = self.tokenizer(text, return_tensors="pt").to(self.model.device)
+        out = self.model.generate(**enc, max_new_tokens=24, do_sample=False, repetition_penalty=1.0)
+        written = self.tokenizer.decode(out[0, enc.input_ids.shape[1] :])
+        return "Is this" + re.split(r"[?\n]", written)[0] + "?"
 
     def reply(self, word: str) -> str:
         """`word` as the chat template writes a reply (Llama-2: " Yes"); bare if <think> first."""
@@ -475,64 +490,63 @@ class LocalJudgeAnnotator:
         context, item = NOUNS[self.task]
         return f"{context}:\n{prompt}\n\n{item}:\n{response}\n\n{question} Answer Yes or No."
 
-    def ask(self, prompt: str, response: str) -> tuple:
-        """The judge's input about one response, up to its answer: (the shared head, the rest).
-        JUDGE_SHOTS come first, as earlier turns."""
+    def ask(self, prompt: str, response: str, question: str) -> str:
+        """The judge's input about one response, up to its answer; JUDGE_SHOTS first, as earlier
+        turns. The question comes last, so every question about a response shares its reading."""
         shots = [(self.turn(p, r, q), a) for q, rows in JUDGE_SHOTS.items() for p, r, a in rows]
         # With an instruction, the instruction alone decides what "better" means.
         rubric = "" if self.instruction else TEMPLATES[self.task] + "\n\n"
-        last = rubric + self.turn(prompt, response, self.question)
-        if self.chat:
-            roles = ("user", "assistant") * len(shots) + ("user",)
-            turns = [dict(role=r, content=t) for r, t in zip(roles, [*sum(shots, ()), last])]
-            template = self.tokenizer.apply_chat_template
-            text = template(turns, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "".join(f"{u}\nAnswer:\n{a}\n\n" for u, a in shots) + last + "\nAnswer:\n"
-        # The head (cached, the same for every response) ends with this turn's "Conversation:\n".
-        cut = text.rindex(last) + len(rubric) + len(NOUNS[self.task][0]) + len(":\n")
-        return text[:cut], text[cut:]
+        last = rubric + self.turn(prompt, response, question)
+        if not self.chat:
+            return "".join(f"{u}\nAnswer:\n{a}\n\n" for u, a in shots) + last + "\nAnswer:\n"
+        roles = ("user", "assistant") * len(shots) + ("user",)
+        turns = [dict(role=r, content=t) for r, t in zip(roles, [*sum(shots, ()), last])]
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def scores(self, prompts: list, responses: list) -> list:
-        """log P("Yes") - log P("No") per response. The shared head's KV cache is computed once a
-        call and copied into each batch; responses are batched with their neighbours in length."""
-        # Each input is tokenized whole, as the judge reads it; the cached head is the prefix they
-        # all share. Tokenized alone, a head may end otherwise (BPE's "\n\n", SentencePiece "▁Why").
-        texts = [self.ask("", "")[0]] + ["".join(self.ask(*x)) for x in zip(prompts, responses)]
-        head, *seqs = self.tokenizer(texts, add_special_tokens=False).input_ids
-        head = os.path.commonprefix([head] + [s[:-1] for s in seqs])
-        head, seqs = self.bos + head, [s[len(head) :] for s in seqs]
-        if self.context and len(head) + max(map(len, seqs), default=0) > self.context:
+    def scores(self, prompts: list, responses: list, questions=None) -> torch.Tensor:
+        """log P("Yes") - log P("No"), (responses, questions) (default: the judge's question). What
+        every input shares (the examples) is read once a call, then each response once, its
+        questions batched after a copy of its KV cache."""
+        questions = questions or [self.question]
+        k, device, body = len(questions), self.model.device, self.model.base_model
+        # Each input is tokenized whole, as the judge reads it; the cached parts are prefixes it
+        # shares. Tokenized alone, a part may end otherwise (BPE's "\n\n", SentencePiece "▁Why").
+        texts = [self.ask(*x, q) for x in zip(prompts, responses) for q in questions]
+        if not texts:
+            return torch.zeros(0, k)
+        seqs = [self.bos + s for s in self.tokenizer(texts, add_special_tokens=False).input_ids]
+        if self.context and max(map(len, seqs), default=0) > self.context:
             raise OAIFError(f"a judge prompt is over the judge's context of {self.context} tokens")
-        body, device = self.model.base_model, self.model.device
+        self.stats["annotator_requests"] += len(seqs)
+        self.stats["input_tokens"] += sum(map(len, seqs))
         # Only two logits are needed: the LM head's rows for Yes and No, (2, H).
         W = self.model.get_output_embeddings().weight[self.words].float()
         kv = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        # The last token of each input is read with its question: every part below is >= 1 token.
+        head = os.path.commonprefix([s[:-1] for s in seqs])[:-1]
         cache = body(torch.tensor([head], device=device), use_cache=True)[1]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        out = {}
-        for i in range(0, len(order), self.batch_size):
-            rows = order[i : i + self.batch_size]
-            # Right-padded: causal attention never lets a real token see the pads after it.
-            n = torch.tensor([len(seqs[j]) for j in rows])
-            ids = [seqs[j] + [0] * (int(n.max()) - len(seqs[j])) for j in rows]
-            ids = torch.tensor(ids, device=device)
+        out = torch.zeros(len(prompts), k)
+        for i in range(len(prompts)):
+            rows = seqs[i * k : i * k + k]  # one response, each of its questions
+            own = os.path.commonprefix([s[:-1] for s in rows])
             past = copy.deepcopy(cache)
-            past.batch_repeat_interleave(len(rows))  # the head's keys and values, a copy per row
-            h = body(input_ids=ids, **{kv: past}).last_hidden_state  # (b, L, H)
-            last = h[torch.arange(len(rows)), n - 1].float()  # (b, H): where each answer comes
-            s = last @ W.T / head_temperature(self.model.config)
-            out.update(zip(rows, (s[:, 0] - s[:, 1]).tolist()))
-            self.stats["annotator_requests"] += len(rows)
-            self.stats["input_tokens"] += len(rows) * len(head) + int(n.sum())
-        return [out[i] for i in range(len(seqs))]
+            body(torch.tensor([own[len(head) :]], device=device), **{kv: past})
+            past.batch_repeat_interleave(k)  # the response's keys and values, a copy per question
+            # Right-padded: causal attention never lets a real token see the pads after it.
+            n = torch.tensor([len(s) - len(own) for s in rows])
+            ids = [s[len(own) :] + [0] * (int(n.max()) - len(s) + len(own)) for s in rows]
+            h = body(torch.tensor(ids, device=device), **{kv: past})[0][torch.arange(k), n - 1]
+            s = h.float() @ W.T / head_temperature(self.model.config)
+            out[i] = (s[:, 0] - s[:, 1]).cpu()
+        return out
 
     def __call__(self, prompts: list, first: list, second: list) -> list:
-        both = prompts + prompts, first + second
-        s = torch.tensor(self.scores(*both))
-        if self.good_judge:
-            s -= self.debias * torch.tensor(self.good_judge.scores(*both))
+        # With an instruction, a small judge asked "Is this detailed?" partly answers "Is this
+        # good?" (a longer answer cut at the cap reads as less detailed): a share of that comes off.
+        weights = [1.0, -self.debias][: 1 + bool(self.debias and self.instruction)]
+        both = prompts + prompts, first + second, [self.question, self.good][: len(weights)]
+        s = self.scores(*both) @ torch.tensor(weights)
         p = torch.sigmoid(s[: len(prompts)] - s[len(prompts) :]).tolist()
         # One text batched two ways scores apart by rounding (bf16: 0.03): identical ones tie.
         return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
@@ -823,11 +837,12 @@ class Config:
     annotator: str = ""  # shorter, longer, claude, hf:MODEL, rm:MODEL; empty: claude with a key
     annotator_model: str = "claude-haiku-4-5"  # Claude model for --annotator claude
     task: str = "helpful"  # annotator template: tldr, helpful or harmless
-    instruction: str = ""  # what decides "better", e.g. "Prefer the more concise response."
+    instruction: str = ""  # what decides "better", in any words, e.g. "Be concise."
     annotator_workers: int = 16  # concurrent annotator requests
     labels: str = "hard"  # hard: the preferred response is certain (the paper); soft: P(better)
     min_confidence: float = 0.05  # drop a pair whose verdict p has |p - 0.5| below this
     judge_debias: float = 0.25  # hf: with an instruction, less this x its log-odds to "good?"
+    judge_question: str = ""  # hf: its yes/no question about a response (empty: its own, printed)
     # evaluation and the offline baseline
     eval_every: int = 0  # win rate against the initial policy every N steps and at the end
     eval_prompts: int = 16  # held-out prompts for the win rate, never trained on
@@ -986,7 +1001,9 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
             models[name] = load_model(name, device, dtype=judge_dtype(device))
             models[name][0].requires_grad_(False)
         judge = dict(task=cfg.task, instruction=cfg.instruction, debias=cfg.judge_debias)
-        return LocalJudgeAnnotator(*models[name], **judge)
+        judge = LocalJudgeAnnotator(*models[name], **judge, question=cfg.judge_question)
+        print(f"oaif: {spec} asks of each response: {judge.question}", file=sys.stderr)
+        return judge
     if spec.startswith("rm:"):
         # Loaded for each use: never the reference.
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
@@ -1289,7 +1306,7 @@ def check_output_dir(cfg: Config, config: dict) -> None:
     if not os.path.isfile(os.path.join(last, "oaif_config.json")):
         raise OAIFError(f"--resume: no complete checkpoint of this oaif in {out}; start a new run")
     with open(os.path.join(last, "oaif_config.json")) as f:
-        saved = {"judge_debias": 0.0, **json.load(f)}  # an older oaif's judge had none
+        saved = {"judge_debias": 0.0, "judge_question": "", **json.load(f)}  # older oaifs had none
 
     def same(k):
         # --eval-every may change, but not whether it is 0: that decides the held-out split.

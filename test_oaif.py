@@ -673,63 +673,55 @@ def test_cli_stops_on_bad_key(api, tiny, tmp_path):
 @pytest.mark.parametrize("instruction", ["Prefer the more concise response.", ""])
 def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
     model, tok = model_tok
-    judge = oaif.LocalJudgeAnnotator(model, tok, task="tldr", instruction=instruction, batch_size=3)
-    assert judge.question == (
-        "Is this a concise response?" if instruction else "Is this a good summary?"
-    )
-    question = oaif.judge_question("helpful", "Prefer an accurate response.")
-    assert question == "Is this an accurate response?"
+    concise = "Is this a concise response?"
+    judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", instruction, question=concise)
+    assert judge.question == concise and judge.good == "Is this a good summary?"
+    assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
     prompts, a, b = (
         ["Why do we dream?", "Hi"],
         ["Because.", "Hello there, how are you?"],
         ["Nobody knows.", "Hey"],
     )
 
-    def tokens(judge, p, r):  # (the head, the rest)
-        return sum((tok(t).input_ids for t in judge.ask(p, r)), [])
-
-    def plain(judge):  # each whole input alone, unpadded, uncached, the model's own logits
+    def plain(question):  # each whole input alone, unpadded, uncached, the model's own logits
         yes, no = judge.words  # the first token of each answer as it follows the input (below)
-        ids = [tokens(judge, p, r) for p, r in zip(prompts + prompts, a + b)]
+        ids = [tok(judge.ask(p, r, question)).input_ids for p, r in zip(prompts + prompts, a + b)]
         with torch.no_grad():
             last = [model(torch.tensor([x])).logits[0, -1] for x in ids]
         return ids, [float(lg[yes] - lg[no]) for lg in last]
 
-    ids, s = plain(judge)
-    # the head's KV cache copied into batches of 3 right-padded inputs (then 1): the same log-odds
-    assert judge.scores(prompts + prompts, a + b) == pytest.approx(s, abs=1e-5)
-    # with an instruction, a quarter of the log-odds to the task's own question comes off: the
-    # no-instruction judge's, tested by the other case
-    good = oaif.LocalJudgeAnnotator(model, tok, task="tldr")
-    g_ids, g = plain(good) if instruction else ([], [0.0] * 4)
-    assert (judge.good_judge is not None) == bool(instruction) and good.good_judge is None
-    s = [x - 0.25 * y for x, y in zip(s, g)]
+    (ids, s), (g_ids, g) = plain(concise), plain(judge.good)
+    # the examples' KV cache, then each response's, then each question from a copy: the same
+    # log-odds as every whole input read alone
+    both = judge.scores(prompts + prompts, a + b, [concise, judge.good])
+    assert both.shape == (4, 2) and both.flatten().tolist() == pytest.approx(
+        [x for pair in zip(s, g) for x in pair], abs=1e-5
+    )
+    # with an instruction, a quarter of the log-odds to "good?" comes off
+    s = [x - 0.25 * y for x, y in zip(s, g)] if instruction else s
     p_ab = judge(prompts, a, b)
     assert p_ab == pytest.approx([1 / (1 + math.exp(s[i + 2] - s[i])) for i in range(2)], abs=1e-5)
     assert judge(prompts, b, a) == pytest.approx([1 - p for p in p_ab], abs=1e-6)  # order-blind
     assert judge(["x"], ["same"], ["same"]) == [0.5] and judge([], [], []) == []
     with pytest.raises(oaif.OAIFError, match="over the judge's context of 1024 tokens"):
         judge(["x"], ["word " * 1100], ["y"])
-    # one forward per response and question, none per order
+    # one request per response and question, its input counted as read whole, none per order
     k = 2 if instruction else 1
-    assert judge.stats["annotator_requests"] == 4 + k * (4 + 4 + 2)
-    same = [tokens(j, "x", "same") for j in (judge, good)[:k]]
-    total = 3 * sum(map(len, ids)) + 2 * len(same[0])
-    assert judge.stats["input_tokens"] == total + 2 * sum(map(len, g_ids)) + 2 * len(same[-1]) * (
-        k - 1
-    )
+    assert judge.stats["annotator_requests"] == 8 + k * (4 + 4 + 2)
+    same = [len(tok(judge.ask("x", "same", q)).input_ids) for q in (concise, judge.good)]
+    read = [sum(map(len, ids)), sum(map(len, g_ids))]
+    assert judge.stats["input_tokens"] == sum(read) + 2 * (sum(read[:k]) + sum(same[:k]))
     # debias=0: the question's log-odds alone
-    plain_judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", instruction, 3, debias=0)
-    assert plain_judge.good_judge is None
-    s0 = plain(plain_judge)[1]
+    plain_judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", instruction, 0, concise)
+    s0 = plain(concise)[1]
     want = [1 / (1 + math.exp(s0[i + 2] - s0[i])) for i in range(2)]
     assert plain_judge(prompts, a, b) == pytest.approx(want, abs=1e-5)
 
 
 def test_local_judge_scores_the_tokens_of_each_whole_input():
     # SentencePiece as Llama and Mistral use it: text tokenized alone starts with a word-start piece
-    # ("▁Why"), in the whole input after "Conversation:\n" it does not ("Why"): the cached head must
-    # not change the tokens
+    # ("▁Why"), in the whole input after "\n\n" it does not ("Why"): the cached parts (the examples,
+    # the response) must not change the tokens
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -745,29 +737,31 @@ def test_local_judge_scores_the_tokens_of_each_whole_input():
     tok = PreTrainedTokenizerFast(tokenizer_object=sp)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2)).eval()
-    judge = oaif.LocalJudgeAnnotator(
-        model, tok, instruction="Prefer the more concise response.", batch_size=2
-    )
+    judge = oaif.LocalJudgeAnnotator(model, tok, "helpful", "Be brief.", question="Why brief?")
     prompts, responses = (
         ["Why do we dream?", "Why is the sky blue?", "Hi"],
         ["Because.", "Light scatters.", "Hey"],
     )
+    questions = ["Why brief?", "Is this a good response?"]
     ids = [
-        tok("".join(judge.ask(*x)), add_special_tokens=False).input_ids
+        tok(judge.ask(*x, q), add_special_tokens=False).input_ids
         for x in zip(prompts, responses)
+        for q in questions
     ]
-    apart = [
-        sum((tok(t, add_special_tokens=False).input_ids for t in judge.ask(*x)), [])
-        for x in zip(prompts, responses)
-    ]
-    # the head and the rest tokenized apart: other tokens
-    assert all(a != b for a, b in zip(apart, ids))
+    # the response and its question tokenized apart: other tokens ("▁Why")
+    for x in zip(prompts, responses):
+        text = judge.ask(*x, "Why brief?")
+        cut = text.rindex("Why brief?")
+        apart = [tok(t, add_special_tokens=False).input_ids for t in (text[:cut], text[cut:])]
+        assert sum(apart, []) != tok(text, add_special_tokens=False).input_ids
     with torch.no_grad():
         s = [
             float(lg[judge.words[0]] - lg[judge.words[1]])
             for lg in (model(torch.tensor([x])).logits[0, -1] for x in ids)
         ]
-    assert judge.scores(prompts, responses) == pytest.approx(s, abs=1e-5)
+    assert judge.scores(prompts, responses, questions).flatten().tolist() == pytest.approx(
+        s, abs=1e-5
+    )
 
 
 def test_local_judge_runs_in_the_fast_dtype_whatever_the_policy_trains_in(tiny, monkeypatch):
@@ -1944,36 +1938,38 @@ def test_resume_refuses_a_prompts_file_whose_content_changed(tiny, tmp_path, cap
 
 
 @pytest.mark.parametrize(
-    "instruction,question",
+    "written,question",
     [
-        ("Prefer the more concise response.", "Is this a concise response?"),
-        # spacing is not meaning
-        ("Prefer the  concise   response.", "Is this a concise response?"),
-        ("Prefer an accurate response.", "Is this an accurate response?"),
+        (" a concise response?\n\nInstruction: Be", "Is this a concise response?"),
+        (" short\nInstruction:", "Is this short?"),  # a question the judge did not end
         (
-            "Prefer the response that answers the question asked.",
+            " a response that answers the question asked?",
             "Is this a response that answers the question asked?",
         ),
-        # not "Is this a detail?"
-        ("Prefer more detail.", "Does it follow the instruction: Prefer more detail."),
-        (
-            "Prefer more formal language.",
-            "Does it follow the instruction: Prefer more formal language.",
-        ),
-        ("Prefer brevity.", "Does it follow the instruction: Prefer brevity."),
-        (
-            "Prefer whichever response is shorter.",
-            "Does it follow the instruction: Prefer whichever response is shorter.",
-        ),
-        (
-            "Prefer the more concise response and avoid lists.",
-            "Does it follow the instruction: Prefer the more concise response and avoid lists.",
-        ),
-        ("", "Is this a good response?"),
     ],
 )
-def test_judge_question_never_garbles_the_instruction(instruction, question):
-    assert oaif.judge_question("helpful", instruction) == question
+def test_local_judge_writes_its_question_from_any_wording(model_tok, written, question, capsys):
+    # the judge model continues its examples with the instruction, normalised to one line
+    model, tok = model_tok
+    seen = []
+
+    def generate(input_ids, **kw):
+        seen.append(tok.decode(input_ids[0]))
+        return torch.cat([input_ids, tok(written, return_tensors="pt").input_ids], 1)
+
+    model.generate = generate
+    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="  Be\n concise. ")
+    assert judge.question == question and judge.instruction == "Be\n concise."
+    assert seen == [oaif.QUESTION_SHOTS + "Be concise.\nQuestion: Is this"]
+    # none: the task's quality, not written; --judge-question: as given, not written
+    assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
+    given = oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.", question=" Short? ")
+    assert given.question == "Short?" and len(seen) == 1
+    # a run prints the question its hf: judge asks
+    cfg = oaif.Config(instruction="Be concise.", judge_question="Is it short?")
+    models = {"device": torch.device("cpu"), "m": (model, tok)}
+    assert oaif.make_annotator("hf:m", cfg, models, "").question == "Is it short?"
+    assert "oaif: hf:m asks of each response: Is it short?" in capsys.readouterr().err
 
 
 def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
@@ -2015,7 +2011,9 @@ def test_local_judge_reads_the_answer_tokens_it_would_produce():
     tok = sentencepiece_tokenizer()
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).eval()
     judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
-    text = "".join(judge.ask("Why do we dream?", "Because."))  # no chat template: ends "Answer:\n"
+    text = judge.ask(
+        "Why do we dream?", "Because.", judge.question
+    )  # no template: ends "Answer:\n"
     before = tok(text, add_special_tokens=False).input_ids
     # the oracle: what follows the judge's input
     for word, token in zip(("Yes", "No"), judge.words):
@@ -2682,7 +2680,7 @@ def test_local_judge_reads_the_answer_after_a_thinking_template(model_tok, monke
     )
     model.resize_token_embeddings(len(tok))
     judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
-    text = "".join(judge.ask("Why?", "Because."))
+    text = judge.ask("Why?", "Because.", judge.question)
     n = len(tok(text, add_special_tokens=False).input_ids)
     expected = [tok(text + w, add_special_tokens=False).input_ids[n] for w in ("Yes", "No")]
     assert judge.words == expected and "<think>" not in tok.convert_ids_to_tokens(judge.words)
@@ -2750,7 +2748,7 @@ def test_identical_responses_tie_for_the_model_annotators(model_tok, tiny_rm):
     # identical responses are a tie, whatever the scores
     model, tok = model_tok
     judge = oaif.LocalJudgeAnnotator(model, tok)
-    judge.scores = lambda prompts, responses: [0.1 * i for i in range(len(responses))]
+    judge.scores = lambda prompts, responses, questions: torch.arange(len(responses))[:, None] / 10
     assert judge(["x", "y"], ["same", "a"], ["same", "b"]) == [
         0.5,
         pytest.approx(1 / (1 + math.e**0.2)),
@@ -2781,9 +2779,9 @@ def test_local_judge_without_a_template_starts_as_its_tokenizer_does(model_tok):
     with torch.no_grad():
         expected = []
         for x in zip(prompts, responses):
-            lg = model(torch.tensor([tok("".join(judge.ask(*x))).input_ids])).logits[0, -1]
+            lg = model(torch.tensor([tok(judge.ask(*x, judge.question)).input_ids])).logits[0, -1]
             expected.append(float(lg[judge.words[0]] - lg[judge.words[1]]))
-    assert judge.scores(prompts, responses) == pytest.approx(expected, abs=1e-5)
+    assert judge.scores(prompts, responses)[:, 0].tolist() == pytest.approx(expected, abs=1e-5)
     # a tokenizer that only appends EOS (here the same token as BOS) starts texts with no BOS
     tok._tokenizer.post_processor = TemplateProcessing(
         single=f"$A {tok.eos_token}", special_tokens=[(tok.eos_token, tok.eos_token_id)]

@@ -1,25 +1,23 @@
-"""Judgments per second of the `--annotator hf:DIR` judge (pointwise: one forward per response and
-question; with an instruction hf: asks two, the instruction's and "good?", and this times the
-first), with and without what makes it cheaper, on the same pairs, configurations alternating:
+"""Seconds per judgment of the `--annotator hf:DIR` judge, one question a response against the
+instruction's question and the debias's "Is this a good response?", now and (--before F, an older
+oaif.py, e.g. `git show main:oaif.py > F`) before, on the same pairs, configurations alternating:
 
-    plain   every input whole, in the order given, left-padded to its batch's longest (the judge
-            before issue 16's item 3, verbatim)
-    cached  oaif.LocalJudgeAnnotator: the head every response shares (chat template,
-            "Conversation:") run once and its KV cache copied into each batch; batches of
-            neighbours in length, right-padded
+    now          oaif.LocalJudgeAnnotator: the examples read once a call, each response once, each
+                 question after a copy of the response's KV cache
+    before       F's LocalJudgeAnnotator (before one pass per response: each question re-read the
+                 response, batches of 8 by length)
 
-each in float32 (what the judge ran in under the default --dtype float32) and in bf16 (what
-oaif.judge_dtype picks where bf16 matmuls are fast). The model file is bf16, so casting
-float32 <-> bf16 loses nothing: one model serves all four. Reports seconds, judgments per second,
-and the largest |difference| of verdicts P(first better) and of log-odds between configurations:
-plain vs cached in one dtype is what caching and batching change; float32 vs bf16 in one path is
-what bf16 changes.
+each with --debias 0 (one question) and the default 0.25 (two), in the judge's dtype (--dtype;
+auto: oaif.judge_dtype). Both judges are asked the same question (the old one's, so that the new
+one writes none). Then the exactness check: the new judge's log-odds against every whole input
+read alone, uncached and unpadded (the plain forward), both questions.
 
-    OMP_NUM_THREADS=1 python examples/bench_judge.py \
-        --judge /path/to/Qwen2.5-1.5B-Instruct --pairs 8
+    OMP_NUM_THREADS=2 python examples/bench_judge.py --judge /path/to/Qwen2.5-1.5B-Instruct \\
+        --before /tmp/oaif_main.py --pairs 4
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -32,31 +30,21 @@ import torch  # noqa: E402
 import oaif  # noqa: E402
 
 
-class Plain(oaif.LocalJudgeAnnotator):
-    @torch.inference_mode()
-    def scores(self, prompts, responses):
-        def tok(t):
-            return self.tokenizer(t, add_special_tokens=False).input_ids
-
-        # each whole input's own tokens, after the BOS the judge starts with (if any)
-        seqs = [self.bos + tok("".join(self.ask(p, r))) for p, r in zip(prompts, responses)]
-        W = self.model.get_output_embeddings().weight[self.words].float()
-        out = []
-        for i in range(0, len(seqs), self.batch_size):
-            ids, mask = oaif.left_pad(seqs[i : i + self.batch_size], 0, self.model.device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            h = (
-                self.model.base_model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
+def plain_scores(judge, prompts, responses, questions):
+    """Every whole input alone, uncached, unpadded: the model's own last hidden state."""
+    W = judge.model.get_output_embeddings().weight[judge.words].float()
+    out = []
+    with torch.inference_mode():
+        for p, r in zip(prompts, responses):
+            for q in questions:
+                ids = (
+                    judge.bos
+                    + judge.tokenizer(judge.ask(p, r, q), add_special_tokens=False).input_ids
                 )
-                .last_hidden_state[:, -1]
-                .float()
-            )
-            s = h @ W.T / oaif.head_temperature(self.model.config)
-            out += (s[:, 0] - s[:, 1]).tolist()
-            self.stats["annotator_requests"] += len(ids)
-            self.stats["input_tokens"] += int(mask.sum())
-        return out
+                h = judge.model.base_model(torch.tensor([ids])).last_hidden_state[0, -1].float()
+                s = h @ W.T / oaif.head_temperature(judge.model.config)
+                out.append(float(s[0] - s[1]))
+    return out
 
 
 def main():
@@ -64,17 +52,14 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--judge", required=True)
+    p.add_argument("--before", default="", help="an older oaif.py to time too")
     p.add_argument(
-        "--pairs",
-        type=int,
-        default=8,
-        help="pairs from examples/judge_check.jsonl, kinds interleaved",
+        "--pairs", type=int, default=4, help="pairs from examples/judge_check.jsonl, kinds mixed"
     )
-    p.add_argument(
-        "--repeats", type=int, default=2, help="rounds of the four configurations, alternating"
-    )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=1, help="rounds, alternating the order")
+    p.add_argument("--exact-pairs", type=int, default=2, help="pairs for the exactness check")
     p.add_argument("--instruction", default="Prefer the more concise response.")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--out", default="")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -85,69 +70,59 @@ def main():
     # long and short answers mixed, as a policy's are
     rows = [r for group in zip(*kinds) for r in group][: a.pairs]
     prompts, first, second = ([r[k] for r in rows] for k in ("prompt", "a", "b"))
-    model, tok = oaif.load_model(a.judge, torch.device("cpu"))
+    dtype = oaif.judge_dtype(torch.device("cpu")) if a.dtype == "auto" else getattr(torch, a.dtype)
+    model, tok = oaif.load_model(a.judge, torch.device("cpu"), dtype=dtype)
     model.requires_grad_(False)
     print(
-        f"judge {os.path.basename(a.judge.rstrip('/'))}: "
-        f"{len(rows)} pairs ({2 * len(rows)} responses), "
-        f"batch {a.batch_size}, {torch.get_num_threads()} thread(s); oaif.judge_dtype picks "
-        f"{oaif.judge_dtype(torch.device('cpu'))}"
+        f"judge {os.path.basename(a.judge.rstrip('/'))} in {str(dtype)[6:]}: {len(rows)} pairs "
+        f"({2 * len(rows)} responses), {torch.get_num_threads()} thread(s)",
+        flush=True,
     )
-    configs = [
-        (path, dtype) for dtype in (torch.float32, torch.bfloat16) for path in ("plain", "cached")
-    ]
-    seconds, verdicts, scores = {c: [] for c in configs}, {}, {}
-    for rep in range(a.repeats):
-        # alternate, and reverse every other round
-        for path, dtype in configs if rep % 2 == 0 else configs[::-1]:
-            model.to(dtype)
-            cls = Plain if path == "plain" else oaif.LocalJudgeAnnotator
-            judge = cls(model, tok, instruction=a.instruction, batch_size=a.batch_size, debias=0)
-            t = time.perf_counter()
-            s = judge.scores(prompts + prompts, first + second)
-            seconds[path, dtype].append(time.perf_counter() - t)
-            scores[path, dtype] = s
-            verdicts[path, dtype] = torch.sigmoid(
-                torch.tensor(s[: len(rows)]) - torch.tensor(s[len(rows) :])
+    versions = {"now": oaif}
+    if a.before:
+        spec = importlib.util.spec_from_file_location("oaif_before", a.before)
+        versions["before"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(versions["before"])
+    old = getattr(versions.get("before"), "judge_question", None)
+    question = old("helpful", a.instruction) if old else ""
+    judges = {}
+    for name, module in versions.items():
+        for debias in (0.0, 0.25):
+            kw = dict(question=question) if name == "now" else {}
+            judges[name, debias] = module.LocalJudgeAnnotator(
+                model, tok, instruction=a.instruction, debias=debias, **kw
             )
-            took = seconds[path, dtype][-1]
-            print(f"  round {rep + 1}: {path:6s} {str(dtype)[6:]:8s} {took:7.1f} s", flush=True)
-    base = min(seconds["plain", torch.float32])
+    print(f"question: {judges['now', 0.0].question!r}", flush=True)
+    seconds = {c: [] for c in judges}
+    for rep in range(a.repeats):
+        for c in list(judges) if rep % 2 == 0 else list(judges)[::-1]:
+            t = time.perf_counter()
+            judges[c](prompts, first, second)
+            seconds[c].append(time.perf_counter() - t)
+            print(
+                f"  round {rep + 1}: {c[0]:6s} debias {c[1]:.2f}: {seconds[c][-1]:6.1f} s",
+                flush=True,
+            )
+    print("\n| judge | questions a response | best s | s / judgment | vs one question |")
+    print("|---|---|---|---|---|")
+    for name in versions:
+        one = min(seconds[name, 0.0])
+        for debias in (0.0, 0.25):
+            best = min(seconds[name, debias])
+            what = "2 (+ the debias)" if debias else "1"
+            print(f"| {name} | {what} | {best:.1f} | {best / len(rows):.2f} | {best / one:.2f}x |")
+    judge, n = judges["now", 0.25], a.exact_pairs
+    questions = [judge.question, judge.good]
+    both = prompts[:n] * 2, first[:n] + second[:n]
+    cached = judge.scores(*both, questions).flatten().tolist()
+    whole = plain_scores(judge, *both, questions)
+    diff = max(abs(x - y) for x, y in zip(cached, whole))
     print(
-        "\n| path | judge dtype | best s | judgments / s | speed-up vs plain float32 |"
-        "\n|---|---|---|---|---|"
+        f"\nnow vs every whole input read alone: max |Δ log-odds| {diff:.2e} ({len(whole)} scores)"
     )
-    for c in configs:
-        best = min(seconds[c])
-        print(
-            f"| {c[0]} | {str(c[1])[6:]} | {best:.1f} | {len(rows) / best:.3f} "
-            f"| {base / best:.2f}x |"
-        )
-    print(
-        "\n| compared | what differs | max \\|Δ verdict\\| | max \\|Δ log-odds\\| |"
-        "\n|---|---|---|---|"
-    )
-    f32, b16 = torch.float32, torch.bfloat16
-    for x, y, what in (
-        (("plain", f32), ("cached", f32), "caching + batching, float32"),
-        (("plain", b16), ("cached", b16), "caching + batching, bf16"),
-        (("plain", f32), ("plain", b16), "bf16 vs float32, plain"),
-        (("plain", f32), ("cached", b16), "all of it (before vs now)"),
-    ):
-        dv = float((verdicts[x] - verdicts[y]).abs().max())
-        ds = max(abs(u - v) for u, v in zip(scores[x], scores[y]))
-        print(
-            f"| {x[0]} {str(x[1])[6:]} vs {y[0]} {str(y[1])[6:]} | {what} | {dv:.2e} | {ds:.2e} |"
-        )
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(
-                dict(
-                    seconds={f"{c[0]} {c[1]}": seconds[c] for c in configs},
-                    verdicts={f"{c[0]} {c[1]}": verdicts[c].tolist() for c in configs},
-                ),
-                f,
-            )
+            json.dump(dict(seconds={f"{c[0]} {c[1]}": s for c, s in seconds.items()}, diff=diff), f)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ none; mean |p - 1/2|; how many verdicts flip between the two instructions (all p
 
 import argparse
 import copy
+import inspect
 import json
 import os
+import re
 import sys
 import time
 
@@ -90,11 +92,54 @@ INSTRUCTIONS = {  # kind -> (instruction, which side it prefers)
 }
 
 
-class NoShots(oaif.LocalJudgeAnnotator):
+# oaif's question before the judge wrote its own (kept for the modes measured with it): only
+# "Prefer the/a/an [more] X response." became "Is this a/an X response?".
+CRITERION = re.compile(
+    r"(?i)prefer (?:the|an?) (?:more )?"
+    r"((?:\w+[ -])*?(?:response|summary|answer)(?: (?:that|which) .+?)?)\.?"
+)
+
+
+def old_question(task: str, instruction: str) -> str:
+    """oaif.judge_question as it was: "Prefer the more concise response." -> "Is this a concise
+    response?"; none: the task's quality; else "Does it follow the instruction: ...?"."""
+    instruction = " ".join(instruction.split())
+    m = CRITERION.fullmatch(instruction or f"Prefer a good {oaif.NOUNS[task][1].lower()}.")
+    if not m:
+        return f"Does it follow the instruction: {instruction}"
+    return f"Is this {'an' if m.group(1)[0] in 'aeiouAEIOU' else 'a'} {m.group(1)}?"
+
+
+class Legacy(oaif.LocalJudgeAnnotator):
+    """The modes measured before the judge read each response once: old_question's question,
+    legacy_ask(prompt, response) -> (head, rest) about self.question, scores a list, no debias."""
+
+    batch_size = 8
+
+    def __init__(self, *args, **kw):
+        question = old_question(kw.get("task", "helpful"), kw.get("instruction", ""))
+        super().__init__(*args, **kw, question=question)
+
+    def ask(self, prompt, response, question):
+        return "".join(self.legacy_ask(prompt, response))
+
+    def legacy_ask(self, prompt, response):
+        return NoShots.legacy_ask(self, prompt, response)
+
+    def scores(self, prompts, responses, questions=None):
+        return oaif.LocalJudgeAnnotator.scores(self, prompts, responses)[:, 0].tolist()
+
+    def __call__(self, prompts, first, second):
+        s = torch.tensor(self.scores(prompts + prompts, first + second))
+        p = torch.sigmoid(s[: len(prompts)] - s[len(prompts) :]).tolist()
+        return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
+
+
+class NoShots(Legacy):
     """oaif's judge before JUDGE_SHOTS: its ask as it was, the question with no examples before it.
     The alternatives below that build on oaif's judge build on this one, as they were measured."""
 
-    def ask(self, prompt, response):
+    def legacy_ask(self, prompt, response):
         context, item = oaif.NOUNS[self.task]
         rubric = "" if self.instruction else oaif.TEMPLATES[self.task] + "\n\n"
         question = f"{self.question} Answer Yes or No."
@@ -132,8 +177,8 @@ FEWSHOT = [
 ]
 
 
-class FewShot(oaif.LocalJudgeAnnotator):
-    def ask(self, prompt, response):
+class FewShot(Legacy):
+    def legacy_ask(self, prompt, response):
         return chat_ask(self, prompt, response, shots=FEWSHOT)
 
 
@@ -163,13 +208,13 @@ SYSTEM = (
 )
 
 
-class System(oaif.LocalJudgeAnnotator):
-    def ask(self, prompt, response):
+class System(Legacy):
+    def legacy_ask(self, prompt, response):
         return chat_ask(self, prompt, response, system=SYSTEM)
 
 
-class AskFirst(oaif.LocalJudgeAnnotator):
-    def ask(self, prompt, response):
+class AskFirst(Legacy):
+    def legacy_ask(self, prompt, response):
         return chat_ask(self, prompt, response, before="question")
 
 
@@ -204,8 +249,8 @@ FEWSHOT2 = FEWSHOT + [
 ]
 
 
-class FewShot2(oaif.LocalJudgeAnnotator):
-    def ask(self, prompt, response):
+class FewShot2(Legacy):
+    def legacy_ask(self, prompt, response):
         return chat_ask(self, prompt, response, shots=FEWSHOT2)
 
 
@@ -252,12 +297,12 @@ FEWSHOT3 = [
 ]
 
 
-class FewShot3(oaif.LocalJudgeAnnotator):
+class FewShot3(Legacy):
     """The change proposed for oaif.LocalJudgeAnnotator.ask, verbatim but for JUDGE_SHOTS =
     FEWSHOT3: the examples as earlier turns (chat template) or earlier "Answer:" blocks (none), all
     in the shared, cached head."""
 
-    def ask(self, prompt: str, response: str) -> tuple:
+    def legacy_ask(self, prompt: str, response: str) -> tuple:
         """(The head every response shares, the rest): FEWSHOT3 as earlier turns, then this
         response's question."""
         context, item = oaif.NOUNS[self.task]
@@ -287,18 +332,18 @@ class FewShot3(oaif.LocalJudgeAnnotator):
         return text[:cut], text[cut:]
 
 
-class FewShot3Measured(oaif.LocalJudgeAnnotator):  # what the numbers were measured with (same text)
-    def ask(self, prompt, response):
+class FewShot3Measured(Legacy):  # what the numbers were measured with (same text)
+    def legacy_ask(self, prompt, response):
         return chat_ask(self, prompt, response, shots=FEWSHOT3)
 
 
-class FewShot3First(oaif.LocalJudgeAnnotator):
-    def ask(self, prompt, response):
+class FewShot3First(Legacy):
+    def legacy_ask(self, prompt, response):
         return chat_ask(self, prompt, response, shots=FEWSHOT3, before="question")
 
 
-class FewShotSystem(oaif.LocalJudgeAnnotator):
-    def ask(self, prompt, response):
+class FewShotSystem(Legacy):
+    def legacy_ask(self, prompt, response):
         return chat_ask(self, prompt, response, system=SYSTEM, shots=FEWSHOT)
 
 
@@ -334,7 +379,7 @@ class FewShotPhrasings(FewShot, Phrasings):  # FewShot's ask, Phrasings' scores
 def comparative(instruction):
     """ "Prefer the more concise response." -> "Which response is more concise?" (None if not of
     that form)."""
-    m = oaif.CRITERION.fullmatch(instruction.strip())
+    m = CRITERION.fullmatch(instruction.strip())
     x = m and m.group(1)
     if not x or not x.endswith(" response") or " " in x[: -len(" response")]:
         return None
@@ -342,7 +387,7 @@ def comparative(instruction):
     return f"Which response is {more}{x[: -len(' response')]}?"
 
 
-class Compare(oaif.LocalJudgeAnnotator):
+class Compare(Legacy):
     """Both responses, asked the instruction as a comparison ("Which response is more concise?
     Answer 1 or 2."), P("1") / (P("1") + P("2")), both orders (oaif.both_orders)."""
 
@@ -369,12 +414,12 @@ class Compare(oaif.LocalJudgeAnnotator):
         return oaif.both_orders(self.judge, prompts, first, second)
 
 
-class Reference(oaif.LocalJudgeAnnotator):
+class Reference(Legacy):
     """Pointwise, with the other response shown for comparison: s(a | b) and s(b | a), each the
     log-odds of Yes to "Compared with the other response, is this a concise response?"; P(first) =
     sigmoid(s(a | b) - s(b | a))."""
 
-    def ask(self, prompt, response):
+    def legacy_ask(self, prompt, response):
         p, ref = prompt if isinstance(prompt, tuple) else (prompt, "")
         context, item = oaif.NOUNS[self.task]
         q = self.question[0].lower() + self.question[1:]
@@ -414,13 +459,14 @@ class Rating(NoShots):
             self.tokenizer(d, add_special_tokens=False).input_ids[-1] for d in "123456789"
         ]
 
-    def ask(self, prompt, response):
-        head, rest = super().ask(prompt, response)
+    def legacy_ask(self, prompt, response):
+        head, rest = super().legacy_ask(prompt, response)
         return head, rest.replace(" Answer Yes or No.", " Answer with one digit.")
 
     @torch.inference_mode()
     def scores(self, prompts, responses):  # oaif's scores, the expected digit for a log-odds
-        texts = [self.ask("", "")[0]] + ["".join(self.ask(*x)) for x in zip(prompts, responses)]
+        texts = [self.legacy_ask("", "")[0]]
+        texts += ["".join(self.legacy_ask(*x)) for x in zip(prompts, responses)]
         head, *seqs = self.tokenizer(texts, add_special_tokens=False).input_ids
         head = os.path.commonprefix([head] + [s[:-1] for s in seqs])
         seqs = [s[len(head) :] for s in seqs]
@@ -444,8 +490,8 @@ class NoPrompt(NoShots):
     """A diagnostic, not a judge: the response alone, without the conversation (so relevance
     cannot count)."""
 
-    def ask(self, prompt, response):
-        return super().ask("", response)
+    def legacy_ask(self, prompt, response):
+        return super().legacy_ask("", response)
 
 
 class CompareYesNo(Compare):
@@ -454,7 +500,7 @@ class CompareYesNo(Compare):
 
     @torch.inference_mode()
     def judge(self, prompts, first, second):
-        m = oaif.CRITERION.fullmatch(self.instruction)
+        m = CRITERION.fullmatch(self.instruction)
         x = m and m.group(1)
         q = (
             f"Is Response 1 a more {x} than Response 2?"
@@ -484,7 +530,7 @@ def directive(question, instruction):
     return instruction
 
 
-class PMI(oaif.LocalJudgeAnnotator):
+class PMI(Legacy):
     """No question: how much more likely the judge finds the response (its end included) when the
     prompt asks for the criterion: log P(response | prompt + "Give a concise response.")
     - log P(response | prompt)."""
@@ -539,11 +585,11 @@ class FewShot3PMI(FewShot3, PMINeutral):
 
     def scores(self, prompts, responses):
         pmi = PMINeutral.scores(self, prompts, responses)
-        yes_no = oaif.LocalJudgeAnnotator.scores(self, prompts, responses)  # with fewshot3's ask
+        yes_no = Legacy.scores(self, prompts, responses)  # with fewshot3's ask
         return [x + self.weight * y for x, y in zip(yes_no, pmi)]
 
 
-class Pairwise(oaif.LocalJudgeAnnotator):
+class Pairwise(Legacy):
     """The judge `hf:` was before issue 16 (oaif.py at 47e673d), verbatim but for the names."""
 
     @torch.inference_mode()
@@ -609,15 +655,19 @@ def build(a, models, instruction):
     """The judge --mode names: pointwise as oaif has it (--debias), the others as they were measured
     (without the debias, which came after them)."""
     debias = a.debias if a.mode == "pointwise" else 0
-    return MODES[a.mode](*models[a.judge], task="helpful", instruction=instruction, debias=debias)
+    kw = dict(question=a.question) if a.mode == "pointwise" else {}
+    return MODES[a.mode](
+        *models[a.judge], task="helpful", instruction=instruction, debias=debias, **kw
+    )
 
 
 def sample_policy_pairs(a) -> list:
     """--n-pairs pairs from --policy as training samples them: batches of 8 prompts
-    (Config.batch_size), the default prompts in order and again, two responses each
+    (Config.batch_size), the default prompts (or --prompts) in order and again, two responses each
     (oaif.sample_pairs), one seed for the whole draw."""
     model, tokenizer = oaif.load_model(a.policy, torch.device("cpu"))
-    prompts = (oaif.DEFAULT_PROMPTS * (a.n_pairs // len(oaif.DEFAULT_PROMPTS) + 1))[: a.n_pairs]
+    base = oaif.load_prompts(a.prompts)
+    prompts = (base * (a.n_pairs // len(base) + 1))[: a.n_pairs]
     torch.manual_seed(a.seed)
     pairs, t = [], time.perf_counter()
     for i in range(0, len(prompts), oaif.Config.batch_size):
@@ -687,9 +737,8 @@ def on_policy(a, pairs, models, dtype):
         prompts, n = [r["prompt"] for r in pairs], len(pairs)
         if type(judge).__call__ is oaif.LocalJudgeAnnotator.__call__:  # pointwise: keep the scores
             both = prompts + prompts, [r["a"] for r in pairs] + [r["b"] for r in pairs]
-            s = judge.scores(*both)
-            if judge.good_judge:
-                s = [x - judge.debias * g for x, g in zip(s, judge.good_judge.scores(*both))]
+            S = judge.scores(*both, [judge.question, judge.good])
+            s = (S[:, 0] - judge.debias * S[:, 1]).tolist()
             p_a = torch.sigmoid(torch.tensor(s[:n]) - torch.tensor(s[n:])).tolist()
         else:
             s, p_a = None, judge(prompts, [r["a"] for r in pairs], [r["b"] for r in pairs])
@@ -732,6 +781,76 @@ def on_policy(a, pairs, models, dtype):
     )
 
 
+def on_policy_wordings(a, pairs, models):
+    """Every wording of --wordings (--wording-split) on the policy's own pairs, in one pass: each
+    response is read once and asked every wording's question (the judge's own, written from the
+    wording) and "good?"; agreement with the length rule in the wording's direction, per wording.
+    --out F saves the questions and every score (to try other combinations without the judge)."""
+    table = json.load(open(a.wordings))
+    rows = [
+        (d, split, w)
+        for d in ("shorter", "longer")
+        for split in ("tune", "heldout")
+        if a.wording_split in ("all", split)
+        for w in table[d][split]
+    ]
+    written = [[len(r[k].removesuffix(oaif.CUT)) for k in "ab"] for r in pairs]
+    cuts = [r["a"].endswith(oaif.CUT) + r["b"].endswith(oaif.CUT) for r in pairs]
+    subsets = {k: [i for i in range(len(pairs)) if cuts[i] == k] for k in (1, 0)}
+    print(
+        f", on-policy: {len(pairs)} pairs from {a.pairs_in or a.policy}; "
+        f"{len(subsets[1])} with one response cut at the cap, {len(subsets[0])} with none"
+    )
+    t = time.perf_counter()
+    judges = [build(a, models, w) for _, _, w in rows]
+    for (d, split, w), j in zip(rows, judges):
+        print(f"  {split:7s} {d:7s} {w!r} -> {j.question!r}", flush=True)
+    asked = time.perf_counter() - t
+    questions = list(dict.fromkeys([j.question for j in judges] + [judges[0].good]))
+    n = len(pairs)
+    prompts = [r["prompt"] for r in pairs]
+    t = time.perf_counter()
+    S = judges[0].scores(
+        prompts + prompts, [r["a"] for r in pairs] + [r["b"] for r in pairs], questions
+    )
+    seconds = time.perf_counter() - t
+    print(
+        f"questions written in {asked:.0f} s ({asked / len(rows):.1f} s each); {2 * n} responses "
+        f"x {len(questions)} questions read in {seconds:.0f} s ({seconds / n:.1f} s a pair)"
+    )
+    print("| split | direction | wording | the judge's question | agreement | one cut | none cut |")
+    print("|---|---|---|---|---|---|---|")
+    good = questions.index(judges[0].good)
+    results = []
+    for (d, split, w), j in zip(rows, judges):
+        s = S[:, questions.index(j.question)] - a.debias * S[:, good]
+        p_a = torch.sigmoid(s[:n] - s[n:]).tolist()
+        agree = [(p > 0.5) == ((x < y) == (d == "shorter")) for p, (x, y) in zip(p_a, written)]
+        k = sum(agree)
+        print(
+            f"| {split} | {d} | {w} | {j.question} | **{k}/{n}** ({k / n:.0%}) | "
+            f"{fraction(agree, subsets[1])} | {fraction(agree, subsets[0])} |",
+            flush=True,
+        )
+        results.append(dict(split=split, direction=d, wording=w, question=j.question, agree=k))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(
+                dict(
+                    judge=a.judge,
+                    pairs=a.pairs_in or a.policy,
+                    n=n,
+                    debias=a.debias,
+                    questions=questions,
+                    written=written,
+                    cuts=cuts,
+                    scores=S.tolist(),
+                    results=results,
+                ),
+                f,
+            )
+
+
 def main():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -766,11 +885,16 @@ def main():
     p.add_argument(
         "--n-pairs", type=int, default=80, help="on-policy pairs: the default prompts, then again"
     )
+    p.add_argument(
+        "--prompts",
+        default="",
+        help="on-policy sampling: these prompts (as oaif's --prompts) instead of the default ones",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--debias",
         type=float,
-        default=oaif.LocalJudgeAnnotator.__init__.__defaults__[-1],
+        default=inspect.signature(oaif.LocalJudgeAnnotator).parameters["debias"].default,
         help="pointwise: the weight of the judge's 'Is this a good response?' log-odds taken off",
     )
     p.add_argument(
@@ -778,6 +902,30 @@ def main():
         type=float,
         default=1.0,
         help="on-policy mode: judge only the pairs at least this far apart in length (characters)",
+    )
+    p.add_argument(
+        "--wordings",
+        default="",
+        help="on-policy mode: judge every wording of this file (examples/judge_wordings.json) "
+        "instead of the two instructions, in one pass",
+    )
+    p.add_argument(
+        "--wording-split", default="all", choices=("tune", "heldout", "all"), help="which wordings"
+    )
+    p.add_argument(
+        "--first",
+        type=int,
+        default=0,
+        help="on-policy mode: only the first N pairs (after --min-ratio; 0: all)",
+    )
+    p.add_argument(
+        "--question", default="", help="pointwise: ask this question (oaif's --judge-question)"
+    )
+    p.add_argument(
+        "--judge-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="the judge's dtype (auto: oaif.judge_dtype's timing, which a busy machine misleads)",
     )
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--temperature", type=float, default=0.9)
@@ -796,6 +944,8 @@ def main():
         pairs = [
             r for r, (short, long) in zip(pairs, lengths) if long >= a.min_ratio * max(1, short)
         ]
+    if a.first and (a.policy or a.pairs_in):
+        pairs = pairs[: a.first]
     if not a.judge:
         if a.policy and a.pairs_out:
             return print(f"{len(pairs)} pairs saved to {a.pairs_out}")
@@ -803,10 +953,14 @@ def main():
     rows = [json.loads(line) for line in open(a.pairs) if line.strip()]
     rows = [r for r in rows if a.split in ("all", r.get("split", "tune"))]
     models = dict(device=torch.device("cpu"))
+    if a.judge_dtype != "auto":
+        oaif.judge_dtype = lambda device: getattr(torch, a.judge_dtype)
     # Load once, in the dtype training's judge gets.
     oaif.make_annotator("hf:" + a.judge, oaif.Config(), models, "")
     dtype = str(models[a.judge][0].dtype).replace("torch.", "")
     print(f"judge {os.path.basename(a.judge.rstrip('/'))}, mode {a.mode}, {dtype}", end="")
+    if a.wordings:
+        return on_policy_wordings(a, pairs, models)
     if a.policy or a.pairs_in:
         return on_policy(a, pairs, models, dtype)
     print(f", split {a.split}")

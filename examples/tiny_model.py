@@ -106,7 +106,7 @@ def finished(argv: list) -> bool:
     if not os.path.isfile(path):
         return False
     with open(path) as f:
-        saved = {"judge_debias": 0.0, **json.load(f)}  # a run from before the debias had none
+        saved = {"judge_debias": 0.0, "judge_question": "", **json.load(f)}  # older runs: none
     if cfg["beta"] is None:  # as the run saved it
         cfg["beta"] = oaif.DEFAULT_BETA[cfg["loss"]]
     for k in ("prompts", "offline_data"):  # the same file name, other contents: run again
