@@ -500,7 +500,7 @@ class LocalJudgeAnnotator:
         if not texts:
             return torch.zeros(0, k)
         seqs = [self.bos + s for s in self.tokenizer(texts, add_special_tokens=False).input_ids]
-        if self.context and max(map(len, seqs), default=0) > self.context:
+        if self.context and max(map(len, seqs)) > self.context:
             raise OAIFError(f"a judge prompt is over the judge's context of {self.context} tokens")
         self.stats["annotator_requests"] += len(seqs)
         self.stats["input_tokens"] += sum(map(len, seqs))
@@ -884,12 +884,10 @@ DEFAULT_PROMPTS = re.split(
 def parse_args(argv: Optional[list] = None) -> Config:
     """The command line -> Config: one flag per field, its comment the --help."""
     helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    about = (
-        "Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it trains. "
-        "An hf: judge turns --instruction, in any words, into its own yes/no question about one "
-        "response and prints it first; --judge-question sets it. Check that it agrees with what "
-        "you mean on your policy's own pairs: examples/judge_check.py --wordings (README)."
-    )
+    about = """Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it
+    trains. An hf: judge turns --instruction, in any words, into its own yes/no question about one
+    response and prints it first (--judge-question sets it); check that it agrees with what you
+    mean on your policy's own pairs: examples/judge_check.py --wordings (README)."""
     parser = argparse.ArgumentParser(description=about)
     kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
     for f in dataclasses.fields(Config):
