@@ -85,7 +85,8 @@ def oaif_step(
     # A pair triage drops (a tie, no verdict, a hedge) weighs 0; max(p, 1 - p) is P(y+ is better).
     used, out["counts"] = triage(probs, cfg.min_confidence)
     p = torch.tensor([0.5 if v is None else v for v in used], device=logps.device)
-    first_wins, usable = p > 0.5, (p != 0.5).float()
+    first_wins = p > 0.5
+    usable = (p != 0.5).float()
     # TRL's IPO (--average-logps) scores the mean log-prob per response token, not the sum.
     n = batch["response_tokens"].clamp(min=1) if cfg.average_logps else 1
     lp, ref_lp = logps / n, ref_logps / n
@@ -100,9 +101,18 @@ def oaif_step(
     n_used = wiring.total(n=out["counts"]["pairs"])["n"]
     loss = losses.sum() * wiring.world / max(n_used, 1)
     grad_norm, skipped = update(loss, optimizer, cfg.max_grad_norm, wiring) if n_used else (0.0, 0)
-    out.update(probs=probs, logps=logps.detach(), ref_logps=ref_logps, losses=losses.detach())
-    out["margins"] = beta * preference_margin(chosen, rejected, ref_chosen, ref_rejected).detach()
-    return dict(out, usable=usable, n_used=n_used, grad_norm=grad_norm, nonfinite=skipped)
+    return dict(
+        out,
+        probs=probs,
+        logps=logps.detach(),
+        ref_logps=ref_logps,
+        losses=losses.detach(),
+        margins=beta * preference_margin(chosen, rejected, ref_chosen, ref_rejected).detach(),
+        usable=usable,
+        n_used=n_used,
+        grad_norm=grad_norm,
+        nonfinite=skipped,
+    )
 
 
 class Wiring:
@@ -156,10 +166,13 @@ def sample_pairs(model, tokenizer, prompts: list, n=2, max_new_tokens=64, temper
         tokenizer.decode(r[m.bool()], skip_special_tokens=True) + ("" if e else CUT)
         for r, m, e in zip(resp, resp_mask, ended)
     ]
-    batch = dict(input_ids=torch.cat([ids, resp], 1), texts=texts, response_tokens=resp_mask.sum(1))
-    batch["attention_mask"] = torch.cat([mask, resp_mask], 1)
-    batch["response_mask"] = torch.cat([torch.zeros_like(mask), resp_mask], 1)
-    return batch
+    return dict(
+        input_ids=torch.cat([ids, resp], 1),
+        attention_mask=torch.cat([mask, resp_mask], 1),
+        response_mask=torch.cat([torch.zeros_like(mask), resp_mask], 1),
+        response_tokens=resp_mask.sum(1),
+        texts=texts,
+    )
 
 
 # Read whole, a response cut at the length cap looks finished (and short): the annotator is told.
@@ -205,7 +218,8 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     step_ids, cache_pos = ids, torch.arange(P, device=ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    finite, tokens = True, []
+    finite = True
+    tokens = []
     for t in range(max_new_tokens):
         inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True)
         out = model(**inputs, cache_position=cache_pos, logits_to_keep=1, **{kv: cache})
@@ -336,8 +350,12 @@ class ClaudeAnnotator:
         # Only this annotator needs the SDK. Its retries heal 429, 529, 5xx and timeouts.
         import anthropic
 
-        self.anthropic, self.model, self.task = anthropic, model, task
-        self.instruction, self.cache, self.lock = instruction, {}, threading.Lock()
+        self.anthropic = anthropic
+        self.model = model
+        self.task = task
+        self.instruction = instruction
+        self.cache = {}
+        self.lock = threading.Lock()
         self.client = client or anthropic.Anthropic(max_retries=4, timeout=60.0)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
@@ -550,7 +568,8 @@ class RewardModelAnnotator:
 
     @torch.inference_mode()
     def __call__(self, prompts: list, first: list, second: list) -> list:
-        tok, chat = self.tokenizer, self.tokenizer.chat_template
+        tok = self.tokenizer
+        chat = self.tokenizer.chat_template
         texts = []
         for x, y in zip(prompts + prompts, first + second):
             turns = [dict(role="user", content=x), dict(role="assistant", content=y)]
@@ -578,8 +597,9 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.
     assert input_ids.shape == attention_mask.shape == response_mask.shape
     head = model.get_output_embeddings()
     if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
-        name = type(model).__name__
-        raise OAIFError(f"{name}: its LM head has a bias or a logit soft-cap, not a plain one")
+        raise OAIFError(
+            f"{type(model).__name__}: its LM head has a bias or a logit soft-cap, not a plain one"
+        )
     # Left padding: positions come from the mask, not the column.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -638,7 +658,8 @@ class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk_size):
         rows, h, head = _labelled_rows(hidden, weight, labels, temperature)
-        lab, V = labels[rows], weight.shape[0]
+        lab = labels[rows]
+        V = weight.shape[0]
         # Per row: the answer, and the logsumexp (float32's backward keeps it; bf16's recomputes).
         logp, lse = torch.empty(2, len(rows), dtype=torch.float32, device=h.device)
         for s in range(0, len(rows), chunk_size):
@@ -666,7 +687,8 @@ class _FusedLogprobs(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         T, C, V = ctx.temperature, ctx.chunk_size, weight.shape[0]
         rows, h, head = _labelled_rows(hidden, weight, labels, T)
-        lab, g = labels[rows], grad_out[rows].float()
+        lab = labels[rows]
+        g = grad_out[rows].float()
         grad_h = torch.zeros_like(hidden)
         # A frozen head (LoRA) gets no gradient: no float32 (V, H) buffer, two GEMMs a chunk, not 3.
         grad_w = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -851,9 +873,20 @@ RUN_FILES = re.compile(
     r"|(adapter_)?model.*\.safetensors.*|chat_template\.\w+"
 )
 # The flags --resume may change: they do not change what is trained (--eval-every: only > 0 does).
-FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "annotator_workers", "sample_every"}
-FREE_ON_RESUME |= {"resume", "overwrite", "output_dir", "device", "fsdp", "eval_annotator"}
-FREE_ON_RESUME |= {"eval_annotator_model"}
+FREE_ON_RESUME = {
+    "steps",
+    "save_every",
+    "keep_checkpoints",
+    "annotator_workers",
+    "sample_every",
+    "resume",
+    "overwrite",
+    "output_dir",
+    "device",
+    "fsdp",
+    "eval_annotator",
+    "eval_annotator_model",
+}
 # Counters summed over steps and ranks: an LLM judge's health (as ANNOTATOR_STATS), the totals.
 HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
 TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")
@@ -935,20 +968,25 @@ def check_logprobs(model, tolerance: float = 1e-3) -> None:
     own = model(input_ids=ids, attention_mask=ones).logits[:, :-1].float().log_softmax(-1)
     own = own.gather(-1, ids[:, 1:, None]).sum((1, 2))
     err = float((sequence_logprobs(model, ids, ones, ones) - own).abs().max()) / 7
-    name = type(model).__name__
     if not math.isfinite(err):
-        raise OAIFError(f"{name}: its logits are not finite (inf or nan): the weights are broken")
+        raise OAIFError(
+            f"{type(model).__name__}: its logits are not finite (inf or nan): the weights are "
+            "broken"
+        )
     if err > tolerance:
-        why = f"log-probs from its LM head differ from its own logits by {err:.3g} nats per token"
-        raise OAIFError(f"{name}: {why} (a transform after the head that oaif does not know)")
+        raise OAIFError(
+            f"{type(model).__name__}: log-probs from its LM head differ from its own logits by "
+            f"{err:.3g} nats per token (a transform after the head that oaif does not know)"
+        )
 
 
 def judge_dtype(device) -> torch.dtype:
     """bf16 where its matmuls beat float32: CUDA where supported; a CPU by timing one each way."""
     # Its own generator: the run's random stream is left alone.
     a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
-    timed = [timeit.repeat(lambda x=x: x @ x.T, number=4, repeat=3) for x in (a, a.bfloat16())]
-    seconds = [min(t) for t in timed]
+    seconds = [
+        min(timeit.repeat(lambda x=x: x @ x.T, number=4, repeat=3)) for x in (a, a.bfloat16())
+    ]
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
     return torch.bfloat16 if fast else torch.float32
 
@@ -956,7 +994,8 @@ def judge_dtype(device) -> torch.dtype:
 def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
     """--annotator SPEC -> the annotator. models caches (model, tokenizer) by name, and holds
     "device": a judge that is --model is the reference model itself, not a third copy."""
-    name, device = spec[3:], models["device"]  # hf:NAME, rm:NAME
+    name = spec[3:]  # hf:NAME, rm:NAME
+    device = models["device"]
     if spec in ("shorter", "longer"):
         return {"shorter": shorter, "longer": longer}[spec]
     if spec == "claude":
@@ -999,12 +1038,15 @@ def read_lines(path: str, what: str, keys=(), expected="", ok: Callable = lambda
     """Non-blank lines, stripped; with keys, (line number, each JSON line's values) if ok()."""
     if not os.path.isfile(path):
         raise OAIFError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    # utf-8-sig: Notepad and Excel start UTF-8 files with a byte-order mark.
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        why = f"{path} is not ({e.reason} at byte {e.start})"
-        raise OAIFError(f"{what} must be UTF-8 text: {why}") from None
+        line = e.object[: e.start].count(b"\n") + 1
+        raise OAIFError(f"{what} must be UTF-8 text: {path}:{line} is not ({e.reason})") from None
+    lines = [(i, line.strip()) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise OAIFError(f"{what} is empty: {path}")
     if not keys:
@@ -1058,17 +1100,21 @@ def pair_batch(prompt_ids: list, first_ids: list, second_ids: list, pad_id: int,
     R = max(1, max(len(r) for r in resp))
     r_ids = torch.tensor([list(r) + [pad_id] * (R - len(r)) for r in resp], device=device)
     r_mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in resp], device=device)
-    batch = dict(input_ids=torch.cat([ids, r_ids], 1), attention_mask=torch.cat([mask, r_mask], 1))
-    batch["response_mask"] = torch.cat([torch.zeros_like(mask), r_mask], 1)
-    return dict(batch, response_tokens=r_mask.sum(1))
+    return dict(
+        input_ids=torch.cat([ids, r_ids], 1),
+        attention_mask=torch.cat([mask, r_mask], 1),
+        response_mask=torch.cat([torch.zeros_like(mask), r_mask], 1),
+        response_tokens=r_mask.sum(1),
+    )
 
 
 def offline_batch(rows: list, pad_id: int, device) -> tuple:
     """A step's fixed pairs -> (prompts, oaif_step's pairs: pair_batch with texts and labels)."""
-    prompt_ids, first, second = [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
-    batch = pair_batch(prompt_ids, first, second, pad_id, device)
-    batch.update(texts=[t for r in rows for t in r[5]], probs=[r[4] for r in rows])
-    return [r[0] for r in rows], batch
+    ids = [[r[k] for r in rows] for k in (1, 2, 3)]  # prompts', first and second responses' ids
+    batch = pair_batch(*ids, pad_id, device)
+    return [r[0] for r in rows], dict(
+        batch, texts=[t for r in rows for t in r[5]], probs=[r[4] for r in rows]
+    )
 
 
 def turn_end(tokenizer, generation_config) -> int:
@@ -1133,15 +1179,21 @@ def check_numbers(cfg: Config) -> None:
             must = "positive" if f.name in positive else "0 or more"
             raise OAIFError(f"--{f.name.replace('_', '-')} must be {must} (and finite), not {v}")
     if cfg.min_confidence > 0.5:
-        v = cfg.min_confidence
-        raise OAIFError(f"--min-confidence is a distance from 1/2: at most 0.5, not {v}")
+        raise OAIFError(
+            f"--min-confidence is a distance from 1/2: at most 0.5, not {cfg.min_confidence}"
+        )
     if cfg.lora_dropout >= 1 or (cfg.lora_rank and cfg.fsdp):
         raise OAIFError("--lora-dropout must be below 1; --lora-rank and --fsdp do not go together")
     # --offline-data samples only the evaluation's answers.
     if cfg.temperature == 0 and not cfg.offline_data:
         raise OAIFError("--temperature 0 is greedy: two equal responses (only with --offline-data)")
-    choices = dict(loss=LOSSES, dtype=("float32", "bfloat16"), labels=("hard", "soft"))
-    choices.update(task=TEMPLATES, device=("auto", "cpu", "cuda"))
+    choices = dict(
+        loss=LOSSES,
+        dtype=("float32", "bfloat16"),
+        labels=("hard", "soft"),
+        task=TEMPLATES,
+        device=("auto", "cpu", "cuda"),
+    )
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise OAIFError(f"unknown --{name} {getattr(cfg, name)!r}; choose {', '.join(allowed)}")
@@ -1172,9 +1224,13 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
                 f"the annotator here is {spec}, which cannot follow it"
             )
     # The data files' contents too: --resume refuses another file at the same path.
-    beta = DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
-    config = dict(dataclasses.asdict(cfg), beta=beta, annotator=spec)
-    config.update(prompts_sha256=digest(cfg.prompts), offline_data_sha256=digest(cfg.offline_data))
+    config = dict(
+        dataclasses.asdict(cfg),
+        beta=DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta,
+        annotator=spec,
+        prompts_sha256=digest(cfg.prompts),
+        offline_data_sha256=digest(cfg.offline_data),
+    )
     if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
         raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
     check_output_dir(cfg, config)
@@ -1267,15 +1323,20 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
         # Claude model with another annotator, the debias but for training's hf: judge, instructed.
         debiased = config["annotator"].startswith("hf:") and config["instruction"].strip()
-        idle = dict(eval_prompts=not config["eval_every"], judge_debias=not debiased)
-        idle["annotator_model"] = config["annotator"] != "claude"
+        idle = dict(
+            eval_prompts=not config["eval_every"],
+            judge_debias=not debiased,
+            annotator_model=config["annotator"] != "claude",
+        )
         return idle.get(k) or saved.get(k) == config[k]
 
     changed = [k for k in config if k not in FREE_ON_RESUME and not same(k)]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in changed]
     if changed:
-        why = f"other flags than the checkpoint's: {', '.join(changed)}"
-        raise OAIFError(f"--resume with {why}; resume with the same ones or start a new run")
+        raise OAIFError(
+            f"--resume with other flags than the checkpoint's: {', '.join(changed)}; resume with "
+            "the same ones or start a new run"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1326,9 +1387,14 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
         torch.save(fixed if cfg.offline else None, os.path.join(tmp, "offline_pairs.pt"))
     barrier()
     # Each rank samples from its own random stream.
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.save(dict(rng, annotator=stats), os.path.join(tmp, f"rng-{rank}.pt"))
+    rng = dict(
+        python=random.getstate(),
+        numpy=np.random.get_state(),
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        annotator=stats,
+    )
+    torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))
     barrier()
     if rank == 0:
         # The data's position and the learning rate are functions of the step: the step is all.
@@ -1345,16 +1411,17 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
 def complete_checkpoints(out_dir: str) -> list:
     """The complete checkpoint folders of out_dir, oldest first."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    done = [n for n in names if re.fullmatch(r"checkpoint-\d+", n)]
-    done = [n for n in done if os.path.isfile(os.path.join(out_dir, n, "trainer_state.pt"))]
-    return [os.path.join(out_dir, n) for n in sorted(done, key=lambda n: int(n.split("-")[1]))]
+    steps = sorted(int(n[11:]) for n in names if re.fullmatch(r"checkpoint-\d+", n))
+    paths = [os.path.join(out_dir, f"checkpoint-{step}") for step in steps]
+    return [p for p in paths if os.path.isfile(os.path.join(p, "trainer_state.pt"))]
 
 
 def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
-    """-> (the last step done, its records, metrics.jsonl open on rank 0), restoring what a resume
-    needs; a fresh run first deletes a previous run's files (only --overwrite lets some in)."""
+    """-> (the last step done, its records and evaluations, metrics.jsonl open on rank 0),
+    restoring what a resume needs; a fresh run first deletes a previous run's files (only
+    --overwrite lets some in)."""
     rank, world = rank_and_world()
-    out_dir, seed = cfg.output_dir, cfg.seed
+    out_dir = cfg.output_dir
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     os.makedirs(out_dir, exist_ok=True)
     if not resume_from:
@@ -1372,7 +1439,7 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
         dcp.set_optimizer_state_dict(root, optimizer, state["optimizer"], options=full)
     # A rank that saved no random state samples from a new stream of (seed, step, rank).
     for set_seed in (random.seed, np.random.seed, torch.manual_seed):
-        set_seed((seed + 1_000_003 * state["step"] + rank) % 2**32)
+        set_seed((cfg.seed + 1_000_003 * state["step"] + rank) % 2**32)
     saved = sorted(int(n[4:-3]) for n in os.listdir(resume_from) if re.fullmatch(r"rng-\d+\.pt", n))
     # Fewer ranks now: rank r % world adds rank r's annotator requests.
     for r in [r for r in saved if r % world == rank]:
@@ -1393,14 +1460,24 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
     kept = []
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
-            kept = [x for x in f if x.strip() and json.loads(x)["step"] <= state["step"]]
+            # A last line cut short by a crash has no newline, and is past the checkpoint anyway.
+            kept = [x for x in f if x.strip() and x[-1] == "\n"]
+            kept = [x for x in kept if json.loads(x)["step"] <= state["step"]]
         # Every rank has read it before rank 0 writes it again.
         barrier()
         if rank == 0:
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-    done = [r for r in map(json.loads, kept) if not r.get("eval")]
-    return state["step"], done, open(metrics_path, "a") if rank == 0 else None
+    return (
+        state["step"],
+        # The evaluations a straight run makes, on rank 0: not the extra one that ended a run.
+        [
+            r
+            for r in map(json.loads, kept)
+            if not r.get("eval") or rank == 0 and r["step"] % cfg.eval_every == 0
+        ],
+        open(metrics_path, "a") if rank == 0 else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1480,9 +1557,14 @@ class Distributed(Wiring):
 
     def __init__(self, policy, ref_model, base: Callable, fsdp: bool, world: int, device, dropout):
         super().__init__(policy, ref_model)
-        self.base, self.fsdp, self.world, self.device = base, fsdp, world, device
-        self.dropout, self.own_logps = dropout, None
-        self.score, self.ref_score = _Scorer(policy), _Scorer(ref_model)
+        self.base = base
+        self.fsdp = fsdp
+        self.world = world
+        self.device = device
+        self.dropout = dropout
+        self.own_logps = None
+        self.score = _Scorer(policy)
+        self.ref_score = _Scorer(ref_model)
         if fsdp:
             self.score.shard()
             self.ref_score.shard()
@@ -1518,13 +1600,15 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
     # A prompt too long for the context is refused, never truncated.
     lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
     i = max(range(len(prompts)), key=lengths.__getitem__, default=0)
-    context, new = context_length(ref_model.config), cfg.max_new_tokens
+    context = context_length(ref_model.config)
+    new = cfg.max_new_tokens
     if context and prompts and lengths[i] + new > context:
-        words, over = " ".join(prompts[i].split()[:8])[:60], lengths[i] + new - context
+        words = " ".join(prompts[i].split()[:8])[:60]
         raise OAIFError(
             f'{cfg.prompts or "the built-in prompts"}: the prompt "{words}..." has '
-            f"{lengths[i]} tokens; with --max-new-tokens {new} that is {over} over the "
-            f"model's context of {context}: shorten it or lower --max-new-tokens"
+            f"{lengths[i]} tokens; with --max-new-tokens {new} that is "
+            f"{lengths[i] + new - context} over the model's context of {context}: shorten it or "
+            "lower --max-new-tokens"
         )
     ref_model.requires_grad_(False)
     if not cfg.lora_rank and resume_from:
@@ -1582,11 +1666,18 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
     used, counts = triage(annotator(prompts, policy_texts, reference_texts), 0.0)
     wins = sum(p is not None and p > 0.5 for p in used)
     losses = sum(p is not None and p < 0.5 for p in used)
-    n, ties = wins + counts["ties"] + losses, counts["ties"]
-    rate = dict(win_rate=(wins + 0.5 * ties) / n if n else float("nan"), n=n, wins=wins, ties=ties)
-    rate.update(losses=losses, no_verdict=counts["no_verdict"])
-    rate["policy_chars"] = sum(len(t.removesuffix(CUT)) for t in policy_texts) / len(prompts)
-    rate["reference_chars"] = sum(len(t.removesuffix(CUT)) for t in reference_texts) / len(prompts)
+    ties = counts["ties"]
+    n = wins + ties + losses
+    rate = dict(
+        win_rate=(wins + 0.5 * ties) / n if n else float("nan"),
+        n=n,
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        no_verdict=counts["no_verdict"],
+    )
+    for side, texts in (("policy", policy_texts), ("reference", reference_texts)):
+        rate[f"{side}_chars"] = sum(len(t.removesuffix(CUT)) for t in texts) / len(prompts)
     return rate
 
 
@@ -1594,7 +1685,9 @@ def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotat
     """What comes from the initial model: (the offline set [(prompt, prompt ids, first ids, second
     ids, P(first), texts)] or None, --offline-data pairs held out, the evaluation's answers)."""
     rank, world = rank_and_world()
-    fixed, held_out, answers = None, 0, None  # online, no --offline-data, no evaluation
+    fixed = None  # online, no --offline-data, no evaluation
+    held_out = 0
+    answers = None
     if cfg.offline_data:
         end = turn_end(tokenizer, initial.generation_config)
         pairs = load_offline_pairs(cfg.offline_data, tokenizer, end, context_length(initial.config))
@@ -1603,8 +1696,11 @@ def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotat
             raise OAIFError(f"{cfg.offline_data}: every pair's prompt is held out for evaluation")
         held_out = len(pairs) - len(fixed)
         if held_out and rank == 0:
-            note = f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are"
-            print(f"{note} held out for evaluation", file=sys.stderr)
+            print(
+                f"oaif: {held_out} pairs of {cfg.offline_data} are left out: their prompts are "
+                "held out for evaluation",
+                file=sys.stderr,
+            )
     elif cfg.offline and cfg.resume:
         # Labelled once, before step 1, and kept: never labelled (nor paid for) twice.
         last = complete_checkpoints(cfg.output_dir)[-1]
@@ -1630,8 +1726,10 @@ def label_offline_set(cfg, initial, tokenizer, prompts, annotator) -> list:
         s = sample_pairs(initial, tokenizer, chunk, 2, cfg.max_new_tokens, cfg.temperature)
         rows = [r[m.bool()].tolist() for r, m in zip(s["input_ids"], s["response_mask"])]
         # Python floats: a numpy verdict would make offline_pairs.pt unloadable with weights_only.
-        probs = annotator(chunk, s["texts"][0::2], s["texts"][1::2])
-        probs = [None if p is None else float(p) for p in probs]
+        probs = [
+            None if p is None else float(p)
+            for p in annotator(chunk, s["texts"][0::2], s["texts"][1::2])
+        ]
         for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk))):
             texts = s["texts"][2 * j : 2 * j + 2]
             fixed.append((x, ids, rows[2 * j], rows[2 * j + 1], probs[j], texts))
@@ -1658,33 +1756,50 @@ def evaluate(step, cfg, wiring, tokenizer, prompts, ref_answers, judge) -> Optio
 
 def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     """The step's metrics.jsonl line: oaif_step's numbers and the annotator's, summed over ranks."""
-    probs, counts = out["probs"], out["counts"]
-    batch = out["batch"]
+    probs = out["probs"]
+    counts = out["counts"]
     # An LLM judge's verdicts: how far from 1/2 (each p in [0, 1], as triage counts them).
     if "verdicts" in stats and not cfg.offline_data:
         stats["verdicts"] += len(probs) - counts["no_verdict"]
         stats["confidence_sum"] += sum(abs(p - 0.5) for p in probs if p is not None and 0 <= p <= 1)
     logps = out["logps"] if wiring.own_logps is None else wiring.own_logps
-    texts = batch["texts"]
-    usable, margins = out["usable"], out["margins"]
-    sums = dict(counts, loss=float(out["losses"].sum()), margin=float((margins * usable).sum()))
-    sums.update(acc=float(((margins > 0).float() * usable).sum()))
-    chars = sum(len(t.removesuffix(CUT)) for t in texts)  # what the policy wrote, not CUT
-    sums.update(kl=float((logps - out["ref_logps"]).sum()), chars=chars)
-    sums.update(tokens=float(batch["response_tokens"].sum()), seqs=len(texts))
+    texts = out["batch"]["texts"]
+    usable = out["usable"]
+    margins = out["margins"]
+    sums = dict(
+        counts,
+        loss=float(out["losses"].sum()),
+        margin=float((margins * usable).sum()),
+        acc=float(((margins > 0).float() * usable).sum()),
+        kl=float((logps - out["ref_logps"]).sum()),
+        chars=sum(len(t.removesuffix(CUT)) for t in texts),  # what the policy wrote, not CUT
+        tokens=float(out["batch"]["response_tokens"].sum()),
+        seqs=len(texts),
+    )
     sums = wiring.total(**sums, **{k: v - stats0.get(k, 0) for k, v in stats.items()})
-    used, seqs = max(sums["pairs"], 1), sums["seqs"]
-    record = dict(step=step, loss=sums["loss"] / used, pairs=int(sums["pairs"]))
-    record["dropped"] = int(sums["ties"] + sums["no_verdict"] + sums["low_confidence"])
-    record.update({k: int(sums[k]) for k in ("ties", "no_verdict", "low_confidence")})
-    record.update(reward_margin=sums["margin"] / used, reward_accuracy=sums["acc"] / used)
-    record.update(kl=sums["kl"] / seqs, response_tokens=sums["tokens"] / seqs)
-    record.update(response_chars=sums["chars"] / seqs)
-    record.update({k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums}, **judge_health(sums))
-    record.update(nonfinite=out["nonfinite"], grad_norm=out["grad_norm"], lr=lr)
-    record.update(updated=out["n_used"] > 0 and not out["nonfinite"], seconds=seconds)
-    record.update({k: out[k] for k in ("sample_s", "annotate_s", "annotate_wait_s")})
-    record["train_s"] = seconds - out["sample_s"] - out["annotate_wait_s"]
+    used = max(sums["pairs"], 1)
+    seqs = sums["seqs"]
+    record = dict(
+        step=step,
+        loss=sums["loss"] / used,
+        pairs=int(sums["pairs"]),
+        dropped=int(sums["ties"] + sums["no_verdict"] + sums["low_confidence"]),
+        **{k: int(sums[k]) for k in ("ties", "no_verdict", "low_confidence")},
+        reward_margin=sums["margin"] / used,
+        reward_accuracy=sums["acc"] / used,
+        kl=sums["kl"] / seqs,
+        response_tokens=sums["tokens"] / seqs,
+        response_chars=sums["chars"] / seqs,
+        **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums},
+        **judge_health(sums),
+        nonfinite=out["nonfinite"],
+        grad_norm=out["grad_norm"],
+        lr=lr,
+        updated=out["n_used"] > 0 and not out["nonfinite"],
+        seconds=seconds,
+        **{k: out[k] for k in ("sample_s", "annotate_s", "annotate_wait_s")},
+        train_s=seconds - out["sample_s"] - out["annotate_wait_s"],
+    )
     if wiring.device.type == "cuda":
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(wiring.device) / 2**30
     return record
@@ -1693,7 +1808,8 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
 def judge_health(s: dict) -> dict:
     """position_bias, order_agreement, judge_confidence from HEALTH sums; absent where undefined."""
     health = {}
-    n, m = s.get("order_pairs", 0), s.get("verdicts", 0)
+    n = s.get("order_pairs", 0)
+    m = s.get("verdicts", 0)
     if n:
         health.update(position_bias=s["first_sum"] / n, order_agreement=s["order_agree"] / n)
     if m:
@@ -1706,30 +1822,52 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
     print(json.dumps(record), file=log, flush=True)
     step = record["step"]
     if record.get("eval"):
-        judged = f"{record['n']} judged, {record['ties']} ties, {record['no_verdict']} no verdict"
-        bar.write(f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({judged})")
+        bar.write(
+            f"step {step} | win rate vs initial policy: {record['win_rate']:.3f} ({record['n']} "
+            f"judged, {record['ties']} ties, {record['no_verdict']} no verdict)"
+        )
         return
-    shown = dict(loss=f"{record['loss']:.3f}", margin=f"{record['reward_margin']:.2f}")
-    bar.set_postfix(shown, len=f"{record['response_tokens']:.1f}", pairs=record["pairs"])
+    # The signal is the length and the KL: on fresh pairs every step the loss stays near log 2.
+    shown = dict(len=f"{record['response_tokens']:.1f} tokens", kl=f"{record['kl']:.2f} nats")
+    bar.set_postfix(shown, loss=f"{record['loss']:.3f}", pairs=record["pairs"])
     if record["nonfinite"]:
         bar.write(f"step {step}: the loss or gradient is not finite (inf or nan): update skipped")
     elif not record["updated"]:
         bar.write(f"step {step}: no usable pair ({record['dropped']} dropped): update skipped")
+    if not sample_every or step % sample_every:
+        return
     # Each printed pair is the batch's next one: a cycle of prompts would show the same each time.
-    i = step // sample_every % len(prompts) if sample_every and prompts else 0
+    i = step // sample_every % len(prompts)
+    p = out["probs"][i]
     # Only a pair the loss used: not one triage dropped as a hedge or nonsense.
-    p = out["probs"][i] if out and out["usable"][i] else None
-    if sample_every and step % sample_every == 0 and p not in (None, 0.5):
+    if out["usable"][i]:
         win, lose = out["batch"]["texts"][2 * i : 2 * i + 2][:: 1 if p > 0.5 else -1]
         shown = f"prompt: {prompts[i]!r}\n  chosen:   {win[:200]!r}\n  rejected: {lose[:200]!r}"
         bar.write(f"step {step} | {shown}")
 
 
+def moved(history: list) -> dict:
+    """How the run moved: [first, last] of the mean response tokens and of the KL (nats per
+    response) over the first and the last k = 5 steps (fewer in a short run), and of the win rate
+    (the first and last evaluations; [] without any)."""
+    steps = [r for r in history if not r.get("eval")]
+    k = max(1, min(5, len(steps) // 2))
+    ends = (steps[:k], steps[-k:])
+    out = {
+        key: [sum(r[key] for r in rows) / k for rows in ends] for key in ("response_tokens", "kl")
+    }
+    wins = [r["win_rate"] for r in history if r.get("eval")]
+    return dict(out, k=k, win_rate=wins[:1] + wins[-1:])
+
+
 def usage(s: dict, annotator) -> str:
     """An annotator's requests and tokens, and their cost where it is Claude at a known price."""
-    line = f"{s['annotator_requests']} requests, {s['annotator_failures']} without verdict, "
-    line += f"{s['input_tokens']} in / {s['output_tokens']} out tokens"
-    price = PRICE_PER_MTOK.get(annotator.model) if isinstance(annotator, ClaudeAnnotator) else None
+    line = (
+        f"{s['annotator_requests']} requests, {s['annotator_failures']} without verdict, "
+        f"{s['input_tokens']} in / {s['output_tokens']} out tokens"
+    )
+    # Claude's model is a name with a price; a local judge's is a module, priced at nothing.
+    price = PRICE_PER_MTOK.get(str(getattr(annotator, "model", "")))
     cost = price and (s["input_tokens"] * price[0] + s["output_tokens"] * price[1]) / 1e6
     return line + (f", about ${cost:.2f}" if price else "")
 
@@ -1740,9 +1878,11 @@ def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, a
     with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     s = summary
-    line = f"oaif: {cfg.steps} steps, {s['pairs']} pairs used, {s['dropped']} dropped ({s['ties']} "
-    line += f"ties, {s['no_verdict']} no verdict, {s['low_confidence']} low confidence), "
-    line += f"{s['nonfinite']} updates skipped as not finite"
+    line = (
+        f"oaif: {cfg.steps} steps, {s['pairs']} pairs used, {s['dropped']} dropped ({s['ties']} "
+        f"ties, {s['no_verdict']} no verdict, {s['low_confidence']} low confidence), "
+        f"{s['nonfinite']} updates skipped as not finite"
+    )
     line += f"; annotator: {usage(s, annotator)}" if "annotator_requests" in s else ""
     for k in ("position_bias", "order_agreement", "judge_confidence"):
         line += f", {k.replace('_', ' ')} {s[k]:.3f}" if k in s else ""
@@ -1750,12 +1890,28 @@ def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, a
     if judge is not annotator and hasattr(judge, "stats"):
         line += f"; evaluation's annotator: {usage(judge.stats, judge)}"
     print(f"{line}; saved to {cfg.output_dir}", file=sys.stderr)
+    m = summary["moved"]
+    tokens = m["response_tokens"]
+    line = (
+        f"oaif: the first {m['k']} steps -> the last {m['k']}: response length {tokens[0]:.1f} -> "
+        f"{tokens[1]:.1f} tokens, KL to the reference {m['kl'][0]:.2f} -> {m['kl'][1]:.2f} nats"
+    )
+    # Offline, the steps score the fixed pairs' responses: their length is not the policy's.
+    if cfg.offline or cfg.offline_data:
+        line += " (of the fixed pairs, not of the policy's samples)"
+    if m["win_rate"]:
+        line += (
+            f"; win rate vs the initial policy {m['win_rate'][0]:.2f} -> {m['win_rate'][-1]:.2f}"
+        )
+    print(line, file=sys.stderr)
 
 
 def diverged(step: int, what: str, cfg: Config) -> OAIFError:
     last = (complete_checkpoints(cfg.output_dir) or ["none (--save-every N keeps some)"])[-1]
-    why = f"the run diverged (--lr {cfg.lr} too high?); last good checkpoint: {last}"
-    return OAIFError(f"step {step}: {what}: {why}")
+    return OAIFError(
+        f"step {step}: {what}: the run diverged (--lr {cfg.lr} too high?); "
+        f"last good checkpoint: {last}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1787,16 +1943,18 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
     if not cfg.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=new_run_folder("oaif-out"))
         config["output_dir"] = cfg.output_dir
-    start, done, log = open_run(cfg, resume_from, optimizer, wiring.score, stats)
+    start, history, log = open_run(cfg, resume_from, optimizer, wiring.score, stats)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
-    totals = {k: sum(r.get(k, 0) for r in done) for k in TOTALS}
-    record, last_eval = {}, None  # the last step's metrics, the last evaluation's
+    record = {}  # the last step's metrics, the last evaluation's
+    last_eval = None
     for step in bar:
-        begin, stats0 = time.perf_counter(), dict(stats)
+        begin = time.perf_counter()
+        stats0 = dict(stats)
         # A linear warm-up: a function of the step, so there is nothing to checkpoint.
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-        prompts, pairs = step_slice(train_prompts, step, cfg.batch_size, rank, world), None
+        prompts = step_slice(train_prompts, step, cfg.batch_size, rank, world)
+        pairs = None
         if fixed is not None:
             rows = step_slice(fixed, step, cfg.batch_size, rank, world)
             prompts, pairs = offline_batch(rows, tokenizer.pad_token_id, device)
@@ -1806,25 +1964,32 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             )
         except FloatingPointError as e:
             raise diverged(step, str(e), cfg) from None
-        updated = out["n_used"] > 0 and not out["nonfinite"]
-        if updated and wiring.total(bad=not finite_weights(policy))["bad"]:
+        lr = optimizer.param_groups[0]["lr"]
+        record = step_record(step, out, cfg, wiring, stats, stats0, lr, time.perf_counter() - begin)
+        if record["updated"] and wiring.total(bad=not finite_weights(policy))["bad"]:
             raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)
-        lr, seconds = optimizer.param_groups[0]["lr"], time.perf_counter() - begin
-        record = step_record(step, out, cfg, wiring, stats, stats0, lr, seconds)
-        totals = {k: v + record[k] for k, v in totals.items()}
+        history.append(record)
         if rank == 0:
             report(record, log, bar, cfg.sample_every, prompts, out)
         if eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
             last_eval = evaluate(step, cfg, wiring, tokenizer, eval_prompts, ref_answers, judge)
+            # Rank 0 alone evaluates: the others' history holds the steps only.
             if rank == 0:
                 report(last_eval, log, bar)
+                history.append(last_eval)
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(cfg, step, saved, tokenizer, optimizer, wiring, stats, config, fixed)
     bar.close()
     # The annotator's counters over all ranks and the whole run.
     whole = all_sum(stats, device) if stats else {}
-    summary = dict(totals, steps=cfg.steps, held_out_pairs=held_out, **judge_health(whole))
-    summary.update({k: int(v) for k, v in whole.items() if k not in HEALTH})
+    summary = dict(
+        {k: sum(r.get(k, 0) for r in history if not r.get("eval")) for k in TOTALS},
+        steps=cfg.steps,
+        held_out_pairs=held_out,
+        moved=moved(history),
+        **judge_health(whole),
+        **{k: int(v) for k, v in whole.items() if k not in HEALTH},
+    )
     model_state = gathered_state(policy) if cfg.fsdp else None
     if rank == 0:
         log.close()

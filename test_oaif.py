@@ -508,6 +508,23 @@ def test_prompts_files(tmp_path):
         oaif.load_prompts(str(tmp_path / "bad.jsonl"))
 
 
+def test_files_with_a_byte_order_mark_read_as_their_text(tmp_path):
+    # Notepad and Excel start UTF-8 files with a BOM: it is no part of the first prompt or pair.
+    bom = "\ufeff".encode()
+    (tmp_path / "p.txt").write_bytes(bom + "one\ntwo\n".encode())
+    (tmp_path / "p.jsonl").write_bytes(bom + '{"prompt": "one"}\n{"prompt": "two"}\n'.encode())
+    for name in ("p.txt", "p.jsonl"):
+        assert oaif.load_prompts(str(tmp_path / name)) == ["one", "two"]
+    pair = '{"prompt": "Why?", "chosen": "Because.", "rejected": "No."}\n'
+    (tmp_path / "d.jsonl").write_bytes(bom + pair.encode())
+    rows = oaif.read_lines(str(tmp_path / "d.jsonl"), "offline data", ("prompt", "chosen"), "x")
+    assert rows == [(1, ("Why?", "Because."))]
+    # A byte that is not UTF-8 is named by its line, past the BOM and past any read buffer.
+    (tmp_path / "bad.txt").write_bytes(bom + b"one\n" * 5000 + b"caf\xe9\n")
+    with pytest.raises(oaif.OAIFError, match=r"bad.txt:5001 is not"):
+        oaif.load_prompts(str(tmp_path / "bad.txt"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Claude annotator: the real anthropic SDK against a stand-in Messages API on 127.0.0.1
 
@@ -2150,6 +2167,38 @@ def test_length_control_parallel_stops_the_other_arm_when_one_fails(tmp_path, mo
                 p.kill()
 
 
+def test_online_vs_offline_interval_is_wilsons():
+    import online_vs_offline
+
+    # Wilson's score interval: (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    low, high = online_vs_offline.interval(0.5, 32)
+    assert (low, high) == pytest.approx((0.3363, 0.6637), abs=1e-4)
+    low, high = online_vs_offline.interval(1.0, 16)
+    assert high == pytest.approx(1.0) and low == pytest.approx(16 / (16 + 1.96**2), abs=1e-9)
+
+
+def test_length_control_checks_its_judges_before_training(tiny, tmp_path, monkeypatch, capsys):
+    import length_control
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    bad = [
+        (["--neutral-judge", f"hf:{tmp_path / 'missing'}"], "not a model folder"),
+        (["--neutral-judge", "claude"], "ANTHROPIC_API_KEY"),
+        (["--neutral-judge", "best"], "use hf:MODEL, rm:MODEL or claude"),
+        (["--neutral-judge", "claude-haiku-4-5"], "use hf:MODEL"),  # oaif knows "claude" alone
+        (["--neutral-judge", "hf:"], "use hf:MODEL"),
+        (["--neutral-judge", f"rm:{tiny}"], "one output, not 2"),
+        # a reward model reads no instruction: it cannot steer the two arms
+        (["--judge", f"rm:{tiny}"], "use hf:MODEL or claude"),
+    ]
+    for extra, why in bad:
+        with pytest.raises(SystemExit) as e:
+            length_control.main(["--model", tiny, *extra])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "oaif-out").exists()  # refused before any arm trained
+
+
 def test_length_control_parallel_makes_its_out_folder(tiny, tmp_path):
     import length_control
 
@@ -2159,22 +2208,44 @@ def test_length_control_parallel_makes_its_out_folder(tiny, tmp_path):
     assert [len(rows) for rows in runs.values()] == [2, 2] and (out / "concise.log").is_file()
 
 
-def readme_links() -> list:
-    """Local files the README links or shows: [text](path), ![alt](path), [ref]: path, <img src>;
-    not URLs, not #anchors, not inside code."""
+def github_slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: the text as rendered (no backticks, emphasis or link
+    targets), lower case, punctuation but hyphens and underscores dropped, spaces as hyphens."""
     import re
 
-    with open(os.path.join(HERE, "README.md")) as f:
-        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # [text](url) -> text
+    text = re.sub(r"[`*]", "", text).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def markdown_links(path: str) -> tuple:
+    """(Its local links [(target file, anchor)], relative to the repo, not URLs, not inside code;
+    its anchors: each heading's slug, a repeat with -1, -2 as GitHub numbers them.)"""
+    import re
+
+    with open(path) as f:
+        text = re.sub(r"(?s)```.*?```", "", f.read())
+    anchors, seen = set(), {}
+    for heading in re.findall(r"(?m)^#{1,6}\s+(.+?)\s*#*\s*$", text):
+        slug = github_slug(heading)
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
     text = re.sub(r"`[^`\n]*`", "", text)  # [`oaif.py`](oaif.py) keeps its link
     targets = re.findall(r"\]\(\s*<?([^)\s>]+)", text)  # inline links and images
     targets += re.findall(r"(?m)^ {0,3}\[[^\]]+\]:\s*(\S+)", text)  # reference definitions
     targets += re.findall(r"<img[^>]*\ssrc=[\"']([^\"']+)", text)
-    local = [t.split("#")[0] for t in targets if not re.match(r"[a-zA-Z][\w+.-]*:|#", t)]
-    return sorted({os.path.normpath(t) for t in local if t})
+    here = os.path.relpath(os.path.dirname(os.path.abspath(path)), HERE)
+    links = []
+    for t in targets:
+        if re.match(r"[a-zA-Z][\w+.-]*:", t):
+            continue
+        file, _, anchor = t.partition("#")
+        file = os.path.normpath(os.path.join(here, file)) if file else os.path.relpath(path, HERE)
+        links.append((file, anchor))
+    return links, anchors
 
 
-def test_readme_links_only_files_in_the_repository():
+def test_markdown_links_and_anchors_resolve():
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)
 
@@ -2184,101 +2255,88 @@ def test_readme_links_only_files_in_the_repository():
         files = set()
     if not files:
         pytest.skip("not a git checkout")
-    links = readme_links()
-    assert "examples/first_run.png" in links and "oaif.py" in links  # the parser finds them
-    missing = [t for t in links if t not in files and not any(f.startswith(t + "/") for f in files)]
-    assert not missing, f"the README links files not in the repository (git ls-files): {missing}"
-    ignored = git("check-ignore", "--no-index", *links).stdout.split()
-    assert not ignored, f".gitignore hides files the README links: {ignored}"
+    docs = ["README.md", "examples/README.md"]
+    links = {doc: markdown_links(os.path.join(HERE, doc))[0] for doc in docs}
+    found = {t for doc in docs for t, _ in links[doc]}
+    assert {"examples/first_run.png", "oaif.py", "examples/README.md"} <= found  # the parser works
+    for doc in docs:
+        for target, anchor in links[doc]:
+            tracked = target in files or any(f.startswith(target + "/") for f in files)
+            assert tracked, f"{doc} links {target}, not in the repository (git ls-files)"
+            if anchor:
+                anchors = markdown_links(os.path.join(HERE, target))[1]
+                assert anchor in anchors, f"{doc} links {target}#{anchor}: no such heading"
+        ignored = git("check-ignore", "--no-index", *{t for t, _ in links[doc]}).stdout.split()
+        assert not ignored, f".gitignore hides files {doc} links: {ignored}"
+
+
+def test_github_slug_as_github_makes_it(tmp_path):
+    assert github_slug("Set up, run, test") == "set-up-run-test"
+    assert github_slug("`oaif_step` and Algorithm 1") == "oaif_step-and-algorithm-1"
+    assert github_slug("A model's log π(y|x)") == "a-models-log-πyx"
+    doc = tmp_path / "d.md"
+    doc.write_text("# A\n## A\n```\n# not a heading\n```\n[x](#a-1) [y](oaif.py#z)\n")
+    links, anchors = markdown_links(str(doc))
+    assert anchors == {"a", "a-1"} and ("oaif.py", "z") in [
+        (os.path.basename(f), a) for f, a in links
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
 # Copy-pasteable pieces: each built alone from the source of exactly the names the README lists
 
 
-COMMON = ["import math", "import torch", "import torch.nn.functional as F"]
-LOGPROBS = ["fused_logprobs", "_FusedLogprobs", "_labelled_rows", "default_chunk_size"]
-SEQUENCE = ["sequence_logprobs", "head_temperature", "OAIFError", *LOGPROBS]
-LOSS_NAMES = ["dpo_loss", "ipo_loss", "slic_loss", "preference_margin"]
-SAMPLER = [
-    "sample_pairs",
-    "CUT",
-    "sample_tokens",
-    "encode_prompts",
-    "user_turn",
-    "left_pad",
-    "response_mask_after_eos",
-]
-PROMPT = ["render_judge_prompt", "parse_verdict", "TEMPLATES", "NOUNS", "ANCHOR", "BARE"]
-LOCAL_JUDGE = [
-    "LocalJudgeAnnotator",
-    "QUESTION_SHOTS",
-    "NOUNS",
-    "TEMPLATES",
-    "user_turn",
-    "head_temperature",
-    "OAIFError",
-    "ANNOTATOR_STATS",
-    "JUDGE_SHOTS",
-]
-CLAUDE = ["ClaudeAnnotator", "both_orders", "OAIFError", "ANNOTATOR_STATS", *PROMPT]
-STEP = [
-    "oaif_step",
-    "Wiring",
-    "update",
-    "timed",
-    "triage",
-    "LOSSES",
-    "DEFAULT_BETA",
-    *LOSS_NAMES,
-    *SAMPLER,
-    *SEQUENCE,
-]
-# piece -> (the names to copy with it, the imports it needs): the README's "Copy-pasteable pieces"
-# table
-PIECES = {
-    "fused_logprobs": (LOGPROBS, COMMON),
-    "losses": (LOSS_NAMES, COMMON),
-    "sequence_logprobs": (SEQUENCE, COMMON),
-    "sample_pairs": (SAMPLER, ["import inspect", "import torch"]),
-    "render_judge_prompt": (PROMPT, ["import re"]),
-    "both_orders": (["both_orders"], ["import math"]),
-    "LocalJudgeAnnotator": (
-        LOCAL_JUDGE,
-        ["import copy", "import inspect", "import os", "import re", "import torch"],
-    ),
-    "ClaudeAnnotator": (
-        CLAUDE,
-        ["import concurrent.futures", "import math", "import re", "import threading"],
-    ),
-    "oaif_step": (
-        STEP,
-        COMMON
-        + ["import concurrent.futures", "import inspect", "import time", "import numpy as np"],
-    ),
-}
+def readme_pieces(path: str = os.path.join(HERE, "README.md")) -> dict:
+    """The README's "Copy-pasteable pieces" table: {its first name: (the names, the imports)}, each
+    cell's backticked items exactly as written."""
+    import re
+
+    with open(path) as f:
+        text = f.read()
+    section = text.split("## Copy-pasteable pieces", 1)[1].split("\n## ", 1)[0]
+    pieces = {}
+    for row in re.findall(r"(?m)^\|(.+)\|\s*$", section):
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)]  # "\|" is a pipe in a cell
+        names = re.findall(r"`([^`]+)`", cells[1])
+        imports = re.findall(r"`([^`]+)`", cells[2])
+        if names and all(x.startswith(("import ", "from ")) for x in imports):
+            pieces[names[0]] = (names, imports)
+    return pieces
 
 
-def build_piece(piece: str) -> dict:
-    """A fresh namespace holding only the piece's imports and the source of its names; every global
-    name any of that source reads, on any branch (a CUDA-only one too), must be among them."""
+def build_piece(names: list, imports: list) -> dict:
+    """A fresh namespace holding only the piece's imports and the source of its names, pasted in
+    the row's order, nothing added; every global name any of that source reads, on any branch (a
+    CUDA-only one too), must be among them."""
     import ast
     import builtins
     import inspect
-    import textwrap
 
-    names, imports = PIECES[piece]
-    ns = {"__name__": f"piece_{piece}"}
-    exec("\n".join(imports + ["from typing import Callable, Optional"]), ns)
-    sources = []
-    for name in names:
-        obj = getattr(oaif, name)
-        if inspect.isfunction(obj) or inspect.isclass(obj):
-            sources.append(textwrap.dedent(inspect.getsource(obj)))
-            exec(sources[-1], ns)
-        else:  # a constant: its value, as its one line of source would make it
-            ns[name] = obj
-    tree = ast.parse("\n".join(sources))
+    ns = {"__name__": "piece"}
+    exec("\n".join(imports), ns)
+    source = inspect.getsource(oaif)
+    # Each name's top-level statement (a constant is one statement), in the file's order.
+    found = {}
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        for t in targets:
+            name = getattr(t, "name", None) or getattr(t, "id", None)
+            if name in names:
+                found.setdefault(name, node)
+    assert set(found) == set(names), (
+        f"names not defined at oaif.py's top level: {set(names) - set(found)}"
+    )
+    sources = [ast.get_source_segment(source, n, padded=True) for n in found.values()]
+    decorated = []
+    for node, text in zip(found.values(), sources):
+        # ast's segment starts at `def`/`class`: put the decorators back.
+        decorators = [
+            f"@{ast.get_source_segment(source, d)}" for d in getattr(node, "decorator_list", [])
+        ]
+        decorated.append("\n".join(decorators + [text]))
+    # Pasted in the row's order, as a reader copies them.
+    code = "\n\n".join(decorated[list(found).index(name)] for name in names)
+    tree = ast.parse(code)
     bound = {
         n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
     }
@@ -2302,10 +2360,25 @@ def build_piece(piece: str) -> dict:
     }
     read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     missing = read - bound - set(ns) - set(dir(builtins))
-    assert not missing, (
-        f"{piece} reads {sorted(missing)}, not among the names the README lists for it"
-    )
+    assert not missing, f"{names[0]} reads {sorted(missing)}, not among the names its row lists"
+    exec(code, ns)
     return ns
+
+
+def test_readme_pieces_parser_and_builder_catch_what_a_paster_would_hit(tmp_path):
+    # The parser reads a row's cells exactly; the builder adds no import and copies one statement.
+    readme = tmp_path / "README.md"
+    row = "| losses | `dpo_loss`, `preference_margin` | `import torch` |"
+    readme.write_text(f"# x\n\n## Copy-pasteable pieces\n\n| a | b | c |\n|---|---|---|\n{row}\n")
+    assert readme_pieces(str(readme)) == {
+        "dpo_loss": (["dpo_loss", "preference_margin"], ["import torch"])
+    }
+    with pytest.raises(AssertionError, match=r"\['F'\]"):
+        build_piece(["dpo_loss", "preference_margin"], ["import torch"])
+    with pytest.raises(AssertionError, match="Optional"):
+        build_piece(["parse_verdict", "ANCHOR", "BARE"], ["import re"])
+    ns = build_piece(["TEMPLATES", "NOUNS", "render_judge_prompt"], ["import re"])
+    assert ns["NOUNS"]["harmless"] == ns["NOUNS"]["helpful"] and "harmless" in ns["TEMPLATES"]
 
 
 def test_copy_pasteable_pieces_run_alone(tiny, api):
@@ -2313,7 +2386,11 @@ def test_copy_pasteable_pieces_run_alone(tiny, api):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ns = {piece: build_piece(piece) for piece in PIECES}
+    pieces = readme_pieces()
+    expected = {"fused_logprobs", "sequence_logprobs", "dpo_loss", "sample_pairs", "both_orders"}
+    expected |= {"render_judge_prompt", "LocalJudgeAnnotator", "ClaudeAnnotator", "oaif_step"}
+    assert set(pieces) == expected, f"the README's table rows: {sorted(pieces)}"
+    ns = {piece: build_piece(*pieces[piece]) for piece in pieces}
     # fused_logprobs: both dtype paths and a frozen head, against a float64 oracle
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(9, 8, generator=g), torch.randn(13, 8, generator=g)
@@ -2326,9 +2403,9 @@ def test_copy_pasteable_pieces_run_alone(tiny, api):
         assert err < tol and h.grad is not None
     # the losses: log 2 at h = 0; sequence_logprobs as HF's cross-entropy says
     zero = [torch.zeros(2)] * 4
-    assert ns["losses"]["dpo_loss"](*zero).tolist() == pytest.approx([math.log(2)] * 2)
-    assert ns["losses"]["ipo_loss"](*zero).tolist() == [0.25] * 2
-    assert ns["losses"]["slic_loss"](*zero).tolist() == [1.0] * 2
+    assert ns["dpo_loss"]["dpo_loss"](*zero).tolist() == pytest.approx([math.log(2)] * 2)
+    assert ns["dpo_loss"]["ipo_loss"](*zero).tolist() == [0.25] * 2
+    assert ns["dpo_loss"]["slic_loss"](*zero).tolist() == [1.0] * 2
     model = AutoModelForCausalLM.from_pretrained(tiny).eval()
     tok = AutoTokenizer.from_pretrained(tiny)
     tok.pad_token = tok.eos_token
@@ -2428,11 +2505,62 @@ class Bar:
         pass
 
 
+def test_the_bar_shows_length_in_tokens_and_kl_and_the_summary_how_they_moved(tmp_path):
+    class Postfix(Bar):
+        def set_postfix(self, *a, **kw):
+            self.shown = dict(*a, **kw)
+
+    bar = Postfix()
+    record = dict(step=1, loss=0.69, response_tokens=12.5, kl=0.25, pairs=8, nonfinite=0)
+    oaif.report(dict(record, updated=True), open(os.devnull, "w"), bar)
+    assert bar.shown["len"] == "12.5 tokens" and bar.shown["kl"] == "0.25 nats"
+    # moved(): the means of the first and last k steps, the first and last win rates
+    steps = [dict(step=s, response_tokens=60 - s, kl=s / 10) for s in range(1, 21)]
+    evals = [dict(step=10, eval=True, win_rate=0.6), dict(step=20, eval=True, win_rate=0.9)]
+    m = oaif.moved(steps[:10] + evals[:1] + steps[10:] + evals[1:])
+    assert m["k"] == 5 and m["response_tokens"] == [57.0, 42.0] and m["win_rate"] == [0.6, 0.9]
+    assert m["kl"] == pytest.approx([0.3, 1.8])
+    # a short run: k shrinks, never below one step; no evaluation, no win rate
+    assert oaif.moved(steps[:3]) == dict(k=1, response_tokens=[59, 57], kl=[0.1, 0.3], win_rate=[])
+    assert oaif.moved(steps[:1])["response_tokens"] == [59, 59]
+
+
+def test_the_run_ends_saying_how_length_kl_and_win_rate_moved(tiny, tmp_path, capsys):
+    args = run_args(tiny, tmp_path / "out", "--steps", "4", "--eval-every", "2")
+    out = oaif.main(args + ["--eval-prompts", "2"])
+    rows = read_metrics(tmp_path / "out")
+    steps = [r for r in rows if not r.get("eval")]
+    m = out["summary"]["moved"]
+    assert m["k"] == 2 and m["win_rate"] == [r["win_rate"] for r in rows if r.get("eval")]
+    first = (steps[0]["response_tokens"] + steps[1]["response_tokens"]) / 2
+    assert m["response_tokens"][0] == pytest.approx(first)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("oaif: the first 2 steps -> the last 2: response length ")
+    assert "tokens, KL to the reference" in line and "win rate vs the initial policy" in line
+
+
+def test_a_resumed_run_says_it_moved_as_a_straight_run_does(tiny, tmp_path, capsys):
+    evals = ["--eval-every", "4", "--eval-prompts", "2"]
+    straight = oaif.main(run_args(tiny, tmp_path / "a", "--steps", "4", *evals))
+    # The first run ends at step 2 with an evaluation a straight run never makes.
+    oaif.main(run_args(tiny, tmp_path / "b", "--steps", "2", "--save-every", "2", *evals))
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.6')  # a crash mid-line, past the checkpoint
+    resumed = oaif.main(run_args(tiny, tmp_path / "b", "--steps", "4", "--resume", *evals))
+    assert resumed["summary"]["moved"] == straight["summary"]["moved"]
+    assert len(straight["summary"]["moved"]["win_rate"]) == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 2, 3, 4, 4]
+
+
+def test_offline_the_closing_line_says_whose_length_it_is(tiny, tmp_path, capsys):
+    data = write_pairs(tmp_path / "d.jsonl", [dict(prompt="Why?", chosen="A.", rejected="B b.")])
+    oaif.main(run_args(tiny, tmp_path / "out", "--offline-data", data))
+    assert "(of the fixed pairs, not of the policy's samples)" in capsys.readouterr().err
+
+
 def test_printed_pairs_show_a_new_prompt_each_time():
     bar, shown = Bar(), []
-    record = dict(
-        loss=0.7, reward_margin=0.0, response_tokens=5, pairs=8, nonfinite=0, updated=True
-    )
+    record = dict(loss=0.7, kl=0.0, response_tokens=5, pairs=8, nonfinite=0, updated=True)
     for step in range(10, 90, 10):  # 40 prompts, 8 a step, a pair printed every 10 steps
         prompts = oaif.step_slice(oaif.DEFAULT_PROMPTS, step, 8)
         texts = [f"{p} answer" for p in prompts for _ in "ab"]
@@ -2474,9 +2602,7 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
 
 
 def test_a_printed_pair_is_one_the_loss_used():
-    record = dict(
-        loss=0.7, reward_margin=0.0, response_tokens=5, pairs=1, nonfinite=0, updated=True
-    )
+    record = dict(loss=0.7, kl=0.0, response_tokens=5, pairs=1, nonfinite=0, updated=True)
     batch = dict(texts=["short", "a longer one", "x", "yy"])
     for probs, usable, shown in (
         ([0.51, 1.0], [0.0, 1.0], 0),
@@ -2674,7 +2800,8 @@ def test_summary_counts_the_evaluations_own_annotator(api, tiny, tmp_path, capsy
     monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
     argv = run_args(tiny, tmp_path, "--eval-every", "1", "--eval-prompts", "4")
     oaif.main(argv + ["--eval-annotator", "claude"])
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    # The summary; the last line says how the run moved.
+    line = capsys.readouterr().err.strip().splitlines()[-2]
     assert server.requests > 0
     assert f"evaluation's annotator: {server.requests} requests" in line and "about $" in line
 

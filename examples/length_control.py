@@ -3,7 +3,8 @@
 per step side by side, then each run's win rate against the initial policy: under its own
 instruction (oaif's evaluation) and under a neutral judge (the same judge with no instruction).
 
-The annotator: --judge (hf:MODEL a local LLM judge, claude, rm:MODEL); else Claude when
+The annotator: --judge (hf:MODEL a local LLM judge, or claude; a reward model reads no
+instruction, so it cannot steer the two arms apart); else Claude when
 ANTHROPIC_API_KEY is set; else the rule annotators `longer` and `shorter` stand in for the two
 instructions (the script says which). Flags it does not know go to oaif.py unchanged
 (--temperature 0.9, --dtype bfloat16, ...).
@@ -143,6 +144,32 @@ def neutral_win_rates(args: dict, judge: str) -> dict:
     return wins
 
 
+def check_judge(parser, flag: str, spec: str, rules: bool) -> None:
+    """Refuse, as one line, a judge that could not be built: unknown, claude without a key, a
+    model folder or hub id with no config; rm: and (for the neutral judge) the rules read no
+    instruction, so they cannot steer the arms."""
+    if not spec:
+        return
+    if spec == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
+        parser.error(f"{flag} claude needs ANTHROPIC_API_KEY in the environment")
+    models = ("hf:", "rm:") if rules else ("hf:",)
+    names = ("claude", "shorter", "longer") if rules else ("claude",)
+    if spec not in names and not (spec.startswith(models) and spec[3:]):
+        parser.error(
+            f"{flag} {spec}: use {', '.join(m + 'MODEL' for m in models)} or {', '.join(names)}"
+        )
+    if spec.startswith(("hf:", "rm:")):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(spec[3:])
+        except (OSError, ValueError) as e:
+            why = str(e).strip().splitlines()[0]
+            parser.error(f"{flag} {spec}: not a model folder here, nor loadable by name: {why}")
+        if spec.startswith("rm:") and config.num_labels != 1:
+            parser.error(f"{flag} {spec}: a reward model has one output, not {config.num_labels}")
+
+
 def mean(rows: list, key: str = "response_tokens") -> float:
     return sum(r[key] for r in rows) / max(1, len(rows))
 
@@ -209,11 +236,12 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="--paper's code path, tiny model, 2 steps")
     p.add_argument("--model", default=None, help="hub id or folder (or --tiny)")
     p.add_argument("--tiny", action="store_true", help="build the tests' tiny random GPT-2, use it")
-    p.add_argument("--judge", default=None, help="both runs' annotator: hf:MODEL, claude, rm:MODEL")
+    p.add_argument("--judge", default=None, help="both runs' annotator: hf:MODEL or claude")
     p.add_argument(
         "--neutral-judge",
         default=None,
-        help="judges the win rates, no instruction (default: --judge; none: skip)",
+        help="judges the win rates, no instruction: hf:MODEL, claude, rm:MODEL (default: --judge;"
+        " none: skip)",
     )
     p.add_argument(
         "--out",
@@ -243,6 +271,9 @@ def main(argv=None):
     passthrough = (PRESET_OAIF if preset != "none" else []) + passthrough  # the user's come later
     if a.paper and not torch.cuda.is_available():
         print("--paper is sized for a GPU; on this CPU it will take many hours (--smoke: a minute)")
+    # The judges are checked now, not after hours of training.
+    check_judge(p, "--judge", a.judge, rules=False)
+    check_judge(p, "--neutral-judge", a.neutral_judge if a.neutral_judge != "none" else "", True)
     a.model, out, lr = resolve(p, a, "length_control")
     judge = a.judge or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "")
     judge = f"hf:{a.model}" if a.smoke and not a.judge else judge  # the tiny model judges itself

@@ -13,6 +13,7 @@ already finished there with the same flags is read, not run again.
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -22,6 +23,15 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from tiny_model import finished, resolve  # noqa: E402
 
 import oaif  # noqa: E402
+
+
+def interval(rate: float, n: int, z: float = 1.96) -> tuple:
+    """A 95% Wilson interval for a win rate over n judged pairs (a tie counts 1/2)."""
+    if not n:
+        return float("nan"), float("nan")
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
 
 
 def read(path):
@@ -73,13 +83,17 @@ def main(argv=None):
     print(
         f"\nwin rate against the initial policy ({a.eval_prompts} held-out prompts, judge: "
         f"{a.eval_annotator or a.annotator}), and the mean length (characters) of the evaluated "
-        f"responses\n{'step':>5} {'online':>8} {'offline':>8} {'online len':>11} "
-        f"{'offline len':>12} {'initial len':>12}"
+        f"responses; [a, b] the 95% interval\n{'step':>5} {'online':>20} {'offline':>20} "
+        f"{'online len':>11} {'offline len':>12} {'initial len':>12}"
     )
     for on, off in zip(arms["online"][1], arms["offline"][1], strict=True):
         chars = on["policy_chars"], off["policy_chars"], on["reference_chars"]
+        won = [
+            f"{e['win_rate']:.3f} [{{:.2f}}, {{:.2f}}]".format(*interval(e["win_rate"], e["n"]))
+            for e in (on, off)
+        ]
         print(
-            f"{on['step']:>5} {on['win_rate']:>8.3f} {off['win_rate']:>8.3f} "
+            f"{on['step']:>5} {won[0]:>20} {won[1]:>20} "
             f"{chars[0]:>11.1f} {chars[1]:>12.1f} {chars[2]:>12.1f}"
         )
     try:
@@ -94,6 +108,8 @@ def main(argv=None):
     for arm, style in (("online", "-o"), ("offline", "--s")):
         evals = arms[arm][1]
         ax[0].plot([e["step"] for e in evals], [e["win_rate"] for e in evals], style, label=arm)
+        low, high = zip(*(interval(e["win_rate"], e["n"]) for e in evals))
+        ax[0].fill_between([e["step"] for e in evals], low, high, alpha=0.2)
         ax[1].plot([e["step"] for e in evals], [e["policy_chars"] for e in evals], style, label=arm)
     ax[0].set(xlabel="step", ylabel="win rate vs initial policy", ylim=(0, 1))
     ax[1].set(xlabel="step", ylabel="response characters (evaluation)")
