@@ -476,8 +476,10 @@ class LocalJudgeAnnotator:
         text = f"{QUESTION_SHOTS}{' '.join(self.instruction.split())}\nQuestion: Is this"
         enc = self.tokenizer(text, return_tensors="pt").to(self.model.device)
         out = self.model.generate(**enc, max_new_tokens=24, do_sample=False, repetition_penalty=1.0)
-        written = self.tokenizer.decode(out[0, enc.input_ids.shape[1] :])
-        return "Is this" + re.split(r"[?\n]", written)[0] + "?"
+        written = re.split(r"[?\n]", self.tokenizer.decode(out[0, enc.input_ids.shape[1] :]))[0]
+        if not written.strip():
+            raise OAIFError("the judge wrote no question from --instruction: give --judge-question")
+        return f"Is this{written}?"
 
     def reply(self, word: str) -> str:
         """`word` as the chat template writes a reply (Llama-2: " Yes"); bare if <think> first."""
@@ -516,7 +518,7 @@ class LocalJudgeAnnotator:
         if not texts:
             return torch.zeros(0, k)
         seqs = [self.bos + s for s in self.tokenizer(texts, add_special_tokens=False).input_ids]
-        if self.context and max(map(len, seqs), default=0) > self.context:
+        if self.context and max(map(len, seqs)) > self.context:
             raise OAIFError(f"a judge prompt is over the judge's context of {self.context} tokens")
         self.stats["annotator_requests"] += len(seqs)
         self.stats["input_tokens"] += sum(map(len, seqs))
@@ -915,7 +917,10 @@ DEFAULT_PROMPTS = re.split(
 def parse_args(argv: Optional[list] = None) -> Config:
     """The command line -> Config: one flag per field, its comment the --help."""
     helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    about = "Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it trains."
+    about = """Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it
+    trains. An hf: judge turns --instruction, in any words, into its own yes/no question about one
+    response and prints it first (--judge-question sets it); check that it agrees with what you
+    mean on your policy's own pairs: examples/judge_check.py --wordings (README)."""
     parser = argparse.ArgumentParser(description=about)
     kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
     for f in dataclasses.fields(Config):

@@ -1965,6 +1965,10 @@ def test_local_judge_writes_its_question_from_any_wording(model_tok, written, qu
     assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
     given = oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.", question=" Short? ")
     assert given.question == "Short?" and len(seen) == 1
+    # nothing written: refused, with the way out
+    written = "\nInstruction:"
+    with pytest.raises(oaif.OAIFError, match="wrote no question .* --judge-question"):
+        oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.")
     # a run prints the question its hf: judge asks
     cfg = oaif.Config(instruction="Be concise.", judge_question="Is it short?")
     models = {"device": torch.device("cpu"), "m": (model, tok)}

@@ -18,7 +18,8 @@ pointwise is order-blind), both-orders agreement, seconds per judgment (one pair
 the mode has an order). --mode picks oaif's judge (pointwise) or one of the alternatives it was
 measured against (README, the judge check):
 
-    pointwise      oaif.LocalJudgeAnnotator: P(Yes) to "Is this a concise response?" per
+    pointwise      oaif.LocalJudgeAnnotator: P(Yes) to the judge's own question, written from
+                   the instruction ("Is this a concise response?"; --question gives one), per
                    response, less --debias x that to "Is this a good response?", compared;
                    after oaif.JUDGE_SHOTS, its few-shot examples
     noshots        the same without the examples: oaif's judge before JUDGE_SHOTS
@@ -43,8 +44,9 @@ measured against (README, the judge check):
     noprompt       a diagnostic: the response without the conversation
     pairwise       the pre-issue-16 judge: both responses, P("1") after "Preferred Response="
 
-All but pointwise are as they were measured: those built on oaif's judge build on noshots, and
-the fewshot ones have only their own examples.
+All but pointwise are as they were measured (Legacy: oaif's question before the judge wrote its
+own, old_question; each question a pass of its own): those built on oaif's judge build on noshots,
+and the fewshot ones have only their own examples.
 
 On-policy mode (--policy DIR or --pairs-in F): the policy's own pairs, sampled as training samples
 them (oaif.sample_pairs: two responses per prompt, temperature 0.9, up to 192 tokens; the 40
@@ -59,6 +61,16 @@ concise; a response cut at the cap ends with oaif.CUT, which the judge reads and
 count) by the pair's length ratio, and on the pairs >= 1.2x apart with one response cut and with
 none; mean |p - 1/2|; how many verdicts flip between the two instructions (all pairs; pairs
 >= 1.2x apart).
+
+Wordings (--wordings examples/judge_wordings.json, on-policy mode): instructions in everyday
+words, each asking for shorter or longer responses, split tune / heldout before any design was
+tried; every response is read once and asked every wording's question (each written by the judge
+from its wording, printed) and "good?"; agreement with the length rule per wording (--first N: only
+the first N pairs after --min-ratio; --out F: the questions and every score). To check a wording of
+your own, put it in such a file (its direction: what the length rule should agree with):
+
+    python examples/judge_check.py --judge DIR --min-ratio 1.2 --wordings my_wordings.json \
+        --pairs-in examples/judge_check_policy_pairs_seed7.jsonl
 
     python examples/judge_check.py --judge /path/to/Qwen2.5-1.5B-Instruct [--split heldout]
     python examples/judge_check.py --judge DIR --mode pairwise --kinds length --limit 6
