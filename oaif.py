@@ -221,8 +221,15 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     finite = True
     tokens = []
     for t in range(max_new_tokens):
-        inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        out = model(**inputs, cache_position=cache_pos, logits_to_keep=1, **{kv: cache})
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            cache_position=cache_pos,
+            logits_to_keep=1,
+            **{kv: cache},
+        )
         logits = out.logits[:, -1].float()
         finite = finite & torch.isfinite(logits).all()
         if temperature > 0:
@@ -371,10 +378,8 @@ class ClaudeAnnotator:
         except self.anthropic.APIError as e:
             # After the SDK's retries: no verdict. A request that the API refuses fails every time.
             if getattr(e, "status_code", None) in (400, 401, 403, 404, 422):
-                error = e.body.get("error", {}) if isinstance(e.body, dict) else {}
-                detail = error.get("message") if isinstance(error, dict) else None
-                why = f"{e.status_code} {type(e).__name__}: {detail or 'no detail'}"
-                raise OAIFError(f"the Claude API refused the annotator's request: {why}") from None
+                # The SDK's message: "Error code: 401 - " and the API's own words.
+                raise OAIFError(f"the Claude API refused the annotator's request: {e}") from None
             msg = None
         # A reply cut off at max_tokens has no verdict either ("... while Response 2").
         verdict = None
@@ -451,8 +456,11 @@ class LocalJudgeAnnotator:
     order bias. Each response is read once: its questions continue from its KV cache."""
 
     def __init__(self, model, tokenizer, task="helpful", instruction="", debias=0.25, question=""):
-        self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.instruction, self.debias = instruction.strip(), debias
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task = task
+        self.instruction = instruction.strip()
+        self.debias = debias
         self.chat = getattr(tokenizer, "chat_template", None)
         self.context = getattr(model.config, "max_position_embeddings", None)
         # Without a template the judge's input starts as its tokenizer starts a text (Llama: BOS).
@@ -472,12 +480,20 @@ class LocalJudgeAnnotator:
 
     @torch.inference_mode()
     def write_question(self) -> str:
-        """The instruction as a yes/no question about one response, in the judge's own words."""
+        """The instruction as a yes/no question about one response, in the judge's own words:
+        greedy (sample_tokens at temperature 0, whatever the model's generation_config says), up
+        to its first "?" on the same line; a judge that writes none is refused."""
         text = f"{QUESTION_SHOTS}{' '.join(self.instruction.split())}\nQuestion: Is this"
-        enc = self.tokenizer(text, return_tensors="pt").to(self.model.device)
-        out = self.model.generate(**enc, max_new_tokens=24, do_sample=False, repetition_penalty=1.0)
-        written = re.split(r"[?\n]", self.tokenizer.decode(out[0, enc.input_ids.shape[1] :]))[0]
-        if not written.strip():
+        ids = self.tokenizer(text).input_ids
+        if self.context and len(ids) + 24 > self.context:
+            raise OAIFError(f"--instruction is over the judge's context of {self.context} tokens")
+        eos = [self.tokenizer.eos_token_id or 0]
+        out = sample_tokens(self.model, *left_pad([ids], 0, self.model.device), 24, 0, eos, eos[0])
+        # Decoded with the prompt: alone, a SentencePiece tokenizer drops its first space.
+        whole = self.tokenizer.decode(ids + out[0].tolist(), skip_special_tokens=True)
+        prompt = self.tokenizer.decode(ids, skip_special_tokens=True)
+        written, mark, _ = whole[len(prompt) :].partition("?")
+        if not mark or "\n" in written or not written.strip():
             raise OAIFError("the judge wrote no question from --instruction: give --judge-question")
         return f"Is this{written}?"
 
@@ -511,7 +527,9 @@ class LocalJudgeAnnotator:
         every input shares (the examples) is read once a call, then each response once, its
         questions batched after a copy of its KV cache."""
         questions = questions or [self.question]
-        k, device, body = len(questions), self.model.device, self.model.base_model
+        k = len(questions)
+        device = self.model.device
+        body = self.model.base_model
         # Each input is tokenized whole, as the judge reads it; the cached parts are prefixes it
         # shares. Tokenized alone, a part may end otherwise (BPE's "\n\n", SentencePiece "▁Why").
         texts = [self.ask(*x, q) for x in zip(prompts, responses) for q in questions]
@@ -575,8 +593,13 @@ class RewardModelAnnotator:
             turns = [dict(role="user", content=x), dict(role="assistant", content=y)]
             texts.append(tok.apply_chat_template(turns, tokenize=False) if chat else f"{x}\n\n{y}")
         # Right padding: no real token sees a pad.
-        kw = dict(padding=True, padding_side="right", return_tensors="pt")
-        enc = tok(texts, add_special_tokens=not chat, **kw)
+        enc = tok(
+            texts,
+            add_special_tokens=not chat,
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
         r = self.model(**enc.to(self.model.device)).logits[:, 0].float()  # (2B,)
         self.stats["annotator_requests"] += len(texts)
         self.stats["input_tokens"] += int(enc.attention_mask.sum())
@@ -602,8 +625,9 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.
         )
     # Left padding: positions come from the mask, not the column.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = model.base_model(input_ids, **inputs).last_hidden_state  # (B, T, H)
+    hidden = model.base_model(
+        input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
     # Under bf16 autocast the body may hand back float32; the head's matmuls run in bf16 too.
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
@@ -1005,9 +1029,15 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
             # The judge in bf16 where bf16 is fast, whatever --dtype the policy trains in.
             models[name] = load_model(name, device, dtype=judge_dtype(device))
             models[name][0].requires_grad_(False)
-        judge = dict(task=cfg.task, instruction=cfg.instruction, debias=cfg.judge_debias)
-        judge = LocalJudgeAnnotator(*models[name], **judge, question=cfg.judge_question)
-        print(f"oaif: {spec} asks of each response: {judge.question}", file=sys.stderr)
+        judge = LocalJudgeAnnotator(
+            *models[name],
+            task=cfg.task,
+            instruction=cfg.instruction,
+            debias=cfg.judge_debias,
+            question=cfg.judge_question,
+        )
+        if rank_and_world()[0] == 0:
+            print(f"oaif: {spec} asks of each response: {judge.question}", file=sys.stderr)
         return judge
     if spec.startswith("rm:"):
         # Loaded for each use: never the reference.
@@ -1028,14 +1058,17 @@ def make_annotators(cfg: Config, config: dict, custom, ref_model, tokenizer) -> 
     stats = getattr(annotator, "stats", {})
     if hasattr(annotator, "stats"):
         stats.update({k: stats.get(k, 0) for k in HEALTH})
-    if not cfg.eval_annotator:
+    # The same judge for the evaluation: the one object (an hf: judge writes its question once).
+    same = cfg.eval_annotator == config["annotator"] and not cfg.eval_annotator_model
+    if not cfg.eval_annotator or same:
         return annotator, annotator, stats
     claude = cfg.eval_annotator_model or cfg.annotator_model
     return annotator, make_annotator(cfg.eval_annotator, cfg, models, claude), stats
 
 
-def read_lines(path: str, what: str, keys=(), expected="", ok: Callable = lambda row: True) -> list:
-    """Non-blank lines, stripped; with keys, (line number, each JSON line's values) if ok()."""
+def read_lines(path: str, what: str, keys=(), expected="") -> list:
+    """Non-blank lines, stripped; with keys, (line number, each JSON line's values), every value a
+    non-blank string (else refused, saying `expected`)."""
     if not os.path.isfile(path):
         raise OAIFError(f"{what} not found: {path}")
     with open(path, "rb") as f:
@@ -1055,7 +1088,7 @@ def read_lines(path: str, what: str, keys=(), expected="", ok: Callable = lambda
     for i, line in lines:
         try:
             rows.append((i, tuple(json.loads(line)[k] for k in keys)))
-            assert ok(rows[-1][1])
+            assert all(isinstance(v, str) and v.strip() for v in rows[-1][1])
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
             raise OAIFError(f"{path}:{i}: expected a JSON object with {expected}") from None
     return rows
@@ -1069,8 +1102,7 @@ def load_prompts(path: str) -> list:
         return read_lines(path, "prompts file")
     if not path.endswith(".jsonl"):
         raise OAIFError(f"prompts file must be .txt or .jsonl: {path}")
-    is_text = lambda row: isinstance(row[0], str) and row[0].strip()  # noqa: E731
-    rows = read_lines(path, "prompts file", ("prompt",), 'a non-empty "prompt" string', is_text)
+    rows = read_lines(path, "prompts file", ("prompt",), 'a non-empty "prompt" string')
     return [row[0] for _, row in rows]
 
 
@@ -1079,9 +1111,8 @@ def load_offline_pairs(path: str, tokenizer, end_id: int, context: Optional[int]
     texts)], each response ended by `end_id` as a sampled one is; over `context`: refused."""
     keys = ("prompt", "chosen", "rejected")
     expected = 'non-empty "prompt", "chosen" and "rejected" strings'
-    texts = lambda row: all(isinstance(s, str) and s.strip() for s in row)  # noqa: E731
     pairs = []
-    for i, (x, yw, yl) in read_lines(path, "offline data", keys, expected, texts):
+    for i, (x, yw, yl) in read_lines(path, "offline data", keys, expected):
         ids = [tokenizer(y, add_special_tokens=False).input_ids + [end_id] for y in (yw, yl)]
         pairs.append((x, encode_prompts(tokenizer, [x])[0], *ids, 1.0, [yw, yl]))
         n = len(pairs[-1][1]) + max(map(len, ids))
@@ -1223,6 +1254,8 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
                 f"{flag} acts only on an LLM judge (--annotator claude or hf:MODEL); "
                 f"the annotator here is {spec}, which cannot follow it"
             )
+    if cfg.judge_question.strip() and not any(j.startswith("hf:") for j in judges):
+        raise OAIFError(f"--judge-question is an hf: judge's; the annotator here is {spec}")
     # The data files' contents too: --resume refuses another file at the same path.
     config = dict(
         dataclasses.asdict(cfg),
@@ -1321,11 +1354,13 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         if k in ("prompts", "offline_data"):
             return os.path.splitext(saved[k])[1] == os.path.splitext(config[k])[1]
         # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
-        # Claude model with another annotator, the debias but for training's hf: judge, instructed.
-        debiased = config["annotator"].startswith("hf:") and config["instruction"].strip()
+        # Claude model with another annotator, the hf: judge's flags without one (the debias: and
+        # without an instruction).
+        hf = any(config[j].startswith("hf:") for j in ("annotator", "eval_annotator"))
         idle = dict(
             eval_prompts=not config["eval_every"],
-            judge_debias=not debiased,
+            judge_debias=not (hf and config["instruction"].strip()),
+            judge_question=not hf,
             annotator_model=config["annotator"] != "claude",
         )
         return idle.get(k) or saved.get(k) == config[k]
@@ -1387,19 +1422,22 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
         torch.save(fixed if cfg.offline else None, os.path.join(tmp, "offline_pairs.pt"))
     barrier()
     # Each rank samples from its own random stream.
-    rng = dict(
-        python=random.getstate(),
-        numpy=np.random.get_state(),
-        torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        annotator=stats,
+    torch.save(
+        dict(
+            python=random.getstate(),
+            numpy=np.random.get_state(),
+            torch=torch.get_rng_state(),
+            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            annotator=stats,
+        ),
+        os.path.join(tmp, f"rng-{rank}.pt"),
     )
-    torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))
     barrier()
     if rank == 0:
         # The data's position and the learning rate are functions of the step: the step is all.
-        state = dict(step=step, optimizer=optimizer_state)
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        torch.save(
+            dict(step=step, optimizer=optimizer_state), os.path.join(tmp, "trainer_state.pt")
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in complete_checkpoints(cfg.output_dir)[: -cfg.keep_checkpoints]:
@@ -1453,9 +1491,11 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     if rank == 0 and len(saved) != world:
-        note = f"oaif: {resume_from} was saved on {len(saved)} rank(s), resumed on {world}: a rank"
-        note += " without saved random state samples from a seed of (--seed, rank, step)"
-        print(note, file=sys.stderr)
+        print(
+            f"oaif: {resume_from} was saved on {len(saved)} rank(s), resumed on {world}: a rank "
+            "without saved random state samples from a seed of (--seed, rank, step)",
+            file=sys.stderr,
+        )
     # Each step once, also after a crash past the checkpoint.
     kept = []
     if os.path.exists(metrics_path):
@@ -1623,8 +1663,13 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
         raise OAIFError("--lora-rank needs peft: pip install peft") from None
     base = ref_model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-    lora = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
-    config = peft.LoraConfig(**lora, target_modules=targets, task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     try:
         if resume_from:
             lora = peft.PeftModel.from_pretrained(base, resume_from, is_trainable=True)
@@ -1828,8 +1873,9 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         )
         return
     # The signal is the length and the KL: on fresh pairs every step the loss stays near log 2.
+    # A dict, not keywords: tqdm sorts keywords, and the length comes first.
     shown = dict(len=f"{record['response_tokens']:.1f} tokens", kl=f"{record['kl']:.2f} nats")
-    bar.set_postfix(shown, loss=f"{record['loss']:.3f}", pairs=record["pairs"])
+    bar.set_postfix(dict(shown, loss=f"{record['loss']:.3f}", pairs=record["pairs"]))
     if record["nonfinite"]:
         bar.write(f"step {step}: the loss or gradient is not finite (inf or nan): update skipped")
     elif not record["updated"]:

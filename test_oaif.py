@@ -667,7 +667,8 @@ def test_cli_stops_on_bad_key(api, tiny, tmp_path):
     args += ["--batch-size", "2", "--max-new-tokens", "8", "--annotator", "claude"]
     r = run_cli(args, {"ANTHROPIC_API_KEY": "bad", "ANTHROPIC_BASE_URL": server.url})
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "oaif: error: the Claude API refused the annotator's request: 401" in r.stderr
+    # the status and the API's own words
+    assert "oaif: error: the Claude API refused the annotator's request: 401 stand-in" in r.stderr
 
 
 @pytest.mark.parametrize("instruction", ["Prefer the more concise response.", ""])
@@ -1941,39 +1942,64 @@ def test_resume_refuses_a_prompts_file_whose_content_changed(tiny, tmp_path, cap
     "written,question",
     [
         (" a concise response?\n\nInstruction: Be", "Is this a concise response?"),
-        (" short\nInstruction:", "Is this short?"),  # a question the judge did not end
         (
             " a response that answers the question asked?",
             "Is this a response that answers the question asked?",
         ),
     ],
 )
-def test_local_judge_writes_its_question_from_any_wording(model_tok, written, question, capsys):
-    # the judge model continues its examples with the instruction, normalised to one line
+def test_local_judge_writes_its_question_from_any_wording(
+    model_tok, written, question, capsys, monkeypatch
+):
+    # the judge model continues its examples with the instruction, normalised to one line, greedily
+    # with oaif's own sampler (no generation_config: beams or n-gram bans would change it)
     model, tok = model_tok
     seen = []
+    reply = dict(written=written)
 
-    def generate(input_ids, **kw):
-        seen.append(tok.decode(input_ids[0]))
-        return torch.cat([input_ids, tok(written, return_tensors="pt").input_ids], 1)
+    def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id):
+        seen.append((tok.decode(ids[0]), max_new_tokens, temperature))
+        return tok(reply["written"], return_tensors="pt").input_ids
 
-    model.generate = generate
+    monkeypatch.setattr(oaif, "sample_tokens", sample_tokens)
     judge = oaif.LocalJudgeAnnotator(model, tok, instruction="  Be\n concise. ")
     assert judge.question == question and judge.instruction == "Be\n concise."
-    assert seen == [oaif.QUESTION_SHOTS + "Be concise.\nQuestion: Is this"]
+    assert seen == [(oaif.QUESTION_SHOTS + "Be concise.\nQuestion: Is this", 24, 0)]
     # none: the task's quality, not written; --judge-question: as given, not written
     assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
     given = oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.", question=" Short? ")
     assert given.question == "Short?" and len(seen) == 1
-    # nothing written: refused, with the way out
-    written = "\nInstruction:"
-    with pytest.raises(oaif.OAIFError, match="wrote no question .* --judge-question"):
-        oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.")
+    # nothing written, no "?" on the question's line, only an end token: refused, with the way out
+    for bad in ("\nInstruction:", " short\nInstruction:", tok.eos_token + "?", " "):
+        reply["written"] = bad
+        with pytest.raises(oaif.OAIFError, match="wrote no question .* --judge-question"):
+            oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.")
+    # an instruction past the judge's context: one line, not an IndexError in the embedding
+    with pytest.raises(oaif.OAIFError, match="--instruction is over the judge's context"):
+        oaif.LocalJudgeAnnotator(model, tok, instruction="Be brief. " * 600)
     # a run prints the question its hf: judge asks
     cfg = oaif.Config(instruction="Be concise.", judge_question="Is it short?")
     models = {"device": torch.device("cpu"), "m": (model, tok)}
     assert oaif.make_annotator("hf:m", cfg, models, "").question == "Is it short?"
     assert "oaif: hf:m asks of each response: Is it short?" in capsys.readouterr().err
+
+
+def test_a_sentencepiece_judge_writes_its_question_with_its_spaces(monkeypatch):
+    # Llama-2's decoder drops the first piece's space when the written tokens are decoded alone
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(prepend_scheme="first")
+    sp.train_from_iterator(oaif.DEFAULT_PROMPTS * 2, trainers.BpeTrainer(vocab_size=300))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp)
+    written = tok(" a short response?", add_special_tokens=False).input_ids
+    assert tok.decode(written).startswith("a short")  # alone: no space
+    monkeypatch.setattr(oaif, "sample_tokens", lambda *a: torch.tensor([written]))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2))
+    judge = oaif.LocalJudgeAnnotator(model.eval(), tok, instruction="Keep it brief.")
+    assert judge.question == "Is this a short response?"
 
 
 def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
@@ -1989,6 +2015,7 @@ def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
     # an LLM judge anywhere in the run (here the evaluation's) can follow it: not refused
     flags = ["--steps", "1", "--instruction", "Prefer the more concise response."]
     flags += ["--eval-every", "1", "--eval-prompts", "4", "--eval-annotator", f"hf:{tiny}"]
+    flags += ["--judge-question", "Is this a concise response?"]  # the tiny judge writes none
     oaif.main(run_args(tiny, tmp_path / "ok", *flags))
 
 
@@ -2014,7 +2041,12 @@ def test_local_judge_reads_the_answer_tokens_it_would_produce():
 
     tok = sentencepiece_tokenizer()
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).eval()
-    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+    judge = oaif.LocalJudgeAnnotator(
+        model,
+        tok,
+        instruction="Prefer the more concise response.",
+        question="Is this a concise response?",
+    )
     text = judge.ask(
         "Why do we dream?", "Because.", judge.question
     )  # no template: ends "Answer:\n"
@@ -2030,7 +2062,12 @@ def test_local_judge_reads_the_answer_tokens_it_would_produce():
         "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
         "{% else %} {{ m.content }} </s>{% endif %}{% endfor %}"
     )
-    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+    judge = oaif.LocalJudgeAnnotator(
+        model,
+        tok,
+        instruction="Prefer the more concise response.",
+        question="Is this a concise response?",
+    )
     assert tok.convert_ids_to_tokens(judge.words) == ["▁Yes", "▁No"]
 
 
@@ -2436,7 +2473,7 @@ def test_copy_pasteable_pieces_run_alone(tiny, api):
     local_judge = ns["LocalJudgeAnnotator"]["LocalJudgeAnnotator"]
     for chat_template, instruction in ((template, ""), (None, "Prefer the more concise response.")):
         tok.chat_template = chat_template
-        judge = local_judge(model, tok, instruction=instruction)
+        judge = local_judge(model, tok, instruction=instruction, question="Short?")
         assert 0 < judge(["Why?"], ["Because."], ["Nobody knows, really."])[0] < 1
     with pytest.raises(Exception, match="context"):
         judge(["x"], ["word " * 1100], ["y"])
@@ -2587,6 +2624,7 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
     # a local judge's labels change with its debias: refused there, not without an instruction
     hf = ["--annotator", f"hf:{tiny}", "--save-every", "1"]
     judged = [*hf, "--instruction", "Prefer the more concise response."]
+    judged += ["--judge-question", "Is this a concise response?"]  # the tiny judge writes none
     oaif.main(run_args(tiny, tmp_path / "hf", "--steps", "1", *judged))
     again = run_args(tiny, tmp_path / "hf", "--resume", *judged, "--judge-debias", "0")
     assert "--judge-debias 0.25 -> 0.0" in bad_run(again, capsys)
@@ -2683,7 +2721,12 @@ def test_local_judge_reads_the_answer_after_a_thinking_template(model_tok, monke
         "{% if add_generation_prompt %}<a>{% endif %}"
     )
     model.resize_token_embeddings(len(tok))
-    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+    judge = oaif.LocalJudgeAnnotator(
+        model,
+        tok,
+        instruction="Prefer the more concise response.",
+        question="Is this a concise response?",
+    )
     text = judge.ask("Why?", "Because.", judge.question)
     n = len(tok(text, add_special_tokens=False).input_ids)
     expected = [tok(text + w, add_special_tokens=False).input_ids[n] for w in ("Yes", "No")]
@@ -2691,7 +2734,12 @@ def test_local_judge_reads_the_answer_after_a_thinking_template(model_tok, monke
     # a judge whose Yes and No begin alike would score every response 0: refused
     monkeypatch.setattr(oaif.LocalJudgeAnnotator, "reply", lambda self, word: "<think>" + word)
     with pytest.raises(oaif.OAIFError, match="one token"):
-        oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+        oaif.LocalJudgeAnnotator(
+            model,
+            tok,
+            instruction="Prefer the more concise response.",
+            question="Is this a concise response?",
+        )
 
 
 def test_resume_without_output_dir_never_takes_an_older_run(tiny, tmp_path, monkeypatch, capsys):
@@ -2778,7 +2826,12 @@ def test_local_judge_without_a_template_starts_as_its_tokenizer_does(model_tok):
         single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)]
     )
     assert tok("hi").input_ids[0] == bos and not getattr(tok, "chat_template", None)
-    judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer the more concise response.")
+    judge = oaif.LocalJudgeAnnotator(
+        model,
+        tok,
+        instruction="Prefer the more concise response.",
+        question="Is this a concise response?",
+    )
     prompts, responses = ["What is a prime number?", "Hi"], ["A number with two divisors.", "Hey"]
     with torch.no_grad():
         expected = []

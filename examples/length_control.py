@@ -285,6 +285,8 @@ def main(argv=None):
         annotator = (
             ["--annotator", judge, "--instruction", instruction] if judge else ["--annotator", rule]
         )
+        if a.smoke and not a.judge:  # the random tiny judge writes no question of its own
+            annotator += ["--judge-question", f"Is this a {name} response?"]
         args[name] = [
             *("--model", a.model, "--output-dir", os.path.join(out, name), "--seed", str(a.seed)),
             *("--steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr", str(lr)),
