@@ -1354,13 +1354,11 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         if k in ("prompts", "offline_data"):
             return os.path.splitext(saved[k])[1] == os.path.splitext(config[k])[1]
         # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
-        # Claude model with another annotator, the hf: judge's flags without one (the debias: and
-        # without an instruction).
+        # Claude model with another annotator, the debias without an hf: judge and an instruction.
         hf = any(config[j].startswith("hf:") for j in ("annotator", "eval_annotator"))
         idle = dict(
             eval_prompts=not config["eval_every"],
             judge_debias=not (hf and config["instruction"].strip()),
-            judge_question=not hf,
             annotator_model=config["annotator"] != "claude",
         )
         return idle.get(k) or saved.get(k) == config[k]

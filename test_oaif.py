@@ -2016,7 +2016,15 @@ def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
     flags = ["--steps", "1", "--instruction", "Prefer the more concise response."]
     flags += ["--eval-every", "1", "--eval-prompts", "4", "--eval-annotator", f"hf:{tiny}"]
     flags += ["--judge-question", "Is this a concise response?"]  # the tiny judge writes none
-    oaif.main(run_args(tiny, tmp_path / "ok", *flags))
+    oaif.main(run_args(tiny, tmp_path / "ok", *flags, "--save-every", "1"))
+    # the evaluation's hf: judge reads the debias: a resume may not change it
+    msg = bad_run(
+        run_args(tiny, tmp_path / "ok", *flags, "--resume", "--judge-debias", "1"), capsys
+    )
+    assert "--judge-debias 0.25 -> 1.0" in msg
+    # --judge-question is an hf: judge's alone
+    msg = bad_run(run_args(tiny, tmp_path / "no", "--judge-question", "Short?"), capsys)
+    assert "--judge-question is an hf: judge's; the annotator here is shorter" in msg
 
 
 def sentencepiece_tokenizer():
