@@ -1009,7 +1009,7 @@ def judge_dtype(device) -> torch.dtype:
     # Its own generator: the run's random stream is left alone.
     a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
     seconds = [
-        min(timeit.repeat(lambda x=x: x @ x.T, number=4, repeat=3)) for x in (a, a.bfloat16())
+        min(timeit.repeat(lambda x=x: x @ x.T, number=8, repeat=5)) for x in (a, a.bfloat16())
     ]
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
     return torch.bfloat16 if fast else torch.float32
