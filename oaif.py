@@ -402,29 +402,40 @@ class ClaudeAnnotator:
         return [0.5 if x == y else v for x, y, v in zip(first, second, p)]
 
 
-# How the local judge turns an instruction in any words into its yes/no question about one response:
-# the judge model itself writes the question, greedily, after these examples of free wordings (none
-# about length, the property the wordings were checked on). Printed at the start of a run.
+# How the local judge turns an instruction in any words into yes/no questions about one response:
+# the judge model itself writes the question and its opposite, greedily, after these examples of
+# free wordings (none about length, the property the wordings were checked on). Printed at the
+# start of a run.
 QUESTION_SHOTS = """Each instruction says what kind of response to prefer. Its question asks \
-that of one response, in the fewest words.
+that of one response, in the fewest words; the opposite question asks for the reverse.
 
 Instruction: Prefer responses in French.
 Question: Is this a response written in French?
+Opposite: Is this a response written in another language?
 
 Instruction: Prefer the more polite response.
 Question: Is this a polite response?
+Opposite: Is this a rude response?
 
 Instruction: Don't be so stiff.
 Question: Is this an informal response?
+Opposite: Is this a formal response?
+
+Instruction: Prefer warmer responses.
+Question: Is this a warm response?
+Opposite: Is this a cold response?
 
 Instruction: a colour somewhere, please
 Question: Is this a response that mentions a colour?
+Opposite: Is this a response that mentions no colour?
 
 Instruction: Avoid jargon.
 Question: Is this a response free of jargon?
+Opposite: Is this a response full of jargon?
 
 Instruction: Prefer the response that answers the question asked.
 Question: Is this a response that answers the question asked?
+Opposite: Is this a response that strays from the question asked?
 
 Instruction: """
 
@@ -450,17 +461,17 @@ JUDGE_SHOTS = {
 class LocalJudgeAnnotator:
     """Any Hugging Face causal LM as a pointwise, offline annotator (small judges asked to compare
     two responses ignore the instruction; asked about one, they follow it): each response alone gets
-    s = log P("Yes") - log P("No") to `question` (by default the judge's own, written from the
-    instruction; none: "Is this a good response?"), less `debias` x that to "Is this a good
-    response?" where there is an instruction; P(first is better) = sigmoid(s1 - s2). Never an
-    order bias. Each response is read once: its questions continue from its KV cache."""
+    s = log P("Yes") - log P("No") to a question, less that to its opposite where there is one.
+    `question`: one question, or a question and its opposite ("Is this short? Is this long?"); by
+    default the judge's own pair, written from the instruction; none: "Is this a good response?".
+    P(first is better) = sigmoid(s1 - s2). Never an order bias. Each response is read once: its
+    questions continue from its KV cache."""
 
-    def __init__(self, model, tokenizer, task="helpful", instruction="", debias=0.25, question=""):
+    def __init__(self, model, tokenizer, task="helpful", instruction="", question=""):
         self.model = model
         self.tokenizer = tokenizer
         self.task = task
         self.instruction = instruction.strip()
-        self.debias = debias
         self.chat = getattr(tokenizer, "chat_template", None)
         self.context = getattr(model.config, "max_position_embeddings", None)
         # Without a template the judge's input starts as its tokenizer starts a text (Llama: BOS).
@@ -468,6 +479,8 @@ class LocalJudgeAnnotator:
         self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
         self.good = f"Is this a good {NOUNS[task][1].lower()}?"
         self.question = question.strip() or self.instruction and self.write_question() or self.good
+        # A quality both questions share (a response cut at the cap reads as worse) cancels.
+        self.questions = re.findall(r"\S[^?]*\?", self.question + "?")[:2]
         # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
         # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
         text = self.ask("", "", "")
@@ -480,22 +493,24 @@ class LocalJudgeAnnotator:
 
     @torch.inference_mode()
     def write_question(self) -> str:
-        """The instruction as a yes/no question about one response, in the judge's own words:
-        greedy (sample_tokens at temperature 0, whatever the model's generation_config says), up
-        to its first "?" on the same line; a judge that writes none is refused."""
+        """The instruction as a yes/no question about one response and its opposite, in the judge's
+        own words: greedy (sample_tokens at temperature 0, whatever the model's generation_config
+        says), a line each; a judge that writes no such two lines is refused."""
         text = f"{QUESTION_SHOTS}{' '.join(self.instruction.split())}\nQuestion: Is this"
         ids = self.tokenizer(text).input_ids
-        if self.context and len(ids) + 24 > self.context:
+        if self.context and len(ids) + 48 > self.context:
             raise OAIFError(f"--instruction is over the judge's context of {self.context} tokens")
         eos = [self.tokenizer.eos_token_id or 0]
-        out = sample_tokens(self.model, *left_pad([ids], 0, self.model.device), 24, 0, eos, eos[0])
+        out = sample_tokens(self.model, *left_pad([ids], 0, self.model.device), 48, 0, eos, eos[0])
         # Decoded with the prompt: alone, a SentencePiece tokenizer drops its first space.
         whole = self.tokenizer.decode(ids + out[0].tolist(), skip_special_tokens=True)
         prompt = self.tokenizer.decode(ids, skip_special_tokens=True)
-        written, mark, _ = whole[len(prompt) :].partition("?")
-        if not mark or "\n" in written or not written.strip():
+        written = re.match(
+            r"( *[^\s?][^\n?]*\?)\nOpposite: (Is this[^\n?]*\?)", whole[len(prompt) :]
+        )
+        if not written:
             raise OAIFError("the judge wrote no question from --instruction: give --judge-question")
-        return f"Is this{written}?"
+        return f"Is this{written[1]} {written[2]}"
 
     def reply(self, word: str) -> str:
         """`word` as the chat template writes a reply (Llama-2: " Yes"); bare if <think> first."""
@@ -523,10 +538,10 @@ class LocalJudgeAnnotator:
 
     @torch.inference_mode()
     def scores(self, prompts: list, responses: list, questions=None) -> torch.Tensor:
-        """log P("Yes") - log P("No"), (responses, questions) (default: the judge's question). What
+        """log P("Yes") - log P("No"), (responses, questions) (default: the judge's). What
         every input shares (the examples) is read once a call, then each response once, its
         questions batched after a copy of its KV cache."""
-        questions = questions or [self.question]
+        questions = questions or self.questions
         k = len(questions)
         device = self.model.device
         body = self.model.base_model
@@ -562,11 +577,8 @@ class LocalJudgeAnnotator:
         return out
 
     def __call__(self, prompts: list, first: list, second: list) -> list:
-        # With an instruction, a small judge asked "Is this detailed?" partly answers "Is this
-        # good?" (a longer answer cut at the cap reads as less detailed): a share of that comes off.
-        weights = [1.0, -self.debias][: 1 + bool(self.debias and self.instruction)]
-        both = prompts + prompts, first + second, [self.question, self.good][: len(weights)]
-        s = self.scores(*both) @ torch.tensor(weights)
+        weights = torch.tensor([1.0, -1.0])[: len(self.questions)]
+        s = self.scores(prompts + prompts, first + second) @ weights
         p = torch.sigmoid(s[: len(prompts)] - s[len(prompts) :]).tolist()
         # One text batched two ways scores apart by rounding (bf16: 0.03): identical ones tie.
         return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
@@ -867,8 +879,7 @@ class Config:
     annotator_workers: int = 16  # concurrent annotator requests
     labels: str = "hard"  # hard: the preferred response is certain (the paper); soft: P(better)
     min_confidence: float = 0.05  # drop a pair whose verdict p has |p - 0.5| below this
-    judge_debias: float = 0.25  # hf: with an instruction, less this x its log-odds to "good?"
-    judge_question: str = ""  # hf: its yes/no question about a response (empty: its own, printed)
+    judge_question: str = ""  # hf: its question, or question and opposite; empty: its own
     # evaluation and the offline baseline
     eval_every: int = 0  # win rate against the initial policy every N steps and at the end
     eval_prompts: int = 16  # held-out prompts for the win rate, never trained on
@@ -943,8 +954,9 @@ def parse_args(argv: Optional[list] = None) -> Config:
     helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
     about = """Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it
     trains. An hf: judge turns --instruction, in any words, into its own yes/no question about one
-    response and prints it first (--judge-question sets it); check that it agrees with what you
-    mean on your policy's own pairs: examples/judge_check.py --wordings (README)."""
+    response and the opposite question, and prints them first (--judge-question sets them);
+    check that they agree with what you mean on your policy's own pairs:
+    examples/judge_check.py --wordings (README)."""
     parser = argparse.ArgumentParser(description=about)
     kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
     for f in dataclasses.fields(Config):
@@ -1033,11 +1045,14 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
             *models[name],
             task=cfg.task,
             instruction=cfg.instruction,
-            debias=cfg.judge_debias,
             question=cfg.judge_question,
         )
         if rank_and_world()[0] == 0:
-            print(f"oaif: {spec} asks of each response: {judge.question}", file=sys.stderr)
+            opposite = "".join(f" (less its opposite: {q})" for q in judge.questions[1:])
+            print(
+                f"oaif: {spec} asks of each response: {judge.questions[0]}{opposite}",
+                file=sys.stderr,
+            )
         return judge
     if spec.startswith("rm:"):
         # Loaded for each use: never the reference.
@@ -1344,7 +1359,7 @@ def check_output_dir(cfg: Config, config: dict) -> None:
     if not os.path.isfile(os.path.join(last, "oaif_config.json")):
         raise OAIFError(f"--resume: no complete checkpoint of this oaif in {out}; start a new run")
     with open(os.path.join(last, "oaif_config.json")) as f:
-        saved = {"judge_debias": 0.0, "judge_question": "", **json.load(f)}  # older oaifs had none
+        saved = {"judge_question": "", **json.load(f)}  # older oaifs had none
 
     def same(k):
         # --eval-every may change, but not whether it is 0: that decides the held-out split.
@@ -1354,11 +1369,9 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         if k in ("prompts", "offline_data"):
             return os.path.splitext(saved[k])[1] == os.path.splitext(config[k])[1]
         # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
-        # Claude model with another annotator, the debias without an hf: judge and an instruction.
-        hf = any(config[j].startswith("hf:") for j in ("annotator", "eval_annotator"))
+        # Claude model with another annotator.
         idle = dict(
             eval_prompts=not config["eval_every"],
-            judge_debias=not (hf and config["instruction"].strip()),
             annotator_model=config["annotator"] != "claude",
         )
         return idle.get(k) or saved.get(k) == config[k]

@@ -5,7 +5,6 @@ HTTP).
     python -m pytest -q test_oaif.py
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -671,13 +670,14 @@ def test_cli_stops_on_bad_key(api, tiny, tmp_path):
     assert "oaif: error: the Claude API refused the annotator's request: 401 stand-in" in r.stderr
 
 
-@pytest.mark.parametrize("instruction", ["Prefer the more concise response.", ""])
-def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
+@pytest.mark.parametrize("opposite", ["", " Is this a long response?"])
+def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, opposite):
     model, tok = model_tok
-    concise = "Is this a concise response?"
-    judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", instruction, question=concise)
-    assert judge.question == concise and judge.good == "Is this a good summary?"
-    assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
+    concise, long = "Is this a concise response?", "Is this a long response?"
+    judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", "Be brief.", question=concise + opposite)
+    assert judge.questions == [concise, long][: 1 + bool(opposite)]
+    assert judge.good == "Is this a good summary?"
+    assert oaif.LocalJudgeAnnotator(model, tok, "tldr").questions == ["Is this a good summary?"]
     prompts, a, b = (
         ["Why do we dream?", "Hi"],
         ["Because.", "Hello there, how are you?"],
@@ -691,15 +691,15 @@ def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
             last = [model(torch.tensor([x])).logits[0, -1] for x in ids]
         return ids, [float(lg[yes] - lg[no]) for lg in last]
 
-    (ids, s), (g_ids, g) = plain(concise), plain(judge.good)
+    (ids, s), (l_ids, sl) = plain(concise), plain(long)
     # the examples' KV cache, then each response's, then each question from a copy: the same
     # log-odds as every whole input read alone
-    both = judge.scores(prompts + prompts, a + b, [concise, judge.good])
+    both = judge.scores(prompts + prompts, a + b, [concise, long])
     assert both.shape == (4, 2) and both.flatten().tolist() == pytest.approx(
-        [x for pair in zip(s, g) for x in pair], abs=1e-5
+        [x for pair in zip(s, sl) for x in pair], abs=1e-5
     )
-    # with an instruction, a quarter of the log-odds to "good?" comes off
-    s = [x - 0.25 * y for x, y in zip(s, g)] if instruction else s
+    # with an opposite, its log-odds come off
+    s = [x - y for x, y in zip(s, sl)] if opposite else s
     p_ab = judge(prompts, a, b)
     assert p_ab == pytest.approx([1 / (1 + math.exp(s[i + 2] - s[i])) for i in range(2)], abs=1e-5)
     assert judge(prompts, b, a) == pytest.approx([1 - p for p in p_ab], abs=1e-6)  # order-blind
@@ -707,16 +707,11 @@ def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, instruction):
     with pytest.raises(oaif.OAIFError, match="over the judge's context of 1024 tokens"):
         judge(["x"], ["word " * 1100], ["y"])
     # one request per response and question, its input counted as read whole, none per order
-    k = 2 if instruction else 1
+    k = len(judge.questions)
     assert judge.stats["annotator_requests"] == 8 + k * (4 + 4 + 2)
-    same = [len(tok(judge.ask("x", "same", q)).input_ids) for q in (concise, judge.good)]
-    read = [sum(map(len, ids)), sum(map(len, g_ids))]
+    same = [len(tok(judge.ask("x", "same", q)).input_ids) for q in (concise, long)]
+    read = [sum(map(len, ids)), sum(map(len, l_ids))]
     assert judge.stats["input_tokens"] == sum(read) + 2 * (sum(read[:k]) + sum(same[:k]))
-    # debias=0: the question's log-odds alone
-    plain_judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", instruction, 0, concise)
-    s0 = plain(concise)[1]
-    want = [1 / (1 + math.exp(s0[i + 2] - s0[i])) for i in range(2)]
-    assert plain_judge(prompts, a, b) == pytest.approx(want, abs=1e-5)
 
 
 def test_local_judge_scores_the_tokens_of_each_whole_input():
@@ -1173,9 +1168,9 @@ def test_length_control_reads_a_finished_arm_only_if_its_flags_match(tmp_path, c
 
     first = run("--steps", "1")
     assert run("--steps", "1") == first  # the same flags: both arms read, not run again
-    for arm in ("concise", "detailed"):  # as an oaif before --judge-debias saved them: the same
+    for arm in ("concise", "detailed"):  # as an oaif before --judge-question saved them: the same
         saved = json.loads((tmp_path / arm / "oaif_config.json").read_text())
-        del saved["judge_debias"]
+        del saved["judge_question"]
         (tmp_path / arm / "oaif_config.json").write_text(json.dumps(saved))
     assert run("--steps", "1") == first
     # other flags: never the old arms' numbers
@@ -1183,22 +1178,6 @@ def test_length_control_reads_a_finished_arm_only_if_its_flags_match(tmp_path, c
         run("--steps", "2")
     # 2 steps and the evaluation
     assert [len(r) for r in run("--steps", "2", "--overwrite").values()] == [3, 3]
-
-
-def test_a_finished_run_counts_the_debias_only_where_an_hf_judge_reads_an_instruction(tmp_path):
-    sys.path.insert(0, os.path.join(HERE, "examples"))
-    import tiny_model
-
-    flags = ["--output-dir", str(tmp_path), "--instruction", "Prefer the more concise response."]
-    for judges, counts in (
-        (["--annotator", "shorter"], False),
-        (["--annotator", "shorter", "--eval-annotator", "hf:x"], True),  # the win rates change
-        (["--annotator", "hf:x"], True),
-    ):
-        saved = dataclasses.asdict(oaif.parse_args([*flags, *judges, "--judge-debias", "0"]))
-        (tmp_path / "oaif_config.json").write_text(json.dumps(dict(saved, beta=0.1)))
-        assert tiny_model.finished([*flags, *judges, "--judge-debias", "0"])
-        assert tiny_model.finished([*flags, *judges]) is not counts  # the default, 0.25
 
 
 def test_bench_logprobs_quick(tmp_path):
@@ -1946,10 +1925,13 @@ def test_resume_refuses_a_prompts_file_whose_content_changed(tiny, tmp_path, cap
 @pytest.mark.parametrize(
     "written,question",
     [
-        (" a concise response?\n\nInstruction: Be", "Is this a concise response?"),
         (
-            " a response that answers the question asked?",
-            "Is this a response that answers the question asked?",
+            " a concise response?\nOpposite: Is this a long response?\n\nInstruction: Be",
+            ["Is this a concise response?", "Is this a long response?"],
+        ),
+        (
+            " a response that answers the question?\nOpposite: Is this one that strays?",
+            ["Is this a response that answers the question?", "Is this one that strays?"],
         ),
     ],
 )
@@ -1968,14 +1950,22 @@ def test_local_judge_writes_its_question_from_any_wording(
 
     monkeypatch.setattr(oaif, "sample_tokens", sample_tokens)
     judge = oaif.LocalJudgeAnnotator(model, tok, instruction="  Be\n concise. ")
-    assert judge.question == question and judge.instruction == "Be\n concise."
-    assert seen == [(oaif.QUESTION_SHOTS + "Be concise.\nQuestion: Is this", 24, 0)]
+    assert judge.questions == question and judge.instruction == "Be\n concise."
+    assert seen == [(oaif.QUESTION_SHOTS + "Be concise.\nQuestion: Is this", 48, 0)]
     # none: the task's quality, not written; --judge-question: as given, not written
     assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
     given = oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.", question=" Short? ")
-    assert given.question == "Short?" and len(seen) == 1
-    # nothing written, no "?" on the question's line, only an end token: refused, with the way out
-    for bad in ("\nInstruction:", " short\nInstruction:", tok.eos_token + "?", " "):
+    assert given.questions == ["Short?"] and len(seen) == 1
+    # nothing written, no "?" on the question's line, no opposite on the next, only an end token:
+    # refused, with the way out
+    no_opposite = " short?\nInstruction: Be"
+    for bad in (
+        "\nInstruction:",
+        " short\nOpposite: Is this long?",
+        no_opposite,
+        tok.eos_token + "?",
+        " ",
+    ):
         reply["written"] = bad
         with pytest.raises(oaif.OAIFError, match="wrote no question .* --judge-question"):
             oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.")
@@ -1983,10 +1973,11 @@ def test_local_judge_writes_its_question_from_any_wording(
     with pytest.raises(oaif.OAIFError, match="--instruction is over the judge's context"):
         oaif.LocalJudgeAnnotator(model, tok, instruction="Be brief. " * 600)
     # a run prints the question its hf: judge asks
-    cfg = oaif.Config(instruction="Be concise.", judge_question="Is it short?")
+    cfg = oaif.Config(instruction="Be concise.", judge_question="Is it short? Is it long?")
     models = {"device": torch.device("cpu"), "m": (model, tok)}
-    assert oaif.make_annotator("hf:m", cfg, models, "").question == "Is it short?"
-    assert "oaif: hf:m asks of each response: Is it short?" in capsys.readouterr().err
+    assert oaif.make_annotator("hf:m", cfg, models, "").questions == ["Is it short?", "Is it long?"]
+    err = capsys.readouterr().err
+    assert "oaif: hf:m asks of each response: Is it short? (less its opposite: Is it long?)" in err
 
 
 def test_a_sentencepiece_judge_writes_its_question_with_its_spaces(monkeypatch):
@@ -1997,14 +1988,16 @@ def test_a_sentencepiece_judge_writes_its_question_with_its_spaces(monkeypatch):
     sp = Tokenizer(models.BPE(byte_fallback=True))
     sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
     sp.decoder = decoders.Metaspace(prepend_scheme="first")
-    sp.train_from_iterator(oaif.DEFAULT_PROMPTS * 2, trainers.BpeTrainer(vocab_size=300))
+    corpus = [*oaif.DEFAULT_PROMPTS, "A line.\nOpposite: Is this?"] * 2
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300))
     tok = PreTrainedTokenizerFast(tokenizer_object=sp)
-    written = tok(" a short response?", add_special_tokens=False).input_ids
+    written = tok(" a short response?\nOpposite: Is this a long one?", add_special_tokens=False)
+    written = written.input_ids
     assert tok.decode(written).startswith("a short")  # alone: no space
     monkeypatch.setattr(oaif, "sample_tokens", lambda *a: torch.tensor([written]))
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2))
     judge = oaif.LocalJudgeAnnotator(model.eval(), tok, instruction="Keep it brief.")
-    assert judge.question == "Is this a short response?"
+    assert judge.questions == ["Is this a short response?", "Is this a long one?"]
 
 
 def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
@@ -2022,11 +2015,11 @@ def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
     flags += ["--eval-every", "1", "--eval-prompts", "4", "--eval-annotator", f"hf:{tiny}"]
     flags += ["--judge-question", "Is this a concise response?"]  # the tiny judge writes none
     oaif.main(run_args(tiny, tmp_path / "ok", *flags, "--save-every", "1"))
-    # the evaluation's hf: judge reads the debias: a resume may not change it
+    # the evaluation's hf: judge reads the question: a resume may not change it
     msg = bad_run(
-        run_args(tiny, tmp_path / "ok", *flags, "--resume", "--judge-debias", "1"), capsys
+        run_args(tiny, tmp_path / "ok", *flags, "--resume", "--judge-question", "Q?"), capsys
     )
-    assert "--judge-debias 0.25 -> 1.0" in msg
+    assert "--judge-question Is this a concise response? -> Q?" in msg
     # --judge-question is an hf: judge's alone
     msg = bad_run(run_args(tiny, tmp_path / "no", "--judge-question", "Short?"), capsys)
     assert "--judge-question is an hf: judge's; the annotator here is shorter" in msg
@@ -2628,27 +2621,19 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
     oaif.main(run_args(tiny, out, "--steps", "1", "--save-every", "1", "--prompts", "p.txt"))
     # no evaluation: no held-out split; not Claude: no Claude model; the same file, named otherwise
     idle = ["--eval-prompts", "5", "--annotator-model", "claude-other", "--prompts", "./p.txt"]
-    idle += ["--judge-debias", "0.5"]  # the hf: judge's only
     oaif.main(run_args(tiny, out, "--steps", "2", "--resume", *idle))
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert "--eval-every" in bad_run(
         run_args(tiny, out, "--steps", "3", "--resume", *idle, "--eval-every", "1"), capsys
     )
-    # a local judge's labels change with its debias: refused there, not without an instruction
+    # a checkpoint of an oaif before --judge-question: its judge asked its own
     hf = ["--annotator", f"hf:{tiny}", "--save-every", "1"]
-    judged = [*hf, "--instruction", "Prefer the more concise response."]
-    judged += ["--judge-question", "Is this a concise response?"]  # the tiny judge writes none
-    oaif.main(run_args(tiny, tmp_path / "hf", "--steps", "1", *judged))
-    again = run_args(tiny, tmp_path / "hf", "--resume", *judged, "--judge-debias", "0")
-    assert "--judge-debias 0.25 -> 0.0" in bad_run(again, capsys)
-    oaif.main(run_args(tiny, tmp_path / "plain", "--steps", "1", *hf))
-    oaif.main(run_args(tiny, tmp_path / "plain", "--resume", *hf, "--judge-debias", "0.5"))
-    # a checkpoint of an oaif before --judge-debias: its judge had none (0)
+    oaif.main(run_args(tiny, tmp_path / "hf", "--steps", "1", *hf))
     config = tmp_path / "hf" / "checkpoint-1" / "oaif_config.json"
     saved = json.loads(config.read_text())
-    del saved["judge_debias"]
+    del saved["judge_question"]
     config.write_text(json.dumps(saved))
-    oaif.main(run_args(tiny, tmp_path / "hf", "--resume", *judged, "--judge-debias", "0"))
+    oaif.main(run_args(tiny, tmp_path / "hf", "--resume", *hf))
     assert [r["step"] for r in read_metrics(tmp_path / "hf")] == [1, 2]
 
 

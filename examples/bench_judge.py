@@ -1,16 +1,17 @@
-"""Seconds per judgment of the `--annotator hf:DIR` judge, one question a response against the
-instruction's question and the debias's "Is this a good response?", now and (--before F, an older
-oaif.py, e.g. `git show main:oaif.py > F`) before, on the same pairs, configurations alternating:
+"""Seconds per judgment of the `--annotator hf:DIR` judge, one question a response against two
+(now: the question and its opposite; before: the question and the debias's "Is this a good
+response?"), now and (--before F, an older oaif.py, e.g. `git show c7ff230:oaif.py > F`) before,
+on the same pairs, configurations alternating:
 
     now          oaif.LocalJudgeAnnotator: the examples read once a call, each response once, each
                  question after a copy of the response's KV cache
     before       F's LocalJudgeAnnotator (before one pass per response: each question re-read the
                  response, batches of 8 by length)
 
-each with --debias 0 (one question) and the default 0.25 (two), in the judge's dtype (--dtype;
-auto: oaif.judge_dtype). Both judges are asked the same question (the old one's, so that the new
-one writes none). Then the exactness check: the new judge's log-odds against every whole input
-read alone, uncached and unpadded (the plain forward), both questions.
+in the judge's dtype (--dtype; auto: oaif.judge_dtype). Both judges are asked the same question
+(--question; the new one also --opposite), so that neither writes its own. Then the exactness
+check: the new judge's log-odds against every whole input read alone, uncached and unpadded (the
+plain forward), both questions.
 
     OMP_NUM_THREADS=2 python examples/bench_judge.py --judge /path/to/Qwen2.5-1.5B-Instruct \\
         --before /tmp/oaif_main.py --pairs 4
@@ -18,6 +19,7 @@ read alone, uncached and unpadded (the plain forward), both questions.
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -59,6 +61,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="rounds, alternating the order")
     p.add_argument("--exact-pairs", type=int, default=2, help="pairs for the exactness check")
     p.add_argument("--instruction", default="Prefer the more concise response.")
+    p.add_argument("--question", default="Is this a concise response?")
+    p.add_argument("--opposite", default="Is this a long response?")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--out", default="")
     a = p.parse_args()
@@ -83,16 +87,19 @@ def main():
         spec = importlib.util.spec_from_file_location("oaif_before", a.before)
         versions["before"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(versions["before"])
-    old = getattr(versions.get("before"), "judge_question", None)
-    question = old("helpful", a.instruction) if old else ""
     judges = {}
     for name, module in versions.items():
-        for debias in (0.0, 0.25):
-            kw = dict(question=question) if name == "now" else {}
-            judges[name, debias] = module.LocalJudgeAnnotator(
-                model, tok, instruction=a.instruction, debias=debias, **kw
+        takes = inspect.signature(module.LocalJudgeAnnotator).parameters
+        for two in (1, 2):
+            if name == "now":
+                kw = dict(question=f"{a.question} {a.opposite}" if two == 2 else a.question)
+            else:  # before: the debias asked "good?"; c39a564's wrote its question itself
+                kw = dict(debias=0.25 * (two - 1))
+                kw.update(dict(question=a.question) if "question" in takes else {})
+            judges[name, two] = module.LocalJudgeAnnotator(
+                model, tok, instruction=a.instruction, **kw
             )
-    print(f"question: {judges['now', 0.0].question!r}", flush=True)
+    print(f"questions: {judges['now', 2].questions}", flush=True)
     seconds = {c: [] for c in judges}
     for rep in range(a.repeats):
         for c in list(judges) if rep % 2 == 0 else list(judges)[::-1]:
@@ -100,19 +107,21 @@ def main():
             judges[c](prompts, first, second)
             seconds[c].append(time.perf_counter() - t)
             print(
-                f"  round {rep + 1}: {c[0]:6s} debias {c[1]:.2f}: {seconds[c][-1]:6.1f} s",
+                f"  round {rep + 1}: {c[0]:6s} {c[1]} question(s): {seconds[c][-1]:6.1f} s",
                 flush=True,
             )
     print("\n| judge | questions a response | best s | s / judgment | vs one question |")
     print("|---|---|---|---|---|")
     for name in versions:
-        one = min(seconds[name, 0.0])
-        for debias in (0.0, 0.25):
-            best = min(seconds[name, debias])
-            what = "2 (+ the debias)" if debias else "1"
+        one = min(seconds[name, 1])
+        for two in (1, 2):
+            best = min(seconds[name, two])
+            what = (
+                "1" if two == 1 else "2 (+ the opposite)" if name == "now" else "2 (+ the debias)"
+            )
             print(f"| {name} | {what} | {best:.1f} | {best / len(rows):.2f} | {best / one:.2f}x |")
-    judge, n = judges["now", 0.25], a.exact_pairs
-    questions = [judge.question, judge.good]
+    judge, n = judges["now", 2], a.exact_pairs
+    questions = judge.questions
     both = prompts[:n] * 2, first[:n] + second[:n]
     cached = judge.scores(*both, questions).flatten().tolist()
     whole = plain_scores(judge, *both, questions)

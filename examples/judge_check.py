@@ -18,10 +18,10 @@ pointwise is order-blind), both-orders agreement, seconds per judgment (one pair
 the mode has an order). --mode picks oaif's judge (pointwise) or one of the alternatives it was
 measured against (README, the judge check):
 
-    pointwise      oaif.LocalJudgeAnnotator: P(Yes) to the judge's own question, written from
-                   the instruction ("Is this a concise response?"; --question gives one), per
-                   response, less --debias x that to "Is this a good response?", compared;
-                   after oaif.JUDGE_SHOTS, its few-shot examples
+    pointwise      oaif.LocalJudgeAnnotator: the log-odds of Yes to the judge's own question,
+                   written from the instruction, less those to its opposite ("Is this a concise
+                   response? Is this a long response?"; --question gives them), per response,
+                   compared; after oaif.JUDGE_SHOTS, its few-shot examples
     noshots        the same without the examples: oaif's judge before JUDGE_SHOTS
     meets          noshots asked "Does the response meet this criterion: <instruction>"
     calibrated     noshots minus the response's log-odds to "Is this a good response?"
@@ -55,7 +55,8 @@ saved ones, --min-ratio 1.2 only those >= 1.2x apart; examples/judge_check_polic
 holds SmolLM2-135M-Instruct's from seed 0, _seed1.jsonl a fresh draw from seed 1 (not used to
 choose a design but CUT's wording and the debias weight), _seed2.jsonl one drawn after CUT's
 wording, _seed3.jsonl one drawn for the debias weight and judged after it was chosen (README);
---debias W sets the pointwise judge's (oaif's default 0.25; the other modes: none); judged under
+(oaif's judge at c7ff230 took --debias W x the log-odds to "Is this a good response?" off its
+question's, 0.25; it had no opposite question); judged under
 "concise" and "detailed": agreement with the length rule (fewer characters written = more
 concise; a response cut at the cap ends with oaif.CUT, which the judge reads and the rule does not
 count) by the pair's length ratio, and on the pairs >= 1.2x apart with one response cut and with
@@ -64,8 +65,8 @@ none; mean |p - 1/2|; how many verdicts flip between the two instructions (all p
 
 Wordings (--wordings examples/judge_wordings.json, on-policy mode): instructions in everyday
 words, each asking for shorter or longer responses, split tune / heldout before any design was
-tried; every response is read once and asked every wording's question (each written by the judge
-from its wording, printed) and "good?"; agreement with the length rule per wording (--first N: only
+tried; every response is read once and asked every wording's questions (each pair written by the
+judge from its wording, printed); agreement with the length rule per wording (--first N: only
 the first N pairs after --min-ratio; --out F: the questions and every score). To check a wording of
 your own, put it in such a file (its direction: what the length rule should agree with):
 
@@ -81,7 +82,6 @@ your own, put it in such a file (its direction: what the length rule should agre
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import re
@@ -664,13 +664,9 @@ ORDERED = ("pairwise", "compare", "compare_yn")  # the modes that see both respo
 
 
 def build(a, models, instruction):
-    """The judge --mode names: pointwise as oaif has it (--debias), the others as they were measured
-    (without the debias, which came after them)."""
-    debias = a.debias if a.mode == "pointwise" else 0
+    """The judge --mode names: pointwise as oaif has it, the others as they were measured."""
     kw = dict(question=a.question) if a.mode == "pointwise" else {}
-    return MODES[a.mode](
-        *models[a.judge], task="helpful", instruction=instruction, debias=debias, **kw
-    )
+    return MODES[a.mode](*models[a.judge], task="helpful", instruction=instruction, **kw)
 
 
 def sample_policy_pairs(a) -> list:
@@ -749,8 +745,8 @@ def on_policy(a, pairs, models, dtype):
         prompts, n = [r["prompt"] for r in pairs], len(pairs)
         if type(judge).__call__ is oaif.LocalJudgeAnnotator.__call__:  # pointwise: keep the scores
             both = prompts + prompts, [r["a"] for r in pairs] + [r["b"] for r in pairs]
-            S = judge.scores(*both, [judge.question, judge.good])
-            s = (S[:, 0] - judge.debias * S[:, 1]).tolist()
+            S = judge.scores(*both)
+            s = (S @ torch.tensor([1.0, -1.0])[: S.shape[1]]).tolist()
             p_a = torch.sigmoid(torch.tensor(s[:n]) - torch.tensor(s[n:])).tolist()
         else:
             s, p_a = None, judge(prompts, [r["a"] for r in pairs], [r["b"] for r in pairs])
@@ -795,8 +791,9 @@ def on_policy(a, pairs, models, dtype):
 
 def on_policy_wordings(a, pairs, models):
     """Every wording of --wordings (--wording-split) on the policy's own pairs, in one pass: each
-    response is read once and asked every wording's question (the judge's own, written from the
-    wording) and "good?"; agreement with the length rule in the wording's direction, per wording.
+    response is read once and asked every wording's questions (the judge's own, written from the
+    wording: a question and its opposite); agreement with the length rule in the wording's
+    direction, per wording.
     --out F saves the questions and every score (to try other combinations without the judge)."""
     table = json.load(open(a.wordings))
     rows = [
@@ -816,9 +813,9 @@ def on_policy_wordings(a, pairs, models):
     t = time.perf_counter()
     judges = [build(a, models, w) for _, _, w in rows]
     for (d, split, w), j in zip(rows, judges):
-        print(f"  {split:7s} {d:7s} {w!r} -> {j.question!r}", flush=True)
+        print(f"  {split:7s} {d:7s} {w!r} -> {j.questions}", flush=True)
     asked = time.perf_counter() - t
-    questions = list(dict.fromkeys([j.question for j in judges] + [judges[0].good]))
+    questions = list(dict.fromkeys(q for j in judges for q in j.questions))
     n = len(pairs)
     prompts = [r["prompt"] for r in pairs]
     t = time.perf_counter()
@@ -832,19 +829,18 @@ def on_policy_wordings(a, pairs, models):
     )
     print("| split | direction | wording | the judge's question | agreement | one cut | none cut |")
     print("|---|---|---|---|---|---|---|")
-    good = questions.index(judges[0].good)
     results = []
     for (d, split, w), j in zip(rows, judges):
-        s = S[:, questions.index(j.question)] - a.debias * S[:, good]
+        s = sum(S[:, questions.index(q)] * x for q, x in zip(j.questions, (1, -1)))
         p_a = torch.sigmoid(s[:n] - s[n:]).tolist()
         agree = [(p > 0.5) == ((x < y) == (d == "shorter")) for p, (x, y) in zip(p_a, written)]
         k = sum(agree)
         print(
-            f"| {split} | {d} | {w} | {j.question} | **{k}/{n}** ({k / n:.0%}) | "
+            f"| {split} | {d} | {w} | {' / '.join(j.questions)} | **{k}/{n}** ({k / n:.0%}) | "
             f"{fraction(agree, subsets[1])} | {fraction(agree, subsets[0])} |",
             flush=True,
         )
-        results.append(dict(split=split, direction=d, wording=w, question=j.question, agree=k))
+        results.append(dict(split=split, direction=d, wording=w, questions=j.questions, agree=k))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(
@@ -852,7 +848,6 @@ def on_policy_wordings(a, pairs, models):
                     judge=a.judge,
                     pairs=a.pairs_in or a.policy,
                     n=n,
-                    debias=a.debias,
                     questions=questions,
                     written=written,
                     cuts=cuts,
@@ -903,12 +898,6 @@ def main():
         help="on-policy sampling: these prompts (as oaif's --prompts) instead of the default ones",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--debias",
-        type=float,
-        default=inspect.signature(oaif.LocalJudgeAnnotator).parameters["debias"].default,
-        help="pointwise: the weight of the judge's 'Is this a good response?' log-odds taken off",
-    )
     p.add_argument(
         "--min-ratio",
         type=float,

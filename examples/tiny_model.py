@@ -106,7 +106,7 @@ def finished(argv: list) -> bool:
     if not os.path.isfile(path):
         return False
     with open(path) as f:
-        saved = {"judge_debias": 0.0, "judge_question": "", **json.load(f)}  # older runs: none
+        saved = {"judge_question": "", **json.load(f)}  # older runs: none
     if cfg["beta"] is None:  # as the run saved it
         cfg["beta"] = oaif.DEFAULT_BETA[cfg["loss"]]
     for k in ("prompts", "offline_data"):  # the same file name, other contents: run again
@@ -114,9 +114,6 @@ def finished(argv: list) -> bool:
             with open(cfg[k], "rb") as f:
                 cfg[f"{k}_sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
     free = ("sample_every", "resume", "overwrite")  # they do not change what the run learns
-    judges = (cfg["annotator"], cfg["eval_annotator"])  # training's, the evaluation's
-    if not (cfg["instruction"].strip() and any(j.startswith("hf:") for j in judges)):
-        free += ("judge_debias",)  # only an hf: judge with an instruction has one
     return all(saved.get(k) == v for k, v in cfg.items() if k not in free)
 
 
