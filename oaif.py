@@ -1830,6 +1830,7 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
         kl=float((logps - out["ref_logps"]).sum()),
         chars=sum(len(t.removesuffix(CUT)) for t in texts),  # what the policy wrote, not CUT
         tokens=float(out["batch"]["response_tokens"].sum()),
+        cut=sum(t.endswith(CUT) for t in texts),
         seqs=len(texts),
     )
     sums = wiring.total(**sums, **{k: v - stats0.get(k, 0) for k, v in stats.items()})
@@ -1846,6 +1847,7 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
         kl=sums["kl"] / seqs,
         response_tokens=sums["tokens"] / seqs,
         response_chars=sums["chars"] / seqs,
+        cut_share=sums["cut"] / seqs,  # of the responses, cut at --max-new-tokens
         **{k: int(sums[k]) for k in ANNOTATOR_STATS if k in sums},
         **judge_health(sums),
         nonfinite=out["nonfinite"],

@@ -2169,12 +2169,16 @@ def test_length_control_smoke_takes_the_paper_code_path(tmp_path, monkeypatch, c
     runs = length_control.main(["--smoke"])
     out = tmp_path / "oaif-out" / "length_control" / "run-1"
     table = (out / "control.md").read_text()
-    assert [len([r for r in rows if not r.get("eval")]) for rows in runs.values()] == [2, 2]
-    assert "| detailed / concise |" in table and table.count(" won, ") == 4  # 2 arms x 2 judges
+    assert [len([r for r in rows if not r.get("eval")]) for rows in runs.values()] == [2, 2, 2]
+    # the paper's three arms, each with its share cut and a 95% interval beside each win rate
+    assert list(runs) == ["helpful", "short", "very_short"] and "very short / helpful" in table
+    assert table.count(" won, ") == 6 and table.count("] (") == 6  # 3 arms x 2 judges
+    assert "| helpful: (none) |" in table and "| very_short: helpful and very short |" in table
     assert table in capsys.readouterr().out  # printed, to paste into the README
-    with open(out / "detailed" / "oaif_config.json") as f:
-        cfg = json.load(f)  # --paper's oaif flags, and an hf: judge
+    with open(out / "short" / "oaif_config.json") as f:
+        cfg = json.load(f)  # --paper's oaif flags, and an hf: judge told the paper's words
     assert (cfg["dtype"], cfg["min_confidence"], cfg["annotator"][:3]) == ("bfloat16", 0.01, "hf:")
+    assert cfg["instruction"] == "helpful and short"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -2234,6 +2238,8 @@ def test_length_control_checks_its_judges_before_training(tiny, tmp_path, monkey
         (["--neutral-judge", f"rm:{tiny}"], "one output, not 2"),
         # a reward model reads no instruction: it cannot steer the two arms
         (["--judge", f"rm:{tiny}"], "use hf:MODEL or claude"),
+        # the paper's arms with no judge: no rule is "helpful"
+        (["--arms", "paper"], "no rule stands in for --arms paper's 'helpful'"),
     ]
     for extra, why in bad:
         with pytest.raises(SystemExit) as e:
@@ -2787,6 +2793,9 @@ def test_a_response_cut_at_the_cap_tells_the_annotator(model_tok, tiny, tmp_path
     assert len(seen) == 8 and any(t.endswith(oaif.CUT) for t in seen)
     chars = read_metrics(tmp_path)[0]["response_chars"]
     assert chars == pytest.approx(sum(map(len, written)) / 8)
+    # the share cut at the cap, of the responses the annotator read
+    cut_share = read_metrics(tmp_path)[0]["cut_share"]
+    assert cut_share == sum(t.endswith(oaif.CUT) for t in seen) / 8 and 0 < cut_share
     texts = cut["texts"]
     written = [t.removesuffix(oaif.CUT) for t in texts]
     r = oaif.win_rate(["Hi", "Why?"] * 2, texts, texts, oaif.shorter)

@@ -1,12 +1,14 @@
-"""The paper's controllability result: the same run twice, the annotator told two different things
-("prefer the more detailed response" / "prefer the more concise response"), the mean response length
-per step side by side, then each run's win rate against the initial policy: under its own
-instruction (oaif's evaluation) and under a neutral judge (the same judge with no instruction).
+"""The paper's controllability result: the same run once per arm, the annotator told different
+things, the mean response length per step side by side, then each run's win rate against the
+initial policy: under its own instruction (oaif's evaluation) and under a neutral judge (the same
+judge with no instruction), with a 95% interval. --arms paper: the paper's three (no instruction,
+"helpful and short", "helpful and very short"); --arms two (the default): "Prefer the more detailed
+response." and "Prefer the more concise response.".
 
 The annotator: --judge (hf:MODEL a local LLM judge, or claude; a reward model reads no
-instruction, so it cannot steer the two arms apart); else Claude when
-ANTHROPIC_API_KEY is set; else the rule annotators `longer` and `shorter` stand in for the two
-instructions (the script says which). Flags it does not know go to oaif.py unchanged
+instruction, so it cannot steer the arms apart); else Claude when
+ANTHROPIC_API_KEY is set; else (--arms two only) the rule annotators `longer` and `shorter` stand in
+for the two instructions (the script says which). Flags it does not know go to oaif.py unchanged
 (--temperature 0.9, --dtype bfloat16, ...).
 
     python examples/length_control.py --smoke     # CPU, a minute: --paper's code path, tiny model
@@ -14,10 +16,12 @@ instructions (the script says which). Flags it does not know go to oaif.py uncha
     python examples/length_control.py --tiny      # offline, rule annotators
     python examples/length_control.py --model gpt2 --steps 200    # Claude, with a key
 
---paper: SmolLM2-135M-Instruct trained, Qwen2.5-Coder-1.5B-Instruct judging (hf:, pointwise), 150
-steps of 16 prompts, 128 new tokens, lr 1e-5, --dtype bfloat16, --min-confidence 0.01, 16 held-out
-prompts, both arms side by side (--parallel); a flag given as well wins (--paper --steps 300).
---smoke: the same code path on the tests' tiny random GPT-2, its own judge, 2 steps of 2 prompts.
+--paper: the paper's three arms, SmolLM2-135M-Instruct trained, Qwen2.5-Coder-1.5B-Instruct judging
+(hf:, pointwise), 150 steps of 16 prompts, 512 new tokens (a cap the arms rarely reach: the share
+cut is in the table), lr 1e-5, --dtype bfloat16, --min-confidence 0.01, 64 held-out prompts, the
+arms side by side (--parallel); a flag given as well wins (--paper --steps 300). --cpu: the same
+arms and models sized for 2 CPU cores (README: how). --smoke: --paper's code path on the tests'
+tiny random GPT-2, its own judge, 2 steps of 2 prompts.
 Each invocation writes a new oaif-out/length_control/run-N (or --out DIR): control.md (the result
 table, markdown), control.png (with matplotlib), ARM.log (--parallel) and a folder per arm.
 """
@@ -35,27 +39,53 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
+from online_vs_offline import interval  # noqa: E402
 from tiny_model import finished, resolve  # noqa: E402
 
 import oaif  # noqa: E402
 
-INSTRUCTIONS = {  # arm: its instruction, and the rule standing in for it (where lengths should go)
-    "detailed": ("Prefer the more detailed response.", "longer"),
-    "concise": ("Prefer the more concise response.", "shorter"),
+ARMS = {  # arm: its instruction, and the rule standing in for it (where lengths should go)
+    "two": {
+        "detailed": ("Prefer the more detailed response.", "longer"),
+        "concise": ("Prefer the more concise response.", "shorter"),
+    },
+    # The paper's Figure 6 (about 120, 90 and 40 tokens); no rule stands in for "helpful".
+    "paper": {
+        "helpful": ("", None),
+        "short": ("helpful and short", "shorter"),
+        "very_short": ("helpful and very short", "shorter"),
+    },
 }
 PRESETS = {  # what a flag left out means
     "paper": dict(
         model="HuggingFaceTB/SmolLM2-135M-Instruct",
         steps=150,
         batch_size=16,
-        max_new_tokens=128,
+        max_new_tokens=512,
         lr=1e-5,
-        eval_prompts=16,
+        eval_prompts=64,
         parallel=True,
         judge="hf:Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        arms="paper",
     ),
-    "smoke": dict(steps=2, batch_size=2, max_new_tokens=8, eval_prompts=2, parallel=True),
-    "none": dict(steps=60, batch_size=8, max_new_tokens=48, eval_prompts=8, parallel=False),
+    # 2 CPU cores, one arm at a time (README: the step times it was sized from).
+    "cpu": dict(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        steps=20,
+        batch_size=4,
+        max_new_tokens=384,
+        lr=3e-5,
+        eval_prompts=32,
+        parallel=False,
+        judge="hf:Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        arms="paper",
+    ),
+    "smoke": dict(
+        steps=2, batch_size=2, max_new_tokens=8, eval_prompts=2, parallel=True, arms="paper"
+    ),
+    "none": dict(
+        steps=60, batch_size=8, max_new_tokens=48, eval_prompts=8, parallel=False, arms="two"
+    ),
 }
 PRESET_OAIF = ["--dtype", "bfloat16", "--min-confidence", "0.01"]  # the judge's p sits near 1/2
 FIRST, LAST = 10, 20  # the table's windows: the first steps and the last
@@ -174,41 +204,52 @@ def mean(rows: list, key: str = "response_tokens") -> float:
     return sum(r[key] for r in rows) / max(1, len(rows))
 
 
-def table(train: dict, evals: dict, neutral: dict, judge: str) -> str:
-    """The result, markdown: mean response tokens of the first and the last steps' samples, each
-    arm's direction, the arms' ratio, how far each policy went (KL), the held-out answers' length
-    and the win rates against the initial policy."""
+def table(train: dict, evals: dict, neutral: dict, judge: str, arms: dict) -> str:
+    """The result, markdown: mean response tokens of the first and the last steps' samples and the
+    share cut at the cap, each arm's length against the first arm's, how far each policy went (KL),
+    the held-out answers' length and the win rates against the initial policy (95% interval)."""
     n = min(len(rows) for rows in train.values())
     first, last = min(FIRST, n), min(LAST, n)
     span = lambda a, b: f"step {a}" if a == b else f"steps {a}–{b}"  # noqa: E731
-    won = lambda e: f"{e['win_rate']:.2f} ({e['wins']} won, {e['ties']} tied of {e['n']})"  # noqa: E731
+
+    def won(e):
+        low, high = interval(e["win_rate"], e["n"])
+        counts = f"{e['wins']} won, {e['ties']} tied of {e['n']}"
+        return f"{e['win_rate']:.2f} [{low:.2f}, {high:.2f}] ({counts})"
+
+    base = next(iter(train))
     lines = [
-        f"| mean response tokens | {span(1, first)} | {span(n - last + 1, n)} | direction "
-        "| KL to initial, nats/response | held-out answer chars, initial → final "
-        "| win rate vs initial, neutral judge | win rate vs initial, own instruction |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| arm: instruction | mean response tokens, {span(1, first)} | {span(n - last + 1, n)} "
+        f"| cut at the cap, {span(n - last + 1, n)} | vs {base} | KL to initial, nats/response "
+        "| held-out answer chars, initial → final | win rate vs initial, neutral judge "
+        "| win rate vs initial, own instruction |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    ends = {}
+    ends = {name: mean(rows[n - last : n]) for name, rows in train.items()}
     for name, rows in train.items():
-        instruction, way = INSTRUCTIONS[name]
-        start, end, e = mean(rows[:first]), mean(rows[n - last : n]), evals[name]
-        ends[name] = start, end
-        moved = "longer" if end > start else "shorter" if end < start else "unchanged"
-        direction = f"{moved}, {end / start:.2f}x, {'as asked' if moved == way else 'NOT as asked'}"
+        instruction = arms[name][0] or "(none)"
+        start, end, e = mean(rows[:first]), ends[name], evals[name]
+        cut = mean(rows[n - last : n], "cut_share")
         kl = mean(rows[n - last : n], "kl")  # summed log-ratio of the samples: how far it went
         chars = f"{e['reference_chars']:.0f} → {e['policy_chars']:.0f}"
         fair = won(neutral[name]) if name in neutral else "–"
         lines.append(
-            f'| "{instruction}" | {start:.1f} | {end:.1f} | {direction} | {kl:.1f} | {chars} | '
-            f"{fair} | {won(e)} |"
+            f"| {name}: {instruction} | {start:.1f} | {end:.1f} | {cut:.0%} | "
+            f"{end / ends[base]:.2f}x | {kl:.1f} | {chars} | {fair} | {won(e)} |"
         )
-    (d0, d1), (c0, c1) = ends["detailed"], ends["concise"]
-    lines.append(f"| detailed / concise | {d0 / c0:.2f}x | {d1 / c1:.2f}x | | | | | |")
     note = f"neutral judge: {judge or 'none (rule annotators: give --neutral-judge SPEC)'}"
-    return "\n".join(lines) + f"\n\n({note}; a tie counts 1/2; goal: detailed / concise ≥ 2x)\n"
+    if set(arms) == {"detailed", "concise"}:
+        goal = f"detailed / concise {ends['detailed'] / ends['concise']:.2f}x (goal ≥ 2x)"
+    else:
+        order = ends["helpful"] > ends["short"] > ends["very_short"]
+        goal = (
+            f"lengths {'in' if order else 'NOT in'} the order asked; very short / helpful "
+            f"{ends['very_short'] / ends['helpful']:.2f}x (goal ≤ 0.5x)"
+        )
+    return "\n".join(lines) + f"\n\n{goal}; {note}; a tie counts 1/2; [a, b] the 95% interval\n"
 
 
-def plot(train: dict, evals: dict, neutral: dict, path: str, title: str, cap: int) -> None:
+def plot(train, evals, neutral, path: str, title: str, cap: int, arms: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +262,9 @@ def plot(train: dict, evals: dict, neutral: dict, path: str, title: str, cap: in
         line = ax.plot(steps, tokens, lw=0.7, alpha=0.5)[0]
         smooth = [sum(tokens[max(0, i - 4) : i + 1]) / min(i + 1, 5) for i in range(len(tokens))]
         fair = f", neutral {neutral[name]['win_rate']:.2f}" if name in neutral else ""
-        label = f"{INSTRUCTIONS[name][0]} (win rate {evals[name]['win_rate']:.2f}{fair})"
+        label = (
+            f"{arms[name][0] or 'no instruction'} (win rate {evals[name]['win_rate']:.2f}{fair})"
+        )
         ax.plot(steps, smooth, color=line.get_color(), lw=2, label=label)
     ax.axhline(cap, color="grey", lw=0.5, ls="--")
     ax.set(xlabel="step", ylabel="mean response tokens", title=title)
@@ -231,8 +274,15 @@ def plot(train: dict, evals: dict, neutral: dict, path: str, title: str, cap: in
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Two instructions, two runs: response length per step.")
+    p = argparse.ArgumentParser(description="One run per instruction: response length per step.")
     p.add_argument("--paper", action="store_true", help="the paper-sized run on one GPU (above)")
+    p.add_argument("--cpu", action="store_true", help="--paper's arms and models, 2 CPU cores")
+    p.add_argument(
+        "--arms",
+        default=None,
+        choices=sorted(ARMS),
+        help="two: detailed and concise (the default); paper: none, short, very short",
+    )
     p.add_argument("--smoke", action="store_true", help="--paper's code path, tiny model, 2 steps")
     p.add_argument("--model", default=None, help="hub id or folder (or --tiny)")
     p.add_argument("--tiny", action="store_true", help="build the tests' tiny random GPT-2, use it")
@@ -249,22 +299,26 @@ def main(argv=None):
         help="output folder (default: a new oaif-out/length_control/run-N); an arm finished "
         "there with the same flags is read, not run again",
     )
-    p.add_argument("--steps", type=int, default=None, help="default 60 (--paper 150)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 8 (--paper 16)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 48 (--paper 128)")
+    p.add_argument("--steps", type=int, default=None, help="default 60 (--paper 150, --cpu 20)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8 (--paper 16, --cpu 4)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default 48 (--paper 512, --cpu 384)"
+    )
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 with --tiny, else 1e-5")
-    p.add_argument("--eval-prompts", type=int, default=None, help="default 8 (--paper 16)")
+    p.add_argument(
+        "--eval-prompts", type=int, default=None, help="default 8 (--paper 64, --cpu 32)"
+    )
     p.add_argument("--eval-every", type=int, default=0, help="win rate every N steps (0: at end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--parallel",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="both runs at once, a process each (half the cores each), consoles to OUT/ARM.log",
+        help="the arms at once, a process each (the cores shared), consoles to OUT/ARM.log",
     )
     p.add_argument("--png", default="", help="the plot's file (default: OUT/control.png)")
     a, passthrough = p.parse_known_args(argv)
-    preset = "paper" if a.paper else "smoke" if a.smoke else "none"
+    preset = "paper" if a.paper else "cpu" if a.cpu else "smoke" if a.smoke else "none"
     for k, v in PRESETS[preset].items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     a.tiny = a.tiny or a.smoke
@@ -274,18 +328,20 @@ def main(argv=None):
     # The judges are checked now, not after hours of training.
     check_judge(p, "--judge", a.judge, rules=False)
     check_judge(p, "--neutral-judge", a.neutral_judge if a.neutral_judge != "none" else "", True)
+    if a.arms != "two" and not (a.judge or a.smoke or os.environ.get("ANTHROPIC_API_KEY")):
+        p.error("no rule stands in for --arms paper's 'helpful': give --judge hf:MODEL or claude")
     a.model, out, lr = resolve(p, a, "length_control")
     judge = a.judge or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "")
     judge = f"hf:{a.model}" if a.smoke and not a.judge else judge  # the tiny model judges itself
     neutral_judge = "" if a.neutral_judge == "none" else a.neutral_judge or judge
+    arms = ARMS[a.arms]
     print(f"annotator: {judge or 'rule annotators longer / shorter (no API key, no --judge)'}")
     args = {}
-    for name, (instruction, rule) in INSTRUCTIONS.items():
+    for name, (instruction, rule) in arms.items():
         # a rule reads no instruction (oaif refuses one): the rule itself stands in for it
-        annotator = (
-            ["--annotator", judge, "--instruction", instruction] if judge else ["--annotator", rule]
-        )
-        if a.smoke and not a.judge:  # the random tiny judge writes no question of its own
+        annotator = ["--annotator", judge] if judge else ["--annotator", rule]
+        annotator += ["--instruction", instruction] if judge and instruction else []
+        if a.smoke and not a.judge and instruction:  # the random tiny judge writes no question
             annotator += ["--judge-question", f"Is this a {name} response?"]
         args[name] = [
             *("--model", a.model, "--output-dir", os.path.join(out, name), "--seed", str(a.seed)),
@@ -303,20 +359,22 @@ def main(argv=None):
         run_side_by_side(todo, out)
     elif todo:
         for name, arg in todo.items():
-            print(f"--- {name}: {INSTRUCTIONS[name][0]!r} ---", flush=True)
+            print(f"--- {name}: {arms[name][0]!r} ---", flush=True)
             oaif.main(arg)
     t1 = time.time()
     runs = {name: metrics(arg) for name, arg in args.items()}
     train = {k: [r for r in v if not r.get("eval")] for k, v in runs.items()}
     evals = {k: [r for r in v if r.get("eval")][-1] for k, v in runs.items()}
     print(f"\nmean response tokens per step (cap {a.max_new_tokens})")
-    print(f"{'step':>5} {'detailed':>9} {'concise':>9}")
+    print(f"{'step':>5}" + "".join(f" {name:>10}" for name in arms))
     every = max(1, a.steps // 15)  # about 15 lines
-    for d, c in zip(train["detailed"], train["concise"], strict=True):
-        if d["step"] % every == 0 or d["step"] in (1, a.steps):
-            print(f"{d['step']:>5} {d['response_tokens']:>9.1f} {c['response_tokens']:>9.1f}")
+    for rows in zip(*train.values(), strict=True):
+        if rows[0]["step"] % every == 0 or rows[0]["step"] in (1, a.steps):
+            print(
+                f"{rows[0]['step']:>5}" + "".join(f" {r['response_tokens']:>10.1f}" for r in rows)
+            )
     neutral = neutral_win_rates(args, neutral_judge) if neutral_judge else {}
-    result = table(train, evals, neutral, neutral_judge)
+    result = table(train, evals, neutral, neutral_judge, arms)
     with open(os.path.join(out, "control.md"), "w") as f:
         f.write(result)
     print(f"\n{result}")
@@ -324,7 +382,7 @@ def main(argv=None):
     title = f"{short(a.model.rstrip('/'))}, annotator {short(judge) or 'rules'}, lr {lr}, "
     title += f"{a.steps} steps x {a.batch_size} prompts"
     try:
-        plot(train, evals, neutral, png, title, a.max_new_tokens)
+        plot(train, evals, neutral, png, title, a.max_new_tokens, arms)
         print(f"plot: {png}")
     except ImportError:
         if a.png:

@@ -6,6 +6,13 @@ against the initial policy on held-out prompts. Flags it does not know go to oai
 
     python examples/online_vs_offline.py --tiny      # tiny offline GPT-2, a few minutes on 2 cores
     python examples/online_vs_offline.py --model gpt2 --annotator claude --steps 500 --eval-every 50
+    python examples/online_vs_offline.py --cpu --seed 1    # the real judge, 2 CPU cores (README)
+    python examples/online_vs_offline.py --paper           # the real judge, one GPU
+
+--cpu and --paper: SmolLM2-135M-Instruct trained, Qwen2.5-Coder-1.5B-Instruct as the hf: judge with
+no instruction (the task's "Is this a good response?"), DPO; --cpu 30 steps of 4 prompts, 256 new
+tokens, 32 held-out prompts every 10 steps (sized from measured step times: README); --paper 200
+steps of 16 prompts, 512 new tokens, 64 held-out prompts every 20 steps. A flag given as well wins.
 
 Each invocation writes a new oaif-out/online_vs_offline/run-N (printed); with --out DIR, an arm
 already finished there with the same flags is read, not run again.
@@ -34,6 +41,19 @@ def interval(rate: float, n: int, z: float = 1.96) -> tuple:
     return centre - half, centre + half
 
 
+REAL = dict(
+    model="HuggingFaceTB/SmolLM2-135M-Instruct", annotator="hf:Qwen/Qwen2.5-Coder-1.5B-Instruct"
+)
+PRESETS = {  # what a flag left out means
+    "none": dict(steps=40, eval_every=10, eval_prompts=16, batch_size=8, max_new_tokens=32),
+    "cpu": dict(REAL, steps=30, eval_every=10, eval_prompts=32, batch_size=4, max_new_tokens=256),
+    "paper": dict(
+        REAL, steps=200, eval_every=20, eval_prompts=64, batch_size=16, max_new_tokens=512
+    ),
+}
+PRESETS["none"]["annotator"] = "shorter"
+
+
 def read(path):
     with open(os.path.join(path, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -44,25 +64,30 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description="Online vs offline DAP with the same budget; win rate vs step."
     )
-    p.add_argument("--model", default="", help="hub id or folder (or --tiny)")
+    p.add_argument("--model", default=None, help="hub id or folder (or --tiny)")
     p.add_argument(
         "--tiny", action="store_true", help="build the tests' tiny random GPT-2 offline and use it"
     )
     p.add_argument(
         "--out", default="", help="output folder (default: oaif-out/online_vs_offline/run-N)"
     )
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-prompts", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--cpu", action="store_true", help="the real judge, sized for 2 CPU cores")
+    p.add_argument("--paper", action="store_true", help="the real judge, sized for one GPU")
+    p.add_argument("--steps", type=int, default=None, help="default 40")
+    p.add_argument("--eval-every", type=int, default=None, help="default 10")
+    p.add_argument("--eval-prompts", type=int, default=None, help="default 16")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 32")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 with --tiny, else 1e-5")
     p.add_argument("--loss", default="dpo")
-    p.add_argument("--annotator", default="shorter")
+    p.add_argument("--annotator", default=None, help="default: shorter")
     p.add_argument("--eval-annotator", default="")
     p.add_argument("--prompts", default="")
     p.add_argument("--seed", type=int, default=0)
     a, passthrough = p.parse_known_args(argv)
+    preset = PRESETS["paper" if a.paper else "cpu" if a.cpu else "none"]
+    for k, v in preset.items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     a.model, out, lr = resolve(p, a, "online_vs_offline")
     common = [
         *("--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every)),
