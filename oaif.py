@@ -480,7 +480,8 @@ class LocalJudgeAnnotator:
         self.good = f"Is this a good {NOUNS[task][1].lower()}?"
         self.question = question.strip() or self.instruction and self.write_question() or self.good
         # A quality both questions share (a response cut at the cap reads as worse) cancels.
-        self.questions = re.findall(r"\S[^?]*\?", self.question + "?")[:2]
+        # An opposite the same as the question would cancel everything: dropped.
+        self.questions = list(dict.fromkeys(re.findall(r"\S[^?]*\?", self.question + "?")))[:2]
         # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
         # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
         text = self.ask("", "", "")

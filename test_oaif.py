@@ -1956,6 +1956,10 @@ def test_local_judge_writes_its_question_from_any_wording(
     assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
     given = oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.", question=" Short? ")
     assert given.questions == ["Short?"] and len(seen) == 1
+    # an opposite written the same as the question would make every score 0: dropped
+    reply["written"] = " a detailed response?\nOpposite: Is this a detailed response?"
+    same = oaif.LocalJudgeAnnotator(model, tok, instruction="helpful and detailed")
+    assert same.questions == ["Is this a detailed response?"]
     # nothing written, no "?" on the question's line, no opposite on the next, only an end token:
     # refused, with the way out
     no_opposite = " short?\nInstruction: Be"
