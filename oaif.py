@@ -477,11 +477,16 @@ class LocalJudgeAnnotator:
         # Without a template the judge's input starts as its tokenizer starts a text (Llama: BOS).
         starts = tokenizer("x").input_ids[:1]
         self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
-        self.good = f"Is this a good {NOUNS[task][1].lower()}?"
-        self.question = question.strip() or self.instruction and self.write_question() or self.good
+        good = f"Is this a good {NOUNS[task][1].lower()}?"
+        self.question = question.strip() or self.instruction and self.write_question() or good
         # A quality both questions share (a response cut at the cap reads as worse) cancels.
+        two = re.fullmatch(r"([^?]+\?)\s*([^?]+\?)?", self.question)
+        if not two:
+            raise OAIFError(
+                "--judge-question: a question, or a question and its opposite, each ending ?"
+            )
         # An opposite the same as the question would cancel everything: dropped.
-        self.questions = list(dict.fromkeys(re.findall(r"\S[^?]*\?", self.question + "?")))[:2]
+        self.questions = list(dict.fromkeys(filter(None, two.groups())))
         # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
         # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
         text = self.ask("", "", "")
@@ -600,7 +605,7 @@ class RewardModelAnnotator:
     @torch.inference_mode()
     def __call__(self, prompts: list, first: list, second: list) -> list:
         tok = self.tokenizer
-        chat = self.tokenizer.chat_template
+        chat = tok.chat_template
         texts = []
         for x, y in zip(prompts + prompts, first + second):
             turns = [dict(role="user", content=x), dict(role="assistant", content=y)]
@@ -1042,18 +1047,10 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
             # The judge in bf16 where bf16 is fast, whatever --dtype the policy trains in.
             models[name] = load_model(name, device, dtype=judge_dtype(device))
             models[name][0].requires_grad_(False)
-        judge = LocalJudgeAnnotator(
-            *models[name],
-            task=cfg.task,
-            instruction=cfg.instruction,
-            question=cfg.judge_question,
-        )
+        judge = LocalJudgeAnnotator(*models[name], cfg.task, cfg.instruction, cfg.judge_question)
         if rank_and_world()[0] == 0:
-            opposite = "".join(f" (less its opposite: {q})" for q in judge.questions[1:])
-            print(
-                f"oaif: {spec} asks of each response: {judge.questions[0]}{opposite}",
-                file=sys.stderr,
-            )
+            asked = " Less its opposite: ".join(judge.questions)
+            print(f"oaif: {spec} asks of each response: {asked}", file=sys.stderr)
         return judge
     if spec.startswith("rm:"):
         # Loaded for each use: never the reference.
@@ -1378,6 +1375,10 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         return idle.get(k) or saved.get(k) == config[k]
 
     changed = [k for k in config if k not in FREE_ON_RESUME and not same(k)]
+    # An hf: judge before 7b96f0e took 0.25 x "good?" off its question's score: another judge.
+    hf = [j[:3] for j in (config["annotator"], config["eval_annotator"])]
+    if saved.get("judge_debias") and config["instruction"].strip() and "hf:" in hf:
+        raise OAIFError("--resume: this checkpoint's hf: judge took 'good?' off; start a new run")
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in changed]
     if changed:
         raise OAIFError(

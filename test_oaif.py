@@ -676,7 +676,6 @@ def test_local_judge_is_pointwise_yes_no_log_odds(model_tok, opposite):
     concise, long = "Is this a concise response?", "Is this a long response?"
     judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", "Be brief.", question=concise + opposite)
     assert judge.questions == [concise, long][: 1 + bool(opposite)]
-    assert judge.good == "Is this a good summary?"
     assert oaif.LocalJudgeAnnotator(model, tok, "tldr").questions == ["Is this a good summary?"]
     prompts, a, b = (
         ["Why do we dream?", "Hi"],
@@ -1956,6 +1955,10 @@ def test_local_judge_writes_its_question_from_any_wording(
     assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
     given = oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.", question=" Short? ")
     assert given.questions == ["Short?"] and len(seen) == 1
+    # more than a question and its opposite, or text after them: refused, not split at each "?"
+    for bad in ("Is this concise? Judge only its length.", "Short? Brief? Long?"):
+        with pytest.raises(oaif.OAIFError, match="a question, or a question and its opposite"):
+            oaif.LocalJudgeAnnotator(model, tok, question=bad)
     # an opposite written the same as the question would make every score 0: dropped
     reply["written"] = " a detailed response?\nOpposite: Is this a detailed response?"
     same = oaif.LocalJudgeAnnotator(model, tok, instruction="helpful and detailed")
@@ -1981,7 +1984,7 @@ def test_local_judge_writes_its_question_from_any_wording(
     models = {"device": torch.device("cpu"), "m": (model, tok)}
     assert oaif.make_annotator("hf:m", cfg, models, "").questions == ["Is it short?", "Is it long?"]
     err = capsys.readouterr().err
-    assert "oaif: hf:m asks of each response: Is it short? (less its opposite: Is it long?)" in err
+    assert "oaif: hf:m asks of each response: Is it short? Less its opposite: Is it long?" in err
 
 
 def test_a_sentencepiece_judge_writes_its_question_with_its_spaces(monkeypatch):
@@ -2222,6 +2225,8 @@ def test_online_vs_offline_interval_is_wilsons():
     import online_vs_offline
 
     # Wilson's score interval: (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    with pytest.raises(SystemExit):  # no evaluation: nothing to compare, refused before training
+        online_vs_offline.main(["--tiny", "--eval-every", "0"])
     low, high = online_vs_offline.interval(0.5, 32)
     assert (low, high) == pytest.approx((0.3363, 0.6637), abs=1e-4)
     low, high = online_vs_offline.interval(1.0, 16)
@@ -2244,6 +2249,7 @@ def test_length_control_checks_its_judges_before_training(tiny, tmp_path, monkey
         (["--judge", f"rm:{tiny}"], "use hf:MODEL or claude"),
         # the paper's arms with no judge: no rule is "helpful"
         (["--arms", "paper"], "no rule stands in for --arms paper's 'helpful'"),
+        (["--smoke", "--cpu"], "are presets: give one"),
     ]
     for extra, why in bad:
         with pytest.raises(SystemExit) as e:
@@ -2645,6 +2651,28 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
     config.write_text(json.dumps(saved))
     oaif.main(run_args(tiny, tmp_path / "hf", "--resume", *hf))
     assert [r["step"] for r in read_metrics(tmp_path / "hf")] == [1, 2]
+
+
+def test_resume_refuses_a_checkpoint_of_the_judge_with_the_debias(tiny, tmp_path, capsys):
+    # before 7b96f0e an hf: judge with an instruction took 0.25 x "good?" off its question's score
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import tiny_model
+
+    flags = ["--annotator", f"hf:{tiny}", "--instruction", "Be brief.", "--save-every", "1"]
+    flags += ["--judge-question", "Is this short?"]  # the tiny judge writes none
+    args = run_args(tiny, tmp_path, "--steps", "1", *flags)
+    oaif.main(args)
+    for path in (tmp_path / "checkpoint-1" / "oaif_config.json", tmp_path / "oaif_config.json"):
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), judge_debias=0.25)))
+    assert not tiny_model.finished(args)  # its numbers are another judge's
+    msg = bad_run(run_args(tiny, tmp_path, "--steps", "2", "--resume", *flags), capsys)
+    assert "this checkpoint's hf: judge took 'good?' off" in msg
+    # a debias of 0 (or none saved) is the judge as it is
+    for path in (tmp_path / "checkpoint-1" / "oaif_config.json", tmp_path / "oaif_config.json"):
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), judge_debias=0.0)))
+    assert tiny_model.finished(args)
+    oaif.main(run_args(tiny, tmp_path, "--steps", "2", "--resume", *flags))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
 def test_a_printed_pair_is_one_the_loss_used():

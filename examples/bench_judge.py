@@ -93,9 +93,11 @@ def main():
         for two in (1, 2):
             if name == "now":
                 kw = dict(question=f"{a.question} {a.opposite}" if two == 2 else a.question)
-            else:  # before: the debias asked "good?"; c39a564's wrote its question itself
+            elif "debias" in takes:  # the debias asked "good?"; c39a564's wrote its question itself
                 kw = dict(debias=0.25 * (two - 1))
                 kw.update(dict(question=a.question) if "question" in takes else {})
+            else:  # an oaif with the opposite question
+                kw = dict(question=f"{a.question} {a.opposite}" if two == 2 else a.question)
             judges[name, two] = module.LocalJudgeAnnotator(
                 model, tok, instruction=a.instruction, **kw
             )

@@ -29,6 +29,7 @@ table, markdown), control.png (with matplotlib), ARM.log (--parallel) and a fold
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def neutral_win_rates(args: dict, judge: str) -> dict:
         )
 
     models = {"device": device, cfg.model: (initial, tokenizer)}  # a judge that is --model: shared
-    neutral = dataclasses.replace(cfg, instruction="")
+    neutral = dataclasses.replace(cfg, instruction="", judge_question="")
     annotator = oaif.make_annotator(judge, neutral, models, cfg.annotator_model)
     reference, wins = answers(initial), {}
     for name, arg in args.items():
@@ -207,7 +208,8 @@ def check_judge(parser, flag: str, spec: str, rules: bool) -> None:
 
 
 def mean(rows: list, key: str = "response_tokens") -> float:
-    return sum(r[key] for r in rows) / max(1, len(rows))
+    """The mean of key over rows (nan where a row lacks it: an arm run before oaif logged it)."""
+    return sum(r.get(key, math.nan) for r in rows) / max(1, len(rows))
 
 
 def table(train: dict, evals: dict, neutral: dict, judge: str, arms: dict) -> str:
@@ -324,6 +326,8 @@ def main(argv=None):
     )
     p.add_argument("--png", default="", help="the plot's file (default: OUT/control.png)")
     a, passthrough = p.parse_known_args(argv)
+    if a.paper + a.cpu + a.smoke > 1:
+        p.error("--paper, --cpu and --smoke are presets: give one")
     preset = "paper" if a.paper else "cpu" if a.cpu else "smoke" if a.smoke else "none"
     for k, v in PRESETS[preset].items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))

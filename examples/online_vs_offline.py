@@ -88,6 +88,8 @@ def main(argv=None):
     preset = PRESETS["paper" if a.paper else "cpu" if a.cpu else "none"]
     for k, v in preset.items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    if a.eval_every <= 0:
+        p.error("--eval-every must be > 0: the comparison is the win rate over the steps")
     a.model, out, lr = resolve(p, a, "online_vs_offline")
     common = [
         *("--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every)),
