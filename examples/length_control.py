@@ -69,14 +69,15 @@ PRESETS = {  # what a flag left out means
         judge="hf:Qwen/Qwen2.5-Coder-1.5B-Instruct",
         arms="paper",
     ),
-    # 2 CPU cores, one arm at a time (README: the step times it was sized from).
+    # 2 CPU cores, one arm at a time, about 2 hours in all (README: the step times it was sized
+    # from); lr 3e-5 to move in 12 steps, not yet tried.
     "cpu": dict(
         model="HuggingFaceTB/SmolLM2-135M-Instruct",
-        steps=20,
+        steps=12,
         batch_size=4,
-        max_new_tokens=384,
+        max_new_tokens=256,
         lr=3e-5,
-        eval_prompts=32,
+        eval_prompts=16,
         parallel=False,
         judge="hf:Qwen/Qwen2.5-Coder-1.5B-Instruct",
         arms="paper",
@@ -307,14 +308,14 @@ def main(argv=None):
         help="output folder (default: a new oaif-out/length_control/run-N); an arm finished "
         "there with the same flags is read, not run again",
     )
-    p.add_argument("--steps", type=int, default=None, help="default 60 (--paper 150, --cpu 20)")
+    p.add_argument("--steps", type=int, default=None, help="default 60 (--paper 150, --cpu 12)")
     p.add_argument("--batch-size", type=int, default=None, help="default 8 (--paper 16, --cpu 4)")
     p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default 48 (--paper 512, --cpu 384)"
+        "--max-new-tokens", type=int, default=None, help="default 48 (--paper 512, --cpu 256)"
     )
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 with --tiny, else 1e-5")
     p.add_argument(
-        "--eval-prompts", type=int, default=None, help="default 8 (--paper 64, --cpu 32)"
+        "--eval-prompts", type=int, default=None, help="default 8 (--paper 64, --cpu 16)"
     )
     p.add_argument("--eval-every", type=int, default=0, help="win rate every N steps (0: at end)")
     p.add_argument("--seed", type=int, default=0)

@@ -10,8 +10,9 @@ against the initial policy on held-out prompts. Flags it does not know go to oai
     python examples/online_vs_offline.py --paper           # the real judge, one GPU
 
 --cpu and --paper: SmolLM2-135M-Instruct trained, Qwen2.5-Coder-1.5B-Instruct as the hf: judge with
-no instruction (the task's "Is this a good response?"), DPO; --cpu 30 steps of 4 prompts, 256 new
-tokens, 32 held-out prompts every 10 steps (sized from measured step times: README); --paper 200
+no instruction (the task's "Is this a good response?"), DPO; --cpu 20 steps of 4 prompts, 256 new
+tokens, 32 held-out prompts every 10 steps, both arms about 2 hours (sized from measured step
+times: README); --paper 200
 steps of 16 prompts, 512 new tokens, 64 held-out prompts every 20 steps. A flag given as well wins.
 
 Each invocation writes a new oaif-out/online_vs_offline/run-N (printed); with --out DIR, an arm
@@ -46,7 +47,7 @@ REAL = dict(
 )
 PRESETS = {  # what a flag left out means
     "none": dict(steps=40, eval_every=10, eval_prompts=16, batch_size=8, max_new_tokens=32),
-    "cpu": dict(REAL, steps=30, eval_every=10, eval_prompts=32, batch_size=4, max_new_tokens=256),
+    "cpu": dict(REAL, steps=20, eval_every=10, eval_prompts=32, batch_size=4, max_new_tokens=256),
     "paper": dict(
         REAL, steps=200, eval_every=20, eval_prompts=64, batch_size=16, max_new_tokens=512
     ),
