@@ -2839,7 +2839,9 @@ def test_identical_responses_tie_for_the_model_annotators(model_tok, tiny_rm):
     # identical responses are a tie, whatever the scores
     model, tok = model_tok
     judge = oaif.LocalJudgeAnnotator(model, tok)
-    judge.scores = lambda prompts, responses, questions: torch.arange(len(responses))[:, None] / 10
+    judge.scores = lambda prompts, responses, questions=None: (
+        torch.arange(len(responses))[:, None] / 10
+    )
     assert judge(["x", "y"], ["same", "a"], ["same", "b"]) == [
         0.5,
         pytest.approx(1 / (1 + math.e**0.2)),
