@@ -2168,13 +2168,13 @@ def test_online_vs_offline_reads_its_finished_arms_under_out(tmp_path, monkeypat
 
 
 def test_length_control_smoke_takes_the_paper_code_path(tmp_path, monkeypatch, capsys):
-    """--smoke: --paper's path (two processes, an hf: judge, the neutral judge, the table, the plot)
-    on the tiny model, 2 steps."""
+    """--smoke: --paper's path (a process an arm, an hf: judge, the neutral judge, the table, the
+    plot) on the tiny model, 2 steps; into an --out folder not there yet (each arm's log in it)."""
     import length_control
 
-    monkeypatch.chdir(tmp_path)
-    runs = length_control.main(["--smoke"])
-    out = tmp_path / "oaif-out" / "length_control" / "run-1"
+    out = tmp_path / "new" / "run"
+    runs = length_control.main(["--smoke", "--out", str(out)])
+    assert all((out / f"{arm}.log").is_file() for arm in runs)
     table = (out / "control.md").read_text()
     assert [len([r for r in rows if not r.get("eval")]) for rows in runs.values()] == [2, 2, 2]
     # the paper's three arms, each with its share cut and a 95% interval beside each win rate
@@ -2256,15 +2256,6 @@ def test_length_control_checks_its_judges_before_training(tiny, tmp_path, monkey
             length_control.main(["--model", tiny, *extra])
         assert e.value.code == 2 and why in capsys.readouterr().err
     assert not (tmp_path / "oaif-out").exists()  # refused before any arm trained
-
-
-def test_length_control_parallel_makes_its_out_folder(tiny, tmp_path):
-    import length_control
-
-    out = tmp_path / "new" / "run"  # not there yet: each arm's log goes into it
-    argv = ["--model", tiny, "--parallel", "--out", str(out), "--steps", "1", "--batch-size", "2"]
-    runs = length_control.main(argv + ["--max-new-tokens", "4", "--eval-prompts", "1"])
-    assert [len(rows) for rows in runs.values()] == [2, 2] and (out / "concise.log").is_file()
 
 
 def github_slug(heading: str) -> str:
