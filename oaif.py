@@ -479,7 +479,7 @@ class LocalJudgeAnnotator:
         self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
         good = f"Is this a good {NOUNS[task][1].lower()}?"
         self.question = question.strip() or self.instruction and self.write_question() or good
-        # A quality both questions share (a response cut at the cap reads as worse) cancels.
+        # One question, or a question and its opposite; not split at a "?" inside either.
         two = re.fullmatch(r"([^?]+\?)\s*([^?]+\?)?", self.question)
         if not two:
             raise OAIFError(
@@ -583,6 +583,8 @@ class LocalJudgeAnnotator:
         return out
 
     def __call__(self, prompts: list, first: list, second: list) -> list:
+        # Less the opposite: a quality both questions share (a response cut at the cap reads as
+        # worse, whatever it is asked) cancels, whichever way the instruction points.
         weights = torch.tensor([1.0, -1.0])[: len(self.questions)]
         s = self.scores(prompts + prompts, first + second) @ weights
         p = torch.sigmoid(s[: len(prompts)] - s[len(prompts) :]).tolist()
