@@ -479,7 +479,7 @@ class LocalJudgeAnnotator:
         self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
         good = f"Is this a good {NOUNS[task][1].lower()}?"
         self.question = question.strip() or self.instruction and self.write_question() or good
-        # One question, or a question and its opposite; not split at a "?" inside either.
+        # One question, or a question and its opposite, each ending "?"; anything else is refused.
         two = re.fullmatch(r"([^?]+\?)\s*([^?]+\?)?", self.question)
         if not two:
             raise OAIFError(
