@@ -57,30 +57,32 @@ ARMS = {  # arm: its instruction, and the rule standing in for it (where lengths
         "very_short": ("helpful and very short", "shorter"),
     },
 }
+# The paper's arms, SmolLM2-135M-Instruct trained, Qwen2.5-Coder-1.5B-Instruct judging.
+REAL = dict(
+    model="HuggingFaceTB/SmolLM2-135M-Instruct",
+    judge="hf:Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    arms="paper",
+)
 PRESETS = {  # what a flag left out means
     "paper": dict(
-        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        REAL,
         steps=150,
         batch_size=16,
         max_new_tokens=512,
         lr=1e-5,
         eval_prompts=64,
         parallel=True,
-        judge="hf:Qwen/Qwen2.5-Coder-1.5B-Instruct",
-        arms="paper",
     ),
     # 2 CPU cores, one arm at a time, about 2 hours in all (README: the step times it was sized
     # from); lr 3e-5 to move in 12 steps, not yet tried.
     "cpu": dict(
-        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        REAL,
         steps=12,
         batch_size=4,
         max_new_tokens=256,
         lr=3e-5,
         eval_prompts=16,
         parallel=False,
-        judge="hf:Qwen/Qwen2.5-Coder-1.5B-Instruct",
-        arms="paper",
     ),
     "smoke": dict(
         steps=2, batch_size=2, max_new_tokens=8, eval_prompts=2, parallel=True, arms="paper"
@@ -313,7 +315,9 @@ def main(argv=None):
     p.add_argument(
         "--max-new-tokens", type=int, default=None, help="default 48 (--paper 512, --cpu 256)"
     )
-    p.add_argument("--lr", type=float, default=None, help="default: 3e-3 with --tiny, else 1e-5")
+    p.add_argument(
+        "--lr", type=float, default=None, help="default: 3e-3 with --tiny, --cpu 3e-5, else 1e-5"
+    )
     p.add_argument(
         "--eval-prompts", type=int, default=None, help="default 8 (--paper 64, --cpu 16)"
     )
