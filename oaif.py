@@ -100,6 +100,7 @@ def oaif_step(
     # DDP averages gradients over ranks: world / (usable pairs on all ranks) makes the global mean.
     n_used = wiring.total(n=out["counts"]["pairs"])["n"]
     loss = losses.sum() * wiring.world / max(n_used, 1)
+    # 5) One AdamW step; with no usable pair on any rank there is nothing to learn from.
     grad_norm, skipped = update(loss, optimizer, cfg.max_grad_norm, wiring) if n_used else (0.0, 0)
     return dict(
         out,
@@ -480,7 +481,8 @@ class LocalJudgeAnnotator:
         good = f"Is this a good {NOUNS[task][1].lower()}?"
         self.question = question.strip() or self.instruction and self.write_question() or good
         # One question, or a question and its opposite, each ending "?"; anything else is refused.
-        two = re.fullmatch(r"([^?]+\?)\s*([^?]+\?)?", self.question)
+        # A "?" with no space after it stays inside its question ('Does it ask "Why?" at the end?').
+        two = re.fullmatch(r"([^?]+(?:\?\S[^?]*)*\?)\s*([^?]+(?:\?\S[^?]*)*\?)?", self.question)
         if not two:
             raise OAIFError(
                 "--judge-question: a question, or a question and its opposite, each ending ?"
@@ -1214,8 +1216,15 @@ def step_slice(items: list, step: int, batch_size: int, rank: int = 0, world: in
 
 def check_numbers(cfg: Config) -> None:
     """Every number in range before anything loads: one clear line, not a traceback later."""
-    positive = {"steps", "batch_size", "max_new_tokens", "annotator_workers", "max_grad_norm"}
-    positive |= {"beta"} | ({"eval_prompts"} if cfg.eval_every > 0 else set())
+    positive = {
+        "steps",
+        "batch_size",
+        "max_new_tokens",
+        "annotator_workers",
+        "max_grad_norm",
+        "beta",
+    }
+    positive |= {"eval_prompts"} if cfg.eval_every > 0 else set()
     positive |= {"lora_alpha"} if cfg.lora_rank else set()
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
@@ -1378,8 +1387,8 @@ def check_output_dir(cfg: Config, config: dict) -> None:
 
     changed = [k for k in config if k not in FREE_ON_RESUME and not same(k)]
     # An hf: judge before 7b96f0e took 0.25 x "good?" off its question's score: another judge.
-    hf = [j[:3] for j in (config["annotator"], config["eval_annotator"])]
-    if saved.get("judge_debias") and config["instruction"].strip() and "hf:" in hf:
+    hf = any(j.startswith("hf:") for j in (config["annotator"], config["eval_annotator"]))
+    if saved.get("judge_debias") and config["instruction"].strip() and hf:
         raise OAIFError("--resume: this checkpoint's hf: judge took 'good?' off; start a new run")
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in changed]
     if changed:
@@ -1516,21 +1525,23 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             # A last line cut short by a crash has no newline, and is past the checkpoint anyway.
-            kept = [x for x in f if x.strip() and x[-1] == "\n"]
-            kept = [x for x in kept if json.loads(x)["step"] <= state["step"]]
+            rows = [json.loads(x) for x in f if x.strip() and x[-1] == "\n"]
+        # The steps up to the checkpoint and the evaluations a straight run makes: not the extra one
+        # that ended the run, which a straight run past it never wrote.
+        kept = [
+            r
+            for r in rows
+            if r["step"] <= state["step"] and not (r.get("eval") and r["step"] % cfg.eval_every)
+        ]
         # Every rank has read it before rank 0 writes it again.
         barrier()
         if rank == 0:
             with open(metrics_path, "w") as f:
-                f.writelines(kept)
+                f.writelines(json.dumps(r) + "\n" for r in kept)
     return (
         state["step"],
-        # The evaluations a straight run makes, on rank 0: not the extra one that ended a run.
-        [
-            r
-            for r in map(json.loads, kept)
-            if not r.get("eval") or rank == 0 and r["step"] % cfg.eval_every == 0
-        ],
+        # The evaluations on rank 0 alone, as in a straight run.
+        [r for r in kept if rank == 0 or not r.get("eval")],
         open(metrics_path, "a") if rank == 0 else None,
     )
 
@@ -1891,8 +1902,14 @@ def report(record: dict, log, bar, sample_every=0, prompts=(), out=None) -> None
         return
     # The signal is the length and the KL: on fresh pairs every step the loss stays near log 2.
     # A dict, not keywords: tqdm sorts keywords, and the length comes first.
-    shown = dict(len=f"{record['response_tokens']:.1f} tokens", kl=f"{record['kl']:.2f} nats")
-    bar.set_postfix(dict(shown, loss=f"{record['loss']:.3f}", pairs=record["pairs"]))
+    bar.set_postfix(
+        dict(
+            len=f"{record['response_tokens']:.1f} tokens",
+            kl=f"{record['kl']:.2f} nats",
+            loss=f"{record['loss']:.3f}",
+            pairs=record["pairs"],
+        )
+    )
     if record["nonfinite"]:
         bar.write(f"step {step}: the loss or gradient is not finite (inf or nan): update skipped")
     elif not record["updated"]:
@@ -1931,8 +1948,10 @@ def usage(s: dict, annotator) -> str:
     )
     # Claude's model is a name with a price; a local judge's is a module, priced at nothing.
     price = PRICE_PER_MTOK.get(str(getattr(annotator, "model", "")))
-    cost = price and (s["input_tokens"] * price[0] + s["output_tokens"] * price[1]) / 1e6
-    return line + (f", about ${cost:.2f}" if price else "")
+    if price:
+        cost = (s["input_tokens"] * price[0] + s["output_tokens"] * price[1]) / 1e6
+        line += f", about ${cost:.2f}"
+    return line
 
 
 def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, annotator, judge):

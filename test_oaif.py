@@ -919,10 +919,11 @@ def test_resume_is_exact(tiny, tmp_path):
         return oaif.train(oaif.parse_args(args), annotator=CountingShorter())
 
     whole = run(tmp_path / "straight", "--steps", "4")
-    run(tmp_path / "resumed", "--steps", "2", "--save-every", "2")
-    assert os.path.isfile(tmp_path / "resumed" / "checkpoint-2" / "trainer_state.pt")
+    # ends at step 3, off the evaluation's cycle: its closing evaluation is not a straight run's
+    run(tmp_path / "resumed", "--steps", "3", "--save-every", "3")
+    assert os.path.isfile(tmp_path / "resumed" / "checkpoint-3" / "trainer_state.pt")
     # a checkpoint cut off mid-write: must be ignored
-    os.makedirs(tmp_path / "resumed" / "checkpoint-3")
+    os.makedirs(tmp_path / "resumed" / "checkpoint-5")
     out = run(tmp_path / "resumed", "--steps", "4", "--resume")
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -930,11 +931,18 @@ def test_resume_is_exact(tiny, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     straight = [r for r in read_metrics(tmp_path / "straight") if not r.get("eval")]
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight]
+    evals = [
+        [r["step"] for r in read_metrics(tmp_path / d) if r.get("eval")]
+        for d in ("straight", "resumed")
+    ]
+    assert evals == [[2, 4], [2, 4]]
     pairs = [r["pairs"] for r in rows]
-    assert out["summary"]["pairs"] == sum(pairs) > sum(pairs[2:])
-    # the annotator's counts (and cost): the whole run, evals too
-    for k in ("annotator_requests", "input_tokens"):
-        assert out["summary"][k] == whole["summary"][k] > sum(r[k] for r in rows) > 0
+    assert out["summary"]["pairs"] == sum(pairs) > sum(pairs[3:])
+    # the annotator's counts (and cost): the whole run, evals too, and the first run's closing
+    # evaluation (4 held-out pairs): asked and paid for, though a straight run makes none at step 3
+    n, tokens = "annotator_requests", "input_tokens"
+    assert out["summary"][n] == whole["summary"][n] + 4 > sum(r[n] for r in rows) + 4
+    assert out["summary"][tokens] > whole["summary"][tokens] > sum(r[tokens] for r in rows) > 0
 
 
 def test_keep_checkpoints_and_incomplete_ones_ignored(tiny, tmp_path):
@@ -1955,6 +1963,9 @@ def test_local_judge_writes_its_question_from_any_wording(
     assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
     given = oaif.LocalJudgeAnnotator(model, tok, instruction="Be concise.", question=" Short? ")
     assert given.questions == ["Short?"] and len(seen) == 1
+    # a "?" with no space after it is inside its question, not the end of one
+    quoted = 'Does it end by asking "Anything else?" of the user?'
+    assert oaif.LocalJudgeAnnotator(model, tok, question=quoted).questions == [quoted]
     # more than a question and its opposite, or text after them: refused, not split at each "?"
     for bad in ("Is this concise? Judge only its length.", "Short? Brief? Long?"):
         with pytest.raises(oaif.OAIFError, match="a question, or a question and its opposite"):
@@ -2250,6 +2261,8 @@ def test_length_control_checks_its_judges_before_training(tiny, tmp_path, monkey
         # the paper's arms with no judge: no rule is "helpful"
         (["--arms", "paper"], "no rule stands in for --arms paper's 'helpful'"),
         (["--smoke", "--cpu"], "are presets: give one"),
+        # one question for every arm would undo their instructions
+        (["--judge-question=Is this short?"], "would ask every arm one question"),
     ]
     for extra, why in bad:
         with pytest.raises(SystemExit) as e:

@@ -48,8 +48,15 @@ REAL = dict(
 PRESETS = {  # what a flag left out means
     "none": dict(steps=40, eval_every=10, eval_prompts=16, batch_size=8, max_new_tokens=32),
     "cpu": dict(REAL, steps=20, eval_every=10, eval_prompts=32, batch_size=4, max_new_tokens=256),
+    # 64 held out and 16 a step: the 40 built-in prompts and 120 more.
     "paper": dict(
-        REAL, steps=200, eval_every=20, eval_prompts=64, batch_size=16, max_new_tokens=512
+        REAL,
+        steps=200,
+        eval_every=20,
+        eval_prompts=64,
+        batch_size=16,
+        max_new_tokens=512,
+        prompts=os.path.join(HERE, "paper_prompts.txt"),
     ),
 }
 PRESETS["none"]["annotator"] = "shorter"
@@ -83,12 +90,13 @@ def main(argv=None):
     p.add_argument("--loss", default="dpo")
     p.add_argument("--annotator", default=None, help="default: shorter")
     p.add_argument("--eval-annotator", default="")
-    p.add_argument("--prompts", default="")
+    p.add_argument("--prompts", default=None, help="default: oaif's (--paper: paper_prompts.txt)")
     p.add_argument("--seed", type=int, default=0)
     a, passthrough = p.parse_known_args(argv)
     preset = PRESETS["paper" if a.paper else "cpu" if a.cpu else "none"]
     for k, v in preset.items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    a.prompts = a.prompts or ""
     if a.eval_every <= 0:
         p.error("--eval-every must be > 0: the comparison is the win rate over the steps")
     a.model, out, lr = resolve(p, a, "online_vs_offline")
