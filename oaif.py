@@ -1216,15 +1216,8 @@ def step_slice(items: list, step: int, batch_size: int, rank: int = 0, world: in
 
 def check_numbers(cfg: Config) -> None:
     """Every number in range before anything loads: one clear line, not a traceback later."""
-    positive = {
-        "steps",
-        "batch_size",
-        "max_new_tokens",
-        "annotator_workers",
-        "max_grad_norm",
-        "beta",
-    }
-    positive |= {"eval_prompts"} if cfg.eval_every > 0 else set()
+    positive = {"steps", "batch_size", "max_new_tokens", "annotator_workers", "max_grad_norm"}
+    positive |= {"beta"} | ({"eval_prompts"} if cfg.eval_every > 0 else set())
     positive |= {"lora_alpha"} if cfg.lora_rank else set()
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
@@ -1525,23 +1518,22 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             # A last line cut short by a crash has no newline, and is past the checkpoint anyway.
-            rows = [json.loads(x) for x in f if x.strip() and x[-1] == "\n"]
-        # The steps up to the checkpoint and the evaluations a straight run makes: not the extra one
-        # that ended the run, which a straight run past it never wrote.
-        kept = [
-            r
-            for r in rows
-            if r["step"] <= state["step"] and not (r.get("eval") and r["step"] % cfg.eval_every)
-        ]
+            kept = [x for x in f if x.strip() and x[-1] == "\n"]
+            kept = [x for x in kept if json.loads(x)["step"] <= state["step"]]
         # Every rank has read it before rank 0 writes it again.
         barrier()
         if rank == 0:
             with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.writelines(kept)
     return (
         state["step"],
-        # The evaluations on rank 0 alone, as in a straight run.
-        [r for r in kept if rank == 0 or not r.get("eval")],
+        # The evaluations a straight run makes, on rank 0: not the extra one that ended a run (the
+        # file keeps it: an evaluation made is a record, not to be lost).
+        [
+            r
+            for r in map(json.loads, kept)
+            if not r.get("eval") or rank == 0 and r["step"] % cfg.eval_every == 0
+        ],
         open(metrics_path, "a") if rank == 0 else None,
     )
 

@@ -62,10 +62,13 @@ PRESETS = {  # what a flag left out means
 PRESETS["none"]["annotator"] = "shorter"
 
 
-def read(path):
+def read(path, every, steps):
+    """An arm's (training steps, evaluations): those every `every` steps and at the end; a resumed
+    arm's file also holds the evaluation that ended its first run, which the other arm lacks."""
     with open(os.path.join(path, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [r for r in rows if not r.get("eval")], [r for r in rows if r.get("eval")]
+    evals = [r for r in rows if r.get("eval") and (r["step"] % every == 0 or r["step"] == steps)]
+    return [r for r in rows if not r.get("eval")], evals
 
 
 def main(argv=None):
@@ -115,7 +118,7 @@ def main(argv=None):
         else:
             print(f"--- {arm} ---", flush=True)
             oaif.main(arg)
-        arms[arm] = read(os.path.join(out, arm))
+        arms[arm] = read(os.path.join(out, arm), a.eval_every, a.steps)
     print(
         f"\nwin rate against the initial policy ({a.eval_prompts} held-out prompts, judge: "
         f"{a.eval_annotator or a.annotator}), and the mean length (characters) of the evaluated "
