@@ -94,8 +94,10 @@ PRESETS = {  # what a flag left out means
 # The judge's p sits near 1/2; bf16 on a GPU (a CPU without bf16 units runs it 4x slower).
 # --paper holds out 64 prompts and trains on 16 a step: the 40 built-in ones and 120 more.
 PRESET_OAIF = {
-    "paper": ["--dtype", "bfloat16", "--min-confidence", "0.01"]
-    + ["--prompts", os.path.join(HERE, "paper_prompts.txt")],
+    "paper": [
+        *("--dtype", "bfloat16", "--min-confidence", "0.01"),
+        *("--prompts", os.path.join(HERE, "paper_prompts.txt")),
+    ],
     "smoke": ["--dtype", "bfloat16", "--min-confidence", "0.01"],
     "cpu": ["--min-confidence", "0.01"],
     "none": [],
