@@ -478,6 +478,14 @@ class LocalJudgeAnnotator:
         # Without a template the judge's input starts as its tokenizer starts a text (Llama: BOS).
         starts = tokenizer("x").input_ids[:1]
         self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
+        # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
+        # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
+        text = self.ask("", "", "")
+        n = len(tokenizer(text, add_special_tokens=False).input_ids)
+        after = [tokenizer(text + self.reply(w), add_special_tokens=False) for w in ("Yes", "No")]
+        self.words = [enc.input_ids[n] for enc in after]
+        if self.words[0] == self.words[1]:
+            raise OAIFError("the judge's Yes and No begin with one token: every score would be 0")
         good = f"Is this a good {NOUNS[task][1].lower()}?"
         self.question = question.strip() or self.instruction and self.write_question() or good
         # One question, or a question and its opposite, each ending "?"; anything else is refused.
@@ -489,14 +497,6 @@ class LocalJudgeAnnotator:
             )
         # An opposite the same as the question would cancel everything: dropped.
         self.questions = list(dict.fromkeys(filter(None, two.groups())))
-        # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
-        # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
-        text = self.ask("", "", "")
-        n = len(tokenizer(text, add_special_tokens=False).input_ids)
-        after = [tokenizer(text + self.reply(w), add_special_tokens=False) for w in ("Yes", "No")]
-        self.words = [enc.input_ids[n] for enc in after]
-        if self.words[0] == self.words[1]:
-            raise OAIFError("the judge's Yes and No begin with one token: every score would be 0")
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
 
     @torch.inference_mode()
@@ -518,7 +518,24 @@ class LocalJudgeAnnotator:
         )
         if not written:
             raise OAIFError("the judge wrote no question from --instruction: give --judge-question")
-        return f"Is this{written[1]} {written[2]}"
+        # A small judge can write the two lines swapped ("Is this short?" from "Prefer longer
+        # responses."): the line it says the instruction's author wants a Yes to goes first.
+        lines = [f"Is this{written[1]}", written[2]]
+        return " ".join(sorted(lines, key=self.wanted, reverse=True))
+
+    def wanted(self, question: str) -> float:
+        """log P("Yes") - log P("No") that the instruction's author wants Yes to `question`."""
+        text = (
+            f'Someone wants responses that follow this instruction: "{self.instruction}"\n'
+            f'Would they want the answer Yes to the question "{question}" about a response? '
+            "Answer Yes or No."
+        )
+        text = user_turn(self.tokenizer, text) if self.chat else text + "\nAnswer:\n"
+        ids = self.bos + self.tokenizer(text, add_special_tokens=False).input_ids
+        yes, no = self.model(torch.tensor([ids], device=self.model.device)).logits[
+            0, -1, self.words
+        ]
+        return float(yes - no)
 
     def reply(self, word: str) -> str:
         """`word` as the chat template writes a reply (Llama-2: " Yes"); bare if <think> first."""
