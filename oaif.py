@@ -90,10 +90,10 @@ def oaif_step(
     # TRL's IPO (--average-logps) scores the mean log-prob per response token, not the sum.
     n = batch["response_tokens"].clamp(min=1) if cfg.average_logps else 1
     lp, ref_lp = logps / n, ref_logps / n
-    chosen = torch.where(first_wins, lp[0::2], lp[1::2])
-    rejected = torch.where(first_wins, lp[1::2], lp[0::2])
-    ref_chosen = torch.where(first_wins, ref_lp[0::2], ref_lp[1::2])
-    ref_rejected = torch.where(first_wins, ref_lp[1::2], ref_lp[0::2])
+    # Each pair's y+ row: 2i where the first response won, else 2i + 1; y- is the other row.
+    is_chosen = torch.stack([first_wins, ~first_wins], 1).flatten()
+    chosen, rejected = lp[is_chosen], lp[~is_chosen]
+    ref_chosen, ref_rejected = ref_lp[is_chosen], ref_lp[~is_chosen]
     beta = DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta
     label_p = torch.maximum(p, 1 - p) if cfg.labels == "soft" else 1.0
     losses = LOSSES[cfg.loss](chosen, rejected, ref_chosen, ref_rejected, beta, label_p) * usable
@@ -290,7 +290,8 @@ def shorter(prompts: list, first: list, second: list) -> list:
 
 def longer(prompts: list, first: list, second: list) -> list:
     """A rule, no model: the response with more characters is better; equal lengths are a tie."""
-    return [0.5 if len(a) == len(b) else float(len(a) > len(b)) for a, b in zip(first, second)]
+    # The shorter rule's verdict on the pair swapped: P(second is shorter) = P(first is longer).
+    return shorter(prompts, second, first)
 
 
 # After the paper's annotator prompts (RLAIF's "detailed 0-shot"): preamble, pair, verdict last.
@@ -606,9 +607,7 @@ class LocalJudgeAnnotator:
         # worse, whatever it is asked) cancels, whichever way the instruction points.
         weights = torch.tensor([1.0, -1.0])[: len(self.questions)]
         s = self.scores(prompts + prompts, first + second) @ weights
-        p = torch.sigmoid(s[: len(prompts)] - s[len(prompts) :]).tolist()
-        # One text batched two ways scores apart by rounding (bf16: 0.03): identical ones tie.
-        return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
+        return sigmoid_of_difference(first, second, s)
 
 
 class RewardModelAnnotator:
@@ -642,8 +641,14 @@ class RewardModelAnnotator:
         r = self.model(**enc.to(self.model.device)).logits[:, 0].float()  # (2B,)
         self.stats["annotator_requests"] += len(texts)
         self.stats["input_tokens"] += int(enc.attention_mask.sum())
-        p = torch.sigmoid(r[: len(prompts)] - r[len(prompts) :]).tolist()
-        return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
+        return sigmoid_of_difference(first, second, r)
+
+
+def sigmoid_of_difference(first: list, second: list, scores) -> list:
+    """P(first is better) = sigmoid(s1 - s2), from the (2B,) scores of first + second."""
+    p = torch.sigmoid(scores[: len(first)] - scores[len(first) :]).tolist()
+    # One text batched two ways scores apart by rounding (bf16: 0.03): identical ones tie.
+    return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1271,7 +1276,7 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     # --resume without --output-dir: the newest run (refused below if it has no checkpoint).
     if cfg.resume and not cfg.output_dir:
-        last = run_numbers("oaif-out")[-1:]
+        last = numbered("oaif-out", "run-")[-1:]
         out = os.path.join("oaif-out", f"run-{last[0]}") if last else "oaif-out"
         cfg = dataclasses.replace(cfg, output_dir=out)
         if rank == 0:
@@ -1312,10 +1317,10 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
         raise OAIFError("--fsdp shards across ranks: launch with torchrun --nproc_per_node N")
     if world > 1 and cfg.batch_size % world:
         raise OAIFError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
     if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # Each rank samples its own responses.
     for seed in (random.seed, np.random.seed, torch.manual_seed):
@@ -1331,10 +1336,10 @@ def digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def run_numbers(root: str) -> list:
-    """N of each ROOT/run-N folder, in order."""
+def numbered(root: str, prefix: str) -> list:
+    """N of each ROOT/PREFIXN (run-N, checkpoint-N), in order."""
     names = os.listdir(root) if os.path.isdir(root) else []
-    return sorted(int(n[4:]) for n in names if re.fullmatch(r"run-\d+", n))
+    return sorted(int(n[len(prefix) :]) for n in names if re.fullmatch(prefix + r"\d+", n))
 
 
 def new_run_folder(root: str) -> str:
@@ -1342,7 +1347,7 @@ def new_run_folder(root: str) -> str:
     together never share one) and announced; every rank gets its name."""
     rank, world = rank_and_world()
     while rank == 0:
-        path = os.path.join(root, f"run-{max(run_numbers(root), default=0) + 1}")
+        path = os.path.join(root, f"run-{max(numbered(root, 'run-'), default=0) + 1}")
         with contextlib.suppress(FileExistsError):
             os.makedirs(path)
             print(f"oaif: output: {path}", file=sys.stderr)
@@ -1474,17 +1479,15 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
         )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        # --keep-checkpoints 0 keeps them all: [:-0] is empty.
         for old in complete_checkpoints(cfg.output_dir)[: -cfg.keep_checkpoints]:
-            if cfg.keep_checkpoints > 0:
-                shutil.rmtree(old)
+            shutil.rmtree(old)
     barrier()
 
 
 def complete_checkpoints(out_dir: str) -> list:
     """The complete checkpoint folders of out_dir, oldest first."""
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    steps = sorted(int(n[11:]) for n in names if re.fullmatch(r"checkpoint-\d+", n))
-    paths = [os.path.join(out_dir, f"checkpoint-{step}") for step in steps]
+    paths = [os.path.join(out_dir, f"checkpoint-{n}") for n in numbered(out_dir, "checkpoint-")]
     return [p for p in paths if os.path.isfile(os.path.join(p, "trainer_state.pt"))]
 
 
@@ -1686,11 +1689,11 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
             "lower --max-new-tokens"
         )
     ref_model.requires_grad_(False)
-    if not cfg.lora_rank and resume_from:
-        policy = load_model(resume_from, device)[0]
-        return policy, ref_model, tokenizer, policy, contextlib.nullcontext
     if not cfg.lora_rank:
-        policy = copy.deepcopy(ref_model).requires_grad_(True)
+        if resume_from:
+            policy = load_model(resume_from, device)[0]
+        else:
+            policy = copy.deepcopy(ref_model).requires_grad_(True)
         return policy, ref_model, tokenizer, policy, contextlib.nullcontext
     try:
         import peft

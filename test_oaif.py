@@ -1948,6 +1948,8 @@ def test_local_judge_writes_its_question_from_any_wording(
         return tok(reply["written"], return_tensors="pt").input_ids
 
     monkeypatch.setattr(oaif, "sample_tokens", sample_tokens)
+    # the tiny judge's direction check says nothing: the lines stay in the order written
+    monkeypatch.setattr(oaif.LocalJudgeAnnotator, "wanted", lambda self, q: 0.0)
     judge = oaif.LocalJudgeAnnotator(model, tok, instruction="  Be\n concise. ")
     assert judge.questions == question and judge.instruction == "Be\n concise."
     assert seen == [(oaif.QUESTION_SHOTS + "Be concise.\nQuestion: Is this", 48, 0)]
@@ -2001,13 +2003,42 @@ def test_a_sentencepiece_judge_writes_its_question_with_its_spaces(monkeypatch):
     corpus = [*oaif.DEFAULT_PROMPTS, "A line.\nOpposite: Is this?"] * 2
     sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300))
     tok = PreTrainedTokenizerFast(tokenizer_object=sp)
-    written = tok(" a short response?\nOpposite: Is this a long one?", add_special_tokens=False)
-    written = written.input_ids
+    text = " a short response?\nOpposite: Is this a long one?"
+    written = tok(text, add_special_tokens=False).input_ids
     assert tok.decode(written).startswith("a short")  # alone: no space
     monkeypatch.setattr(oaif, "sample_tokens", lambda *a: torch.tensor([written]))
+    monkeypatch.setattr(oaif.LocalJudgeAnnotator, "wanted", lambda self, q: 0.0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2))
     judge = oaif.LocalJudgeAnnotator(model.eval(), tok, instruction="Keep it brief.")
     assert judge.questions == ["Is this a short response?", "Is this a long one?"]
+
+
+def test_local_judge_puts_first_the_written_line_the_instruction_wants(model_tok, monkeypatch):
+    # a small judge can write its two lines swapped ("Is this short?" from "Prefer longer
+    # responses."): it is asked which of the two the instruction's author wants a Yes to
+    model, tok = model_tok
+    text = " a short response?\nOpposite: Is this a long response?"
+    monkeypatch.setattr(oaif, "sample_tokens", lambda *a: tok(text, return_tensors="pt").input_ids)
+    wants = {"Is this a short response?": -2.0, "Is this a long response?": 1.5}
+    with monkeypatch.context() as m:
+        m.setattr(oaif.LocalJudgeAnnotator, "wanted", lambda self, q: wants[q])
+        judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer longer responses.")
+        assert judge.questions == ["Is this a long response?", "Is this a short response?"]
+        wants["Is this a short response?"] = 1.5  # a tie: the order written
+        judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer longer responses.")
+        assert judge.questions == ["Is this a short response?", "Is this a long response?"]
+    # wanted: log P(Yes) - log P(No) at the end of one reading of the instruction and the line,
+    # the answer tokens the judge's scores read
+    read = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, **kw: read.append(ids) or forward(ids, **kw))
+    got = [judge.wanted(q) for q in wants]
+    for ids, q, s in zip(read, wants, got):
+        seen = tok.decode(ids[0])
+        assert "Prefer longer responses." in seen and f'"{q}"' in seen
+        logp = forward(ids).logits[0, -1].float().log_softmax(-1)
+        assert s == pytest.approx(float(logp[judge.words[0]] - logp[judge.words[1]]), abs=1e-5)
+    assert got[0] != got[1]
 
 
 def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
