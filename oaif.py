@@ -81,6 +81,9 @@ def oaif_step(
         waited = time.perf_counter()
         probs, out["annotate_s"] = judged.result() if judged else (pairs["probs"], 0.0)
     out["annotate_wait_s"] = time.perf_counter() - waited
+    # One verdict per pair, else every label after a missing one would name the wrong responses.
+    if len(probs) != len(prompts):
+        raise OAIFError(f"the annotator gave {len(probs)} verdicts for {len(prompts)} pairs")
     # 4) Rows 2i, 2i + 1 hold prompt i's pair: its verdict names the chosen (y+), the rejected (y-).
     # A pair triage drops (a tie, no verdict, a hedge) weighs 0; max(p, 1 - p) is P(y+ is better).
     used, out["counts"] = triage(probs, cfg.min_confidence)
@@ -533,9 +536,8 @@ class LocalJudgeAnnotator:
         )
         text = user_turn(self.tokenizer, text) if self.chat else text + "\nAnswer:\n"
         ids = self.bos + self.tokenizer(text, add_special_tokens=False).input_ids
-        yes, no = self.model(torch.tensor([ids], device=self.model.device)).logits[
-            0, -1, self.words
-        ]
+        logits = self.model(torch.tensor([ids], device=self.model.device)).logits
+        yes, no = logits[0, -1, self.words]
         return float(yes - no)
 
     def reply(self, word: str) -> str:
@@ -986,9 +988,9 @@ def parse_args(argv: Optional[list] = None) -> Config:
     helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
     about = """Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it
     trains. An hf: judge turns --instruction, in any words, into its own yes/no question about one
-    response and the opposite question, and prints them first (--judge-question sets them);
-    check that they agree with what you mean on your policy's own pairs:
-    examples/judge_check.py --wordings (README)."""
+    response and the opposite question, puts first the one it says the instruction wants, and prints
+    them first (--judge-question sets them); check that they agree with what you mean on your
+    policy's own pairs: examples/judge_check.py --wordings (README)."""
     parser = argparse.ArgumentParser(description=about)
     kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
     for f in dataclasses.fields(Config):

@@ -1286,6 +1286,13 @@ def test_bf16_run_samples_the_reference_side_from_the_float32_initial_model(tiny
 # Labels, guards and log-probs that are the model's own (issue 11)
 
 
+def test_an_annotator_that_skips_a_pair_is_refused(tiny, tmp_path):
+    # one verdict for four pairs once trained every pair on it (a custom annotator's slip)
+    cfg = oaif.parse_args(run_args(tiny, tmp_path / "short", "--steps", "1"))
+    with pytest.raises(oaif.OAIFError, match="the annotator gave 1 verdicts for 4 pairs"):
+        oaif.train(cfg, annotator=lambda prompts, first, second: [1.0])
+
+
 def test_hedging_judge_trains_nothing_and_soft_labels_train(tiny, tmp_path):
     def hedge(p, a, b):  # a coin flip dressed as a verdict
         return [0.505] * len(a)
@@ -2039,6 +2046,23 @@ def test_local_judge_puts_first_the_written_line_the_instruction_wants(model_tok
         logp = forward(ids).logits[0, -1].float().log_softmax(-1)
         assert s == pytest.approx(float(logp[judge.words[0]] - logp[judge.words[1]]), abs=1e-5)
     assert got[0] != got[1]
+
+
+def test_judge_check_builds_every_mode_it_measured(model_tok):
+    # examples/judge_check.py's older modes override ask(), which the judge reads before its
+    # question is set (for the answer tokens): each mode must still build and judge a pair
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import judge_check
+
+    model, tok = model_tok
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    for name, mode in judge_check.MODES.items():
+        kw = dict(question="Is this short? Is this long?") if name == "pointwise" else {}
+        judge = mode(model, tok, instruction="Prefer the more concise response.", **kw)
+        assert judge.question and judge.words[0] != judge.words[1], name
 
 
 def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(

@@ -130,6 +130,7 @@ class Legacy(oaif.LocalJudgeAnnotator):
 
     def __init__(self, *args, **kw):
         question = old_question(kw.get("task", "helpful"), kw.get("instruction", ""))
+        self.question = question  # LocalJudgeAnnotator.__init__ reads ask() before it sets it
         super().__init__(*args, **kw, question=question)
 
     def ask(self, prompt, response, question):
