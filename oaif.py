@@ -94,6 +94,7 @@ def oaif_step(
     n = batch["response_tokens"].clamp(min=1) if cfg.average_logps else 1
     lp, ref_lp = logps / n, ref_logps / n
     # Each pair's y+ row: 2i where the first response won, else 2i + 1; y- is the other row.
+    # (2B,) mask, True on each pair's y+ row; indexing keeps pair order, so chosen[i] is pair i's.
     is_chosen = torch.stack([first_wins, ~first_wins], 1).flatten()
     chosen, rejected = lp[is_chosen], lp[~is_chosen]
     ref_chosen, ref_rejected = ref_lp[is_chosen], ref_lp[~is_chosen]
