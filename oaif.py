@@ -485,6 +485,7 @@ class LocalJudgeAnnotator:
         self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
         # The tokens the judge would write next, as its chat template writes a reply: Llama-2's
         # "[/INST] Yes" is "▁Yes", but after "assistant\n" a SentencePiece tokenizer writes "Yes".
+        # Found before the question: writing one asks the judge yes/no questions too (wanted).
         text = self.ask("", "", "")
         n = len(tokenizer(text, add_special_tokens=False).input_ids)
         after = [tokenizer(text + self.reply(w), add_special_tokens=False) for w in ("Yes", "No")]
