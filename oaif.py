@@ -1242,8 +1242,15 @@ def step_slice(items: list, step: int, batch_size: int, rank: int = 0, world: in
 
 def check_numbers(cfg: Config) -> None:
     """Every number in range before anything loads: one clear line, not a traceback later."""
-    positive = {"steps", "batch_size", "max_new_tokens", "annotator_workers", "max_grad_norm"}
-    positive |= {"beta"} | ({"eval_prompts"} if cfg.eval_every > 0 else set())
+    positive = {
+        "steps",
+        "batch_size",
+        "max_new_tokens",
+        "annotator_workers",
+        "max_grad_norm",
+        "beta",
+    }
+    positive |= {"eval_prompts"} if cfg.eval_every > 0 else set()
     positive |= {"lora_alpha"} if cfg.lora_rank else set()
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
