@@ -503,6 +503,16 @@ class LocalJudgeAnnotator:
             )
         # An opposite the same as the question would cancel everything: dropped.
         self.questions = list(dict.fromkeys(filter(None, two.groups())))
+        self.weights = [1.0, -1.0][: len(self.questions)]
+        # A small judge reads a response cut at the cap as less thorough, however long it is: with
+        # its own question it also asks "long?" less "short?", weighted by how much more the
+        # instruction's author wants Yes to the first (about 0 where length is not the point).
+        if self.instruction and not question.strip():
+            long = f"Is this a long {NOUNS[task][1].lower()}?"
+            short = f"Is this a short {NOUNS[task][1].lower()}?"
+            w = self.wanted(long) - self.wanted(short)
+            self.questions += [long, short]
+            self.weights += [w, -w]
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
 
     @torch.inference_mode()
@@ -529,6 +539,7 @@ class LocalJudgeAnnotator:
         lines = [f"Is this{written[1]}", written[2]]
         return " ".join(sorted(lines, key=self.wanted, reverse=True))
 
+    @torch.inference_mode()
     def wanted(self, question: str) -> float:
         """log P("Yes") - log P("No") that the instruction's author wants Yes to `question`."""
         text = (
@@ -609,8 +620,7 @@ class LocalJudgeAnnotator:
     def __call__(self, prompts: list, first: list, second: list) -> list:
         # Less the opposite: a quality both questions share (a response cut at the cap reads as
         # worse, whatever it is asked) cancels, whichever way the instruction points.
-        weights = torch.tensor([1.0, -1.0])[: len(self.questions)]
-        s = self.scores(prompts + prompts, first + second) @ weights
+        s = self.scores(prompts + prompts, first + second) @ torch.tensor(self.weights)
         return sigmoid_of_difference(first, second, s)
 
 
@@ -1079,7 +1089,7 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
             models[name][0].requires_grad_(False)
         judge = LocalJudgeAnnotator(*models[name], cfg.task, cfg.instruction, cfg.judge_question)
         if rank_and_world()[0] == 0:
-            asked = " Less its opposite: ".join(judge.questions)
+            asked = " ".join(f"{w:+.2f} x {q}" for w, q in zip(judge.weights, judge.questions))
             print(f"oaif: {spec} asks of each response: {asked}", file=sys.stderr)
         return judge
     if spec.startswith("rm:"):
@@ -1100,7 +1110,8 @@ def make_annotators(cfg: Config, config: dict, custom, ref_model, tokenizer) -> 
     annotator = custom or make_annotator(config["annotator"], cfg, models, cfg.annotator_model)
     stats = getattr(annotator, "stats", {})
     if hasattr(annotator, "stats"):
-        stats.update({k: stats.get(k, 0) for k in HEALTH})
+        for k in HEALTH:
+            stats.setdefault(k, 0)
     # The same judge for the evaluation: the one object (an hf: judge writes its question once).
     same = cfg.eval_annotator == config["annotator"] and not cfg.eval_annotator_model
     if not cfg.eval_annotator or same:
@@ -1250,8 +1261,10 @@ def check_numbers(cfg: Config) -> None:
         "max_grad_norm",
         "beta",
     }
-    positive |= {"eval_prompts"} if cfg.eval_every > 0 else set()
-    positive |= {"lora_alpha"} if cfg.lora_rank else set()
+    if cfg.eval_every > 0:
+        positive.add("eval_prompts")
+    if cfg.lora_rank:
+        positive.add("lora_alpha")
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
         if f.type not in (int, float, Optional[float]) or v is None:
@@ -1326,9 +1339,11 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
         raise OAIFError("--device cuda: torch.cuda.is_available() is False here; use cpu or auto")
     if cfg.fsdp and world == 1:
         raise OAIFError("--fsdp shards across ranks: launch with torchrun --nproc_per_node N")
-    if world > 1 and cfg.batch_size % world:
-        raise OAIFError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
     if world > 1:
+        if cfg.batch_size % world:
+            raise OAIFError(
+                f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks"
+            )
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
@@ -1391,9 +1406,10 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         return
     # None complete, or an older oaif's (its optimizer state keyed by number).
     last = (complete_checkpoints(out) or [os.devnull])[-1]
-    if not os.path.isfile(os.path.join(last, "oaif_config.json")):
+    saved_config = os.path.join(last, "oaif_config.json")
+    if not os.path.isfile(saved_config):
         raise OAIFError(f"--resume: no complete checkpoint of this oaif in {out}; start a new run")
-    with open(os.path.join(last, "oaif_config.json")) as f:
+    with open(saved_config) as f:
         saved = {"judge_question": "", **json.load(f)}  # older oaifs had none
 
     def same(k):
@@ -1411,12 +1427,15 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         )
         return idle.get(k) or saved.get(k) == config[k]
 
-    changed = [k for k in config if k not in FREE_ON_RESUME and not same(k)]
     # An hf: judge before 7b96f0e took 0.25 x "good?" off its question's score: another judge.
     hf = any(j.startswith("hf:") for j in (config["annotator"], config["eval_annotator"]))
     if saved.get("judge_debias") and config["instruction"].strip() and hf:
         raise OAIFError("--resume: this checkpoint's hf: judge took 'good?' off; start a new run")
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in changed]
+    changed = [
+        f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}"
+        for k in config
+        if k not in FREE_ON_RESUME and not same(k)
+    ]
     if changed:
         raise OAIFError(
             f"--resume with other flags than the checkpoint's: {', '.join(changed)}; resume with "
@@ -1601,8 +1620,11 @@ class _Scorer(torch.nn.Module):
         super().__init__()
         self.model = model
         # peft builds LoRA dropout in training mode: off but in a loss pass (resume samples first).
-        dropouts = [m for n, m in model.named_modules() if "lora_dropout" in n]
-        self.dropouts = [m.eval() for m in dropouts if isinstance(m, torch.nn.Dropout)]
+        self.dropouts = [
+            m.eval()
+            for n, m in model.named_modules()
+            if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)
+        ]
 
     def forward(self, fn: Callable, *args):
         # LoRA dropout acts in the loss pass only: the samples and the reference stay exact.
@@ -1759,7 +1781,8 @@ def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator
     1/2 and pairs without a verdict are left out, ties decided as in training."""
     used, counts = triage(annotator(prompts, policy_texts, reference_texts), 0.0)
     wins = sum(p is not None and p > 0.5 for p in used)
-    losses = sum(p is not None and p < 0.5 for p in used)
+    # A verdict triage keeps is never 1/2 (it calls that a tie): the rest are losses.
+    losses = counts["pairs"] - wins
     ties = counts["ties"]
     n = wins + ties + losses
     rate = dict(
@@ -1800,9 +1823,12 @@ def reference_side(cfg, initial, tokenizer, train_prompts, eval_prompts, annotat
         last = complete_checkpoints(cfg.output_dir)[-1]
         fixed = torch.load(os.path.join(last, "offline_pairs.pt"))
     elif cfg.offline:
-        box = [[]]
-        if rank == 0:
-            box = [label_offline_set(cfg, initial, tokenizer, train_prompts, annotator)]
+        # Labelled on rank 0 alone, then sent to the others.
+        box = [
+            label_offline_set(cfg, initial, tokenizer, train_prompts, annotator)
+            if rank == 0
+            else None
+        ]
         if world > 1:
             torch.distributed.broadcast_object_list(box, 0)
         fixed = box[0]
@@ -1904,8 +1930,8 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
 def judge_health(s: dict) -> dict:
     """position_bias, order_agreement, judge_confidence from HEALTH sums; absent where undefined."""
     health = {}
-    n = s.get("order_pairs", 0)
-    m = s.get("verdicts", 0)
+    n = s.get("order_pairs")
+    m = s.get("verdicts")
     if n:
         health.update(position_bias=s["first_sum"] / n, order_agreement=s["order_agree"] / n)
     if m:
@@ -1955,9 +1981,9 @@ def moved(history: list) -> dict:
     (the first and last evaluations; [] without any)."""
     steps = [r for r in history if not r.get("eval")]
     k = max(1, min(5, len(steps) // 2))
-    ends = (steps[:k], steps[-k:])
     out = {
-        key: [sum(r[key] for r in rows) / k for rows in ends] for key in ("response_tokens", "kl")
+        key: [sum(r[key] for r in rows) / k for rows in (steps[:k], steps[-k:])]
+        for key in ("response_tokens", "kl")
     }
     wins = [r["win_rate"] for r in history if r.get("eval")]
     return dict(out, k=k, win_rate=wins[:1] + wins[-1:])
@@ -2056,8 +2082,9 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         begin = time.perf_counter()
         stats0 = dict(stats)
         # A linear warm-up: a function of the step, so there is nothing to checkpoint.
+        lr = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
+            group["lr"] = lr
         prompts = step_slice(train_prompts, step, cfg.batch_size, rank, world)
         pairs = None
         if fixed is not None:
@@ -2069,7 +2096,6 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
             )
         except FloatingPointError as e:
             raise diverged(step, str(e), cfg) from None
-        lr = optimizer.param_groups[0]["lr"]
         record = step_record(step, out, cfg, wiring, stats, stats0, lr, time.perf_counter() - begin)
         if record["updated"] and wiring.total(bad=not finite_weights(policy))["bad"]:
             raise diverged(step, "the policy's weights are no longer finite (inf or nan)", cfg)

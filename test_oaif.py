@@ -1958,7 +1958,7 @@ def test_local_judge_writes_its_question_from_any_wording(
     # the tiny judge's direction check says nothing: the lines stay in the order written
     monkeypatch.setattr(oaif.LocalJudgeAnnotator, "wanted", lambda self, q: 0.0)
     judge = oaif.LocalJudgeAnnotator(model, tok, instruction="  Be\n concise. ")
-    assert judge.questions == question and judge.instruction == "Be\n concise."
+    assert judge.questions[:-2] == question and judge.instruction == "Be\n concise."
     assert seen == [(oaif.QUESTION_SHOTS + "Be concise.\nQuestion: Is this", 48, 0)]
     # none: the task's quality, not written; --judge-question: as given, not written
     assert oaif.LocalJudgeAnnotator(model, tok, "tldr").question == "Is this a good summary?"
@@ -1974,7 +1974,7 @@ def test_local_judge_writes_its_question_from_any_wording(
     # an opposite written the same as the question would make every score 0: dropped
     reply["written"] = " a detailed response?\nOpposite: Is this a detailed response?"
     same = oaif.LocalJudgeAnnotator(model, tok, instruction="helpful and detailed")
-    assert same.questions == ["Is this a detailed response?"]
+    assert same.questions[:-2] == ["Is this a detailed response?"] and same.weights[0] == 1
     # nothing written, no "?" on the question's line, no opposite on the next, only an end token:
     # refused, with the way out
     no_opposite = " short?\nInstruction: Be"
@@ -1996,7 +1996,7 @@ def test_local_judge_writes_its_question_from_any_wording(
     models = {"device": torch.device("cpu"), "m": (model, tok)}
     assert oaif.make_annotator("hf:m", cfg, models, "").questions == ["Is it short?", "Is it long?"]
     err = capsys.readouterr().err
-    assert "oaif: hf:m asks of each response: Is it short? Less its opposite: Is it long?" in err
+    assert "oaif: hf:m asks of each response: +1.00 x Is it short? -1.00 x Is it long?" in err
 
 
 def test_a_sentencepiece_judge_writes_its_question_with_its_spaces(monkeypatch):
@@ -2017,7 +2017,7 @@ def test_a_sentencepiece_judge_writes_its_question_with_its_spaces(monkeypatch):
     monkeypatch.setattr(oaif.LocalJudgeAnnotator, "wanted", lambda self, q: 0.0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2))
     judge = oaif.LocalJudgeAnnotator(model.eval(), tok, instruction="Keep it brief.")
-    assert judge.questions == ["Is this a short response?", "Is this a long one?"]
+    assert judge.questions[:-2] == ["Is this a short response?", "Is this a long one?"]
 
 
 def test_local_judge_puts_first_the_written_line_the_instruction_wants(model_tok, monkeypatch):
@@ -2030,10 +2030,10 @@ def test_local_judge_puts_first_the_written_line_the_instruction_wants(model_tok
     with monkeypatch.context() as m:
         m.setattr(oaif.LocalJudgeAnnotator, "wanted", lambda self, q: wants[q])
         judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer longer responses.")
-        assert judge.questions == ["Is this a long response?", "Is this a short response?"]
+        assert judge.questions[:2] == ["Is this a long response?", "Is this a short response?"]
         wants["Is this a short response?"] = 1.5  # a tie: the order written
         judge = oaif.LocalJudgeAnnotator(model, tok, instruction="Prefer longer responses.")
-        assert judge.questions == ["Is this a short response?", "Is this a long response?"]
+        assert judge.questions[:2] == ["Is this a short response?", "Is this a long response?"]
     # wanted: log P(Yes) - log P(No) at the end of one reading of the instruction and the line,
     # the answer tokens the judge's scores read
     read = []
@@ -2043,9 +2043,45 @@ def test_local_judge_puts_first_the_written_line_the_instruction_wants(model_tok
     for ids, q, s in zip(read, wants, got):
         seen = tok.decode(ids[0])
         assert "Prefer longer responses." in seen and f'"{q}"' in seen
-        logp = forward(ids).logits[0, -1].float().log_softmax(-1)
+        logp = forward(ids.clone()).logits[0, -1].float().log_softmax(-1)  # read in inference_mode
         assert s == pytest.approx(float(logp[judge.words[0]] - logp[judge.words[1]]), abs=1e-5)
     assert got[0] != got[1]
+
+
+def test_local_judge_with_its_own_question_adds_long_less_short_as_the_instruction_wants(
+    model_tok, monkeypatch, capsys
+):
+    # a small judge reads a response cut at the cap as less thorough, however long: with its own
+    # question it also asks "long?" less "short?", weighted by how much more the instruction's
+    # author wants Yes to "long?" than to "short?" (wanted, the judge's own check)
+    model, tok = model_tok
+    text = " a detailed summary?\nOpposite: Is this a brief summary?"
+    monkeypatch.setattr(oaif, "sample_tokens", lambda *a: tok(text, return_tensors="pt").input_ids)
+    asked = ["Is this a detailed summary?", "Is this a brief summary?"]
+    asked += ["Is this a long summary?", "Is this a short summary?"]
+    wants = dict(zip(asked, [1.0, -1.0, 0.5, -0.75]))
+    monkeypatch.setattr(oaif.LocalJudgeAnnotator, "wanted", lambda self, q: wants[q])
+    judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", "More detail, please.")
+    assert judge.questions == asked and judge.weights == [1.0, -1.0, 1.25, -1.25]
+    prompts, a, b = ["Why?", "Hi"], ["Because it is so.", "Hello"], ["No.", "Hey there, you"]
+    # each question's log-odds as test_local_judge_is_pointwise_yes_no_log_odds checks them
+    s = [
+        sum(w * float(judge.scores([p], [r], [q])[0, 0]) for w, q in zip(judge.weights, asked))
+        for p, r in zip(prompts + prompts, a + b)
+    ]
+    expected = [1 / (1 + math.exp(s[i + 2] - s[i])) for i in range(2)]
+    assert judge(prompts, a, b) == pytest.approx(expected, abs=1e-5)
+    assert judge(prompts, b, a) == pytest.approx([1 - p for p in expected], abs=1e-5)
+    # its run's first line says so
+    cfg = oaif.Config(task="tldr", instruction="More detail, please.")
+    models = {"device": torch.device("cpu"), "m": (model, tok)}
+    oaif.make_annotator("hf:m", cfg, models, "")
+    line = " ".join(f"{w:+.2f} x {q}" for w, q in zip([1, -1, 1.25, -1.25], asked))
+    assert f"oaif: hf:m asks of each response: {line}\n" in capsys.readouterr().err
+    # a question given (--judge-question), or no instruction: asked as given, nothing added
+    given = oaif.LocalJudgeAnnotator(model, tok, "tldr", "More detail, please.", question="Long?")
+    assert given.questions == ["Long?"] and given.weights == [1.0]
+    assert oaif.LocalJudgeAnnotator(model, tok, "tldr").weights == [1.0]
 
 
 def test_judge_check_builds_every_mode_it_measured(model_tok):

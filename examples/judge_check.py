@@ -814,7 +814,8 @@ def on_policy_wordings(a, pairs, models):
     t = time.perf_counter()
     judges = [build(a, models, w) for _, _, w in rows]
     for (d, split, w), j in zip(rows, judges):
-        print(f"  {split:7s} {d:7s} {w!r} -> {j.questions}", flush=True)
+        asked = " ".join(f"{x:+.2f} x {q}" for x, q in zip(j.weights, j.questions))
+        print(f"  {split:7s} {d:7s} {w!r} -> {asked}", flush=True)
     asked = time.perf_counter() - t
     questions = list(dict.fromkeys(q for j in judges for q in j.questions))
     n = len(pairs)
@@ -828,20 +829,33 @@ def on_policy_wordings(a, pairs, models):
         f"questions written in {asked:.0f} s ({asked / len(rows):.1f} s each); {2 * n} responses "
         f"x {len(questions)} questions read in {seconds:.0f} s ({seconds / n:.1f} s a pair)"
     )
-    print("| split | direction | wording | the judge's question | agreement | one cut | none cut |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| split | direction | wording | the judge's question / its opposite | long? weight "
+        "| agreement | one cut | none cut |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     results = []
     for (d, split, w), j in zip(rows, judges):
-        s = sum(S[:, questions.index(q)] * x for q, x in zip(j.questions, (1, -1)))
+        s = sum(S[:, questions.index(q)] * x for q, x in zip(j.questions, j.weights))
         p_a = torch.sigmoid(s[:n] - s[n:]).tolist()
         agree = [(p > 0.5) == ((x < y) == (d == "shorter")) for p, (x, y) in zip(p_a, written)]
         k = sum(agree)
         print(
-            f"| {split} | {d} | {w} | {' / '.join(j.questions)} | **{k}/{n}** ({k / n:.0%}) | "
+            f"| {split} | {d} | {w} | {' / '.join(j.questions[:-2])} | {j.weights[-2]:+.2f} | "
+            f"**{k}/{n}** ({k / n:.0%}) | "
             f"{fraction(agree, subsets[1])} | {fraction(agree, subsets[0])} |",
             flush=True,
         )
-        results.append(dict(split=split, direction=d, wording=w, questions=j.questions, agree=k))
+        results.append(
+            dict(
+                split=split,
+                direction=d,
+                wording=w,
+                questions=j.questions,
+                weights=j.weights,
+                agree=k,
+            )
+        )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(
