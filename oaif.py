@@ -469,7 +469,8 @@ class LocalJudgeAnnotator:
     two responses ignore the instruction; asked about one, they follow it): each response alone gets
     s = log P("Yes") - log P("No") to a question, less that to its opposite where there is one.
     `question`: one question, or a question and its opposite ("Is this short? Is this long?"); by
-    default the judge's own pair, written from the instruction; none: "Is this a good response?".
+    default the judge's own pair, written from the instruction, plus w x ("long?" less "short?"),
+    w how much more the instruction wants the first; none: "Is this a good response?".
     P(first is better) = sigmoid(s1 - s2). Never an order bias. Each response is read once: its
     questions continue from its KV cache."""
 
@@ -967,6 +968,7 @@ FREE_ON_RESUME = {
     "fsdp",
     "eval_annotator",
     "eval_annotator_model",
+    "judge_weighs_length",
 }
 # Counters summed over steps and ranks: an LLM judge's health (as ANNOTATOR_STATS), the totals.
 HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
@@ -1000,9 +1002,12 @@ def parse_args(argv: Optional[list] = None) -> Config:
     helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
     about = """Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it
     trains. An hf: judge turns --instruction, in any words, into its own yes/no question about one
-    response and the opposite question, puts first the one it says the instruction wants, and prints
-    them first (--judge-question sets them); check that they agree with what you mean on your
-    policy's own pairs: examples/judge_check.py --wordings (README)."""
+    response and the opposite question, puts first the one it says the instruction wants, adds
+    "long?" less "short?" weighted by how much more the instruction wants long answers (about 0
+    where length is not the point), and prints them all first (--judge-question sets them, and
+    adds nothing). Checked on 20 wordings asking for shorter or longer answers (examples/README.md,
+    "Any wording"); check a new one on your policy's own pairs: examples/judge_check.py
+    --wordings."""
     parser = argparse.ArgumentParser(description=about)
     kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
     for f in dataclasses.fields(Config):
@@ -1326,6 +1331,7 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
         annotator=spec,
         prompts_sha256=digest(cfg.prompts),
         offline_data_sha256=digest(cfg.offline_data),
+        judge_weighs_length=True,
     )
     if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
         raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
@@ -1427,10 +1433,11 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         )
         return idle.get(k) or saved.get(k) == config[k]
 
-    # An hf: judge before 7b96f0e took 0.25 x "good?" off its question's score: another judge.
+    # An hf: judge before df3cb60 added no "long?" less "short?" to its own question (and before
+    # 7b96f0e took 0.25 x "good?" off its score): another judge. Its configs have no such key.
     hf = any(j.startswith("hf:") for j in (config["annotator"], config["eval_annotator"]))
-    if saved.get("judge_debias") and config["instruction"].strip() and hf:
-        raise OAIFError("--resume: this checkpoint's hf: judge took 'good?' off; start a new run")
+    if not saved.get("judge_weighs_length") and config["instruction"].strip() and hf:
+        raise OAIFError("--resume: this checkpoint's hf: judge asked otherwise; start a new run")
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}"
         for k in config

@@ -2084,7 +2084,7 @@ def test_local_judge_with_its_own_question_adds_long_less_short_as_the_instructi
     assert oaif.LocalJudgeAnnotator(model, tok, "tldr").weights == [1.0]
 
 
-def test_judge_check_builds_every_mode_it_measured(model_tok):
+def test_judge_check_builds_every_mode_it_measured(model_tok, monkeypatch, capsys):
     # examples/judge_check.py's older modes override ask(), which the judge reads before its
     # question is set (for the answer tokens): each mode must still build and judge a pair
     sys.path.insert(0, os.path.join(HERE, "examples"))
@@ -2099,6 +2099,13 @@ def test_judge_check_builds_every_mode_it_measured(model_tok):
         kw = dict(question="Is this short? Is this long?") if name == "pointwise" else {}
         judge = mode(model, tok, instruction="Prefer the more concise response.", **kw)
         assert judge.question and judge.words[0] != judge.words[1], name
+    # --wordings measures each wording's own questions, weighted: refused where there are none
+    for more in (["--question", "Is this short?"], ["--mode", "noshots"]):
+        argv = ["judge_check.py", "--judge", "x", "--wordings", "w.json", *more]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit:
+            judge_check.main()
+        assert exit.value.code == 2 and "pointwise, without --question" in capsys.readouterr().err
 
 
 def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
@@ -2747,8 +2754,9 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
     assert [r["step"] for r in read_metrics(tmp_path / "hf")] == [1, 2]
 
 
-def test_resume_refuses_a_checkpoint_of_the_judge_with_the_debias(tiny, tmp_path, capsys):
-    # before 7b96f0e an hf: judge with an instruction took 0.25 x "good?" off its question's score
+def test_resume_refuses_a_checkpoint_of_an_older_judge(tiny, tmp_path, capsys):
+    # before df3cb60 an hf: judge with an instruction added no "long?" less "short?" to its own
+    # question (before 7b96f0e it took 0.25 x "good?" off): its configs lack judge_weighs_length
     sys.path.insert(0, os.path.join(HERE, "examples"))
     import tiny_model
 
@@ -2756,17 +2764,31 @@ def test_resume_refuses_a_checkpoint_of_the_judge_with_the_debias(tiny, tmp_path
     flags += ["--judge-question", "Is this short?"]  # the tiny judge writes none
     args = run_args(tiny, tmp_path, "--steps", "1", *flags)
     oaif.main(args)
-    for path in (tmp_path / "checkpoint-1" / "oaif_config.json", tmp_path / "oaif_config.json"):
-        path.write_text(json.dumps(dict(json.loads(path.read_text()), judge_debias=0.25)))
-    assert not tiny_model.finished(args)  # its numbers are another judge's
-    msg = bad_run(run_args(tiny, tmp_path, "--steps", "2", "--resume", *flags), capsys)
-    assert "this checkpoint's hf: judge took 'good?' off" in msg
-    # a debias of 0 (or none saved) is the judge as it is
-    for path in (tmp_path / "checkpoint-1" / "oaif_config.json", tmp_path / "oaif_config.json"):
-        path.write_text(json.dumps(dict(json.loads(path.read_text()), judge_debias=0.0)))
+    paths = (tmp_path / "checkpoint-1" / "oaif_config.json", tmp_path / "oaif_config.json")
+    saved = json.loads(paths[0].read_text())
+    assert saved["judge_weighs_length"] is True
+    for older in (dict(judge_debias=0.25), {}):
+        old = {k: v for k, v in saved.items() if k != "judge_weighs_length"}
+        for path in paths:
+            path.write_text(json.dumps(dict(old, **older)))
+        assert not tiny_model.finished(args)  # its numbers are another judge's
+        msg = bad_run(run_args(tiny, tmp_path, "--steps", "2", "--resume", *flags), capsys)
+        assert "this checkpoint's hf: judge asked otherwise; start a new run" in msg
+    # the judge as it is: finished, and resumed
+    for path in paths:
+        path.write_text(json.dumps(saved))
     assert tiny_model.finished(args)
     oaif.main(run_args(tiny, tmp_path, "--steps", "2", "--resume", *flags))
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    # a rule annotator's older checkpoint (no instruction, no judge) resumes as before
+    rule = run_args(tiny, tmp_path / "rule", "--steps", "1", "--save-every", "1")
+    oaif.main(rule)
+    path = tmp_path / "rule" / "checkpoint-1" / "oaif_config.json"
+    cfg = json.loads(path.read_text())
+    del cfg["judge_weighs_length"]
+    path.write_text(json.dumps(cfg))
+    oaif.main(run_args(tiny, tmp_path / "rule", "--steps", "2", "--resume"))
+    assert [r["step"] for r in read_metrics(tmp_path / "rule")] == [1, 2]
 
 
 def test_a_printed_pair_is_one_the_loss_used():

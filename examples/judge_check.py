@@ -747,7 +747,7 @@ def on_policy(a, pairs, models, dtype):
         if type(judge).__call__ is oaif.LocalJudgeAnnotator.__call__:  # pointwise: keep the scores
             both = prompts + prompts, [r["a"] for r in pairs] + [r["b"] for r in pairs]
             S = judge.scores(*both)
-            s = (S @ torch.tensor([1.0, -1.0])[: S.shape[1]]).tolist()
+            s = (S @ torch.tensor(judge.weights)).tolist()
             p_a = torch.sigmoid(torch.tensor(s[:n]) - torch.tensor(s[n:])).tolist()
         else:
             s, p_a = None, judge(prompts, [r["a"] for r in pairs], [r["b"] for r in pairs])
@@ -947,6 +947,8 @@ def main():
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--out", default="", help="append one JSON line per instruction here")
     a = p.parse_args()
+    if a.wordings and (a.question or a.mode != "pointwise"):
+        p.error("--wordings measures the judge's own questions: pointwise, without --question")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if a.policy and not a.pairs_in:
         pairs = sample_policy_pairs(a)

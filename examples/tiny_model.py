@@ -114,9 +114,10 @@ def finished(argv: list) -> bool:
             with open(cfg[k], "rb") as f:
                 cfg[f"{k}_sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
     free = ("sample_every", "resume", "overwrite")  # they do not change what the run learns
-    # An hf: judge before 7b96f0e took 0.25 x "good?" off its question's score: another judge.
+    # An hf: judge before df3cb60 added no "long?" less "short?" to its own question (and before
+    # 7b96f0e took 0.25 x "good?" off its score): another judge. Its configs have no such key.
     hf = [j[:3] for j in (cfg["annotator"], cfg["eval_annotator"])]
-    if saved.get("judge_debias") and cfg["instruction"].strip() and "hf:" in hf:
+    if not saved.get("judge_weighs_length") and cfg["instruction"].strip() and "hf:" in hf:
         return False
     return all(saved.get(k) == v for k, v in cfg.items() if k not in free)
 
