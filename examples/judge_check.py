@@ -814,8 +814,8 @@ def on_policy_wordings(a, pairs, models):
     t = time.perf_counter()
     judges = [build(a, models, w) for _, _, w in rows]
     for (d, split, w), j in zip(rows, judges):
-        asked = " ".join(f"{x:+.2f} x {q}" for x, q in zip(j.weights, j.questions))
-        print(f"  {split:7s} {d:7s} {w!r} -> {asked}", flush=True)
+        line = " ".join(f"{x:+.2f} x {q}" for x, q in zip(j.weights, j.questions))
+        print(f"  {split:7s} {d:7s} {w!r} -> {line}", flush=True)
     asked = time.perf_counter() - t
     questions = list(dict.fromkeys(q for j in judges for q in j.questions))
     n = len(pairs)
