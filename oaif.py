@@ -6,8 +6,9 @@ The losses: DPO arXiv 2305.18290, IPO 2310.12036, SLiC-HF 2305.10425 (its hinge 
 
 Algorithm 1 is `oaif_step`, the first function of Part 1: 1) sample two responses per
 prompt from the *current* policy (`sample_pairs`); 2) the annotator says which is better
-(`both_orders`, `ClaudeAnnotator`, `LocalJudgeAnnotator`); 3) the policy's and the frozen initial
-model's log-probs (`sequence_logprobs`); 4) a DPO, IPO or SLiC step. Part 2 runs it for real.
+(`both_orders`, `ClaudeAnnotator`; offline, Part 2's `LocalJudgeAnnotator`); 3) the policy's
+and the frozen initial model's log-probs (`sequence_logprobs`); 4) a DPO, IPO or SLiC step.
+Part 2 runs it for real.
 Online is the point: the labels are about the policy's own current samples, where offline DPO's
 pairs come from another model and go stale as the policy moves away from it.
 
@@ -264,7 +265,8 @@ def response_mask_after_eos(response_ids, eos_ids: list) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # 2) Annotators: annotator(prompts, first, second) -> for each pair, P(first is better) in [0, 1],
 # or None for no verdict. oaif_step (triage) drops and counts None, 1/2 (a tie) and hedges near
-# 1/2. The rules and Claude first; then a local LLM judge and a reward model, which need no key.
+# 1/2. The rules and Claude here; a local LLM judge and a reward model, which need no key, are
+# further down, beside the code that loads them.
 
 # What an annotator counts in its `stats`, where it keeps any.
 ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
@@ -407,6 +409,423 @@ class ClaudeAnnotator:
         p = both_orders(self.judge, prompts, first, second, self.stats)
         return [0.5 if x == y else v for x, y, v in zip(first, second, p)]
 
+
+# --------------------------------------------------------------------------------------------------
+# 3) Log-probabilities: sequence_logprobs, then fused_logprobs, its log_softmax without the
+# [tokens, vocab] logits
+
+
+def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
+    """log pi(y | x): (B,) float32, the sum of log p(token | prefix) over each row's response
+    tokens, through the model's body and fused_logprobs (any HF causal LM with a plain LM head).
+    All three (B, T), the prompt left-padded, the response right-padded: attention_mask is 1 on
+    real tokens, response_mask on the tokens to score (a response's EOS included)."""
+    assert input_ids.shape == attention_mask.shape == response_mask.shape
+    head = model.get_output_embeddings()
+    if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
+        raise OAIFError(
+            f"{type(model).__name__}: its LM head has a bias or a logit soft-cap, not a plain one"
+        )
+    # Left padding: positions come from the mask, not the column.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.base_model(
+        input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    # Under bf16 autocast the body may hand back float32; the head's matmuls run in bf16 too.
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    # Position t predicts token t + 1.
+    labels = input_ids[:, 1:].masked_fill(~response_mask[:, 1:].bool(), -100)
+    # The plain form holds the (B, T - 1, V) logits, 5 GB for 8 pairs (16 rows) of 512 tokens at
+    # Qwen2.5's V = 151936 in float32, and as much again for their gradient:
+    #   logits = (hidden[:, :-1] @ head.weight.T).float() / head_temperature(model.config)
+    #   logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    #   logps = logps.masked_fill(labels == -100, 0.0)
+    # fused_logprobs is its drop-in: the same numbers, chunk by chunk, never all the logits.
+    logps = fused_logprobs(hidden[:, :-1], head.weight, labels, head_temperature(model.config))
+    return logps.sum(-1)
+
+
+def head_temperature(config) -> float:
+    """What a model divides its logits by: Granite's logits_scaling, 1 / Cohere's logit_scale."""
+    scaling, scale = getattr(config, "logits_scaling", None), getattr(config, "logit_scale", None)
+    return (scaling or 1.0) / (scale or 1.0)
+
+
+def fused_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None) -> torch.Tensor:
+    """Per-token log_softmax(hidden @ weight.T / temperature)[label], exactly, never holding the
+    (tokens, vocab) logits: chunks of chunk_size rows (None: default_chunk_size), the logsumexp
+    kept per row, each chunk's softmax computed again in the backward. hidden: (..., H), float32,
+    bf16 or fp16 (the matmuls run in it); weight: (V, H), the LM head (it gets its gradient too);
+    labels: (...) int64, -100 = ignore. Returns (...) float32, 0 where ignored."""
+    assert hidden.shape[:-1] == labels.shape, f"hidden {hidden.shape} vs labels {labels.shape}"
+    assert weight.dim() == 2 and weight.shape[1] == hidden.shape[-1], "weight must be (V, H)"
+    h2, l2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    chunk_size = chunk_size or default_chunk_size(max(1, len(h2)), len(weight), hidden.device)
+    # The dtypes are chosen here, not by an autocast around the call.
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = _FusedLogprobs.apply(h2, weight, l2, float(temperature), int(chunk_size))
+    return out.reshape(labels.shape)
+
+
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: as many as fit one chunk of float32 logits in a memory budget (a 16th of
+    free GPU memory up to 256 MiB; 64 MiB on CPU), but never fewer than a fast matmul needs."""
+    cuda = device.type == "cuda"
+    budget = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20) if cuda else 64 << 20
+    rows = budget // (4 * vocab) // 128 * 128
+    return max(1, min(n_rows, max(rows, 2048 if cuda else 256)))
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    """log_softmax(h @ W.T / T).gather(labels), chunk by chunk: the chunks only save memory.
+    In float32 a chunk's logits are (V, C), worked on in place; in bf16 and fp16 they are (C, V),
+    for PyTorch's fused softmax kernels (float32 inside)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size):
+        rows, h, head = _labelled_rows(hidden, weight, labels, temperature)
+        lab = labels[rows]
+        V = weight.shape[0]
+        # Per row: the answer, and the logsumexp (float32's backward keeps it; bf16's recomputes).
+        logp, lse = torch.empty(2, len(rows), dtype=torch.float32, device=h.device)
+        for s in range(0, len(rows), chunk_size):
+            c = slice(s, s + chunk_size)
+            if h.dtype == torch.float32:
+                # (V, C), the only large buffer: w @ h.T runs 1.4x faster on CPU than h @ w.T.
+                z = head @ h[c].T
+                z[V:] = -math.inf
+                target = z.gather(0, lab[None, c])[0]
+                # The logsumexp in place: the max, then exp(z - max) summed, in the same buffer.
+                m = z.amax(0)
+                lse[c] = m + z.sub_(m).exp_().sum(0).log_()
+                logp[c] = target - lse[c]
+            else:
+                z = h[c] @ head.T
+                z[:, V:] = -math.inf
+                logp[c] = z.log_softmax(-1, dtype=torch.float32).gather(1, lab[c, None])[:, 0]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+        return out.index_put_((rows,), logp)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        T, C, V = ctx.temperature, ctx.chunk_size, weight.shape[0]
+        rows, h, head = _labelled_rows(hidden, weight, labels, T)
+        lab = labels[rows]
+        g = grad_out[rows].float()
+        grad_h = torch.zeros_like(hidden)
+        # A frozen head (LoRA) gets no gradient: no float32 (V, H) buffer, two GEMMs a chunk, not 3.
+        grad_w = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        # d logp / d logits = onehot(label) - P, so with h = hidden / T: grad_h = g (w[label] -
+        # P @ w) / T and grad_w = onehot.T @ (g h) - P.T @ (g h). The onehot is never built.
+        for s in range(0, len(rows), C):
+            c = slice(s, s + C)
+            gh = (g[c, None] * h[c].float()).to(h.dtype)  # (C, H)
+            if h.dtype == torch.float32:
+                # P.T, (V, C): z - lse folded into the matmul, the exp in place.
+                Pt = torch.addmm(-lse[None, c], head, h[c].T).exp_()
+                Pt[V:] = 0
+            else:
+                # One fused kernel: bf16 logits in, float32 inside, bf16 P out for the matmuls.
+                z = h[c] @ head.T
+                z[:, V:] = -math.inf
+                Pt = torch.softmax(z, -1).T
+            grad = (head[lab[c]].float() - (Pt.T @ head).float()) * g[c, None] / T
+            grad_h[rows[c]] = grad.to(hidden.dtype)
+            if grad_w is None:
+                continue
+            if h.dtype == torch.float32:
+                grad_w.addmm_(Pt, gh, alpha=-1)  # in place: no (V, H) temporary
+            else:
+                grad_w.sub_((Pt @ gh).float())
+            grad_w.index_add_(0, lab[c], gh.float())
+        grad_w = None if grad_w is None else grad_w[:V].to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def _labelled_rows(hidden, weight, labels, temperature: float) -> tuple:
+    """(Rows with a label, their hidden states over the temperature, the head in their dtype)."""
+    rows = (labels != -100).nonzero().squeeze(1)
+    h = hidden[rows] * (1.0 / temperature) if temperature != 1.0 else hidden[rows]
+    head = weight.to(h.dtype)
+    if head.is_cuda and head.shape[0] % 64:
+        # cuBLAS runs a vocabulary padded to a multiple of 64 several times faster (GPT-2's 50257).
+        head = F.pad(head, (0, 0, 0, -head.shape[0] % 64))
+    return rows, h, head
+
+
+# --------------------------------------------------------------------------------------------------
+# 4) Which verdicts the loss uses; then the three losses, side by side: (B,) losses of
+# h = [log pi(y+) - log ref(y+)] - [log pi(y-) - log ref(y-)], from (B,) log-probs summed over
+# response tokens. label_p = P(y+ is better), float or (B,): 1.0 is the plain loss; below 1 it
+# also pulls towards y- with weight 1 - p (soft labels).
+
+
+def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
+    """Which verdicts the loss may use -> (each p, or None where unusable; counts of pairs (usable),
+    ties, no_verdict, low_confidence). Confidence is |p - 1/2| (0.55 and 0.45 alike), read in
+    float32 as the loss will see p, with slack `tie`: a pair the loss uses is never a tie."""
+    # nan, or anything outside [0, 1], is no verdict.
+    probs = [float(np.float32(p)) if p is not None and 0 <= p <= 1 else None for p in probs]
+    ties = [p is not None and abs(p - 0.5) <= tie for p in probs]
+    unsure = [p is not None and abs(p - 0.5) < min_confidence - tie for p in probs]
+    used = [None if p is None or t or u else p for p, t, u in zip(probs, ties, unsure)]
+    counts = dict(pairs=len(used) - used.count(None), ties=sum(ties), no_verdict=probs.count(None))
+    return used, dict(counts, low_confidence=len(probs) - sum(counts.values()))
+
+
+def preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """h, (B,): how much more than the reference the policy prefers the chosen response."""
+    assert policy_chosen.dim() == 1, "the log-probs must be (B,)"
+    assert policy_chosen.shape == policy_rejected.shape == ref_chosen.shape == ref_rejected.shape
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_p=1.0):
+    """DPO: -log sigmoid(beta h); beta ~0.1 (0.1-0.5 usual); log 2 at h = 0."""
+    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # DPO Eq. 7. A soft label, as conservative DPO: -p log s(beta h) - (1 - p) log s(-beta h).
+    return -label_p * F.logsigmoid(beta * h) - (1 - label_p) * F.logsigmoid(-beta * h)
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=1.0, label_p=1.0):
+    """IPO: (h - 1/(2 beta))^2: the target margin is h* = 1/(2 beta), 0.5 nats at beta = 1. That is
+    per sequence on summed log-probs (the IPO paper, our default); TRL averages them per token."""
+    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # IPO Eq. 17. A soft label p moves the target to (p - 1/2) / beta, its expected loss's minimum.
+    return (h - (2 * label_p - 1) / (2 * beta)) ** 2
+
+
+def slic_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.002, label_p=1.0):
+    """SLiC as OAIF uses it, the hinge on the reference-normalised h: max(0, 1 - beta h). At beta =
+    0.002 it is zero only from h = 500 nats: on short responses, in effect the linear -beta h."""
+    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # SLiC-HF Eq. 3 as RSO writes it. A soft label weighs the hinge on each side, p and 1 - p.
+    return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)
+
+
+LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
+
+
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
+
+
+# --------------------------------------------------------------------------------------------------
+# 5) The update
+
+
+def update(loss, optimizer, max_grad_norm: float, wiring: Wiring) -> tuple:
+    """Backward, clipping, and an AdamW step unless the loss or the gradient is inf or nan on any
+    rank (it would poison AdamW's moments) -> (the gradient's norm, 1 if the step was skipped)."""
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    skipped = int(wiring.total(bad=not math.isfinite(grad_norm + float(loss.detach())))["bad"] > 0)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+# ==================================================================================================
+# Part 2: running it for real. The flags, loading (the local judge and the reward model with it)
+# and data, guards, checkpoints and resume, DDP/FSDP2/LoRA, metrics and evaluation; then train(),
+# which calls oaif_step, and main().
+# ==================================================================================================
+
+# --------------------------------------------------------------------------------------------------
+# Config: every field is a flag (--batch-size for batch_size); the comment beside it is its --help.
+
+
+@dataclasses.dataclass
+class Config:
+    # model and data
+    model: str = "gpt2"  # hub id or local folder; the reference model is a frozen copy of it
+    prompts: str = ""  # .txt (a prompt a line) or .jsonl ("prompt" fields); empty: built-in ones
+    output_dir: str = ""  # the run's folder; empty: a new oaif-out/run-N (--resume: the newest)
+    seed: int = 0  # seeds python, numpy and torch (rank r uses seed + r)
+    device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda
+    dtype: str = "float32"  # float32, or bfloat16: the log-prob passes under bf16 autocast
+    # optimisation
+    steps: int = 100  # optimiser steps, one batch of prompts each
+    batch_size: int = 8  # prompts per step, across all ranks; each prompt yields one pair
+    lr: float = 3e-6  # AdamW learning rate (SmolLM2-135M: 3e-6; the paper: 5e-7; tiny: 1e-3+)
+    warmup_steps: int = 0  # linear learning-rate warm-up (the paper: 150)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    # loss
+    loss: str = "dpo"  # dpo, ipo or slic
+    beta: Optional[float] = None  # the loss's beta; default: dpo 0.1, ipo 1.0, slic 0.002
+    average_logps: bool = False  # mean log-probs over response tokens, not sums (TRL's IPO)
+    # sampling
+    max_new_tokens: int = 64  # response length cap; prompt + response must fit the context
+    temperature: float = 0.9  # sampling temperature (the paper: 0.9); the loss scores at 1
+    # annotator
+    annotator: str = ""  # shorter, longer, claude, hf:MODEL, rm:MODEL; empty: claude with a key
+    annotator_model: str = "claude-haiku-4-5"  # Claude model for --annotator claude
+    task: str = "helpful"  # annotator template: tldr, helpful or harmless
+    instruction: str = ""  # what decides "better", in any words, e.g. "Be concise."
+    annotator_workers: int = 16  # concurrent annotator requests
+    labels: str = "hard"  # hard: the preferred response is certain (the paper); soft: P(better)
+    min_confidence: float = 0.05  # drop a pair whose verdict p has |p - 0.5| below this
+    judge_question: str = ""  # hf: its question, or question and opposite; empty: its own
+    # evaluation and the offline baseline
+    eval_every: int = 0  # win rate against the initial policy every N steps and at the end
+    eval_prompts: int = 16  # held-out prompts for the win rate, never trained on
+    eval_annotator: str = ""  # annotator that judges the win rate; empty: the training one
+    eval_annotator_model: str = ""  # Claude model for --eval-annotator claude
+    offline: bool = False  # offline baseline: one labelled pair per prompt, from the initial policy
+    offline_data: str = ""  # .jsonl of prompt/chosen/rejected pairs to train on offline instead
+    # logging and checkpoints
+    sample_every: int = 10  # print one judged pair every N steps (0: never)
+    save_every: int = 0  # write OUTPUT_DIR/checkpoint-STEP every N steps (0: only the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: bool = False  # go on from the newest complete checkpoint in OUTPUT_DIR
+    overwrite: bool = False  # start again in an OUTPUT_DIR holding a run (deletes that run)
+    # models past one GPU
+    lora_rank: int = 0  # train a LoRA adapter of this rank, not every weight (0: off; needs peft)
+    lora_alpha: float = 16.0  # LoRA scale: the adapter's update is multiplied by alpha / rank
+    lora_dropout: float = 0.0  # dropout on the adapter's input, in the loss pass only
+    lora_targets: str = "all-linear"  # modules that get adapters: comma-separated names
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state (FSDP2)
+
+
+# oaif's own files in an output folder: what --overwrite deletes, and nothing else. A previous
+# model's chat template would outlive it (a model without one saved over it loaded with the old).
+RUN_FILES = re.compile(
+    r"checkpoint-\d+|metrics\.jsonl|oaif_config\.json|adapter_config\.json"
+    r"|(adapter_)?model.*\.safetensors.*|chat_template\.\w+"
+)
+# The flags --resume may change: they do not change what is trained (--eval-every: only > 0 does).
+FREE_ON_RESUME = {
+    "steps",
+    "save_every",
+    "keep_checkpoints",
+    "annotator_workers",
+    "sample_every",
+    "resume",
+    "overwrite",
+    "output_dir",
+    "device",
+    "fsdp",
+    "eval_annotator",
+    "eval_annotator_model",
+    "judge_weighs_length",
+}
+# Counters summed over steps and ranks: an LLM judge's health (as ANNOTATOR_STATS), the totals.
+HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
+TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")
+PRICE_PER_MTOK = {"claude-haiku-4-5": (1.0, 5.0)}  # Claude: USD per million input, output tokens
+
+# The built-in prompts, one sentence each.
+DEFAULT_PROMPTS = re.split(
+    r"(?<=[.?])\s+",
+    """Explain why the sky is blue. Give me three tips for sleeping better. What is a prime number?
+    Write a haiku about autumn. How do I boil an egg? Summarise the plot of Romeo and Juliet.
+    What causes the seasons on Earth? Suggest a name for a black cat. How does a vaccine work?
+    What is the difference between weather and climate? Describe a good first date.
+    How can I learn to play the guitar? Why do we dream? What should I pack for a beach trip?
+    Explain recursion to a child. What is inflation? Give me a recipe for pancakes.
+    How do airplanes stay in the air? What is the capital of Australia, and why not Sydney?
+    Write a short thank-you note to a teacher. How do I change a flat tyre? What is photosynthesis?
+    Recommend a book for a long flight. How can I save money on groceries? Why is exercise healthy?
+    Tell me a fun fact about octopuses. How do I apologise to a friend? What is machine learning?
+    Describe the taste of coffee to someone who has never had it. How do bees make honey?
+    What are the rules of chess in brief? How can I be more productive in the morning?
+    Why is the ocean salty? Write two sentences about the moon.
+    How should I prepare for a job interview? What is the water cycle?
+    Give advice to a new gardener. How does a compass work? What makes a good password?
+    Explain what a budget is.""",
+)
+
+
+def parse_args(argv: Optional[list] = None) -> Config:
+    """The command line -> Config: one flag per field, its comment the --help."""
+    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    about = """Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it
+    trains. An hf: judge turns --instruction, in any words, into its own yes/no question about one
+    response and the opposite question, puts first the one it says the instruction wants, adds
+    "long?" less "short?" weighted by how much more the instruction wants long answers (about 0
+    where length is not the point), and prints them all first (--judge-question sets them, and
+    adds nothing). Checked on 20 wordings asking for shorter or longer answers (examples/README.md,
+    "Any wording"); check a new one on your policy's own pairs: examples/judge_check.py
+    --wordings."""
+    parser = argparse.ArgumentParser(description=about)
+    kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
+    for f in dataclasses.fields(Config):
+        flag, kind = "--" + f.name.replace("_", "-"), kinds.get(f.type, dict(type=f.type))
+        parser.add_argument(flag, default=f.default, help=helps[f.name], **kind)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading models, annotators and data
+
+
+def load_model(name: str, device, auto="AutoModelForCausalLM", dtype=torch.float32) -> tuple:
+    """(model, tokenizer) from a hub id or a folder, ready to sample: a pad token, left padding,
+    eval mode. A policy trains in float32: bf16 would round AdamW's small steps away."""
+    import transformers
+
+    # One progress bar per run is enough: ours.
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        model = getattr(transformers, auto).from_pretrained(name, dtype=dtype).to(device)
+    except (OSError, ValueError, KeyError) as e:
+        raise OAIFError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0]}") from None
+    # GPT-2 has no pad token. EOS is safe: the masks, not the ids, mark padding.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Batched generation continues from the right edge.
+    tokenizer.padding_side = "left"
+    # Dropout off, so that the policy and the reference score tokens alike.
+    model.eval()
+    if auto == "AutoModelForCausalLM":
+        # bf16 logits are rounded to ~1e-2.
+        check_logprobs(model, 1e-3 if dtype == torch.float32 else 0.05)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def check_logprobs(model, tolerance: float = 1e-3) -> None:
+    """Refuse a model whose own log-probs sequence_logprobs misses by over `tolerance` nats a token
+    (a 2 x 8 probe): after a transform past the head that oaif does not know, it would be wrong."""
+    V = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0)).to(model.device)
+    ones = torch.ones_like(ids)
+    own = model(input_ids=ids, attention_mask=ones).logits[:, :-1].float().log_softmax(-1)
+    own = own.gather(-1, ids[:, 1:, None]).sum((1, 2))
+    err = float((sequence_logprobs(model, ids, ones, ones) - own).abs().max()) / 7
+    if not math.isfinite(err):
+        raise OAIFError(
+            f"{type(model).__name__}: its logits are not finite (inf or nan): the weights are "
+            "broken"
+        )
+    if err > tolerance:
+        raise OAIFError(
+            f"{type(model).__name__}: log-probs from its LM head differ from its own logits by "
+            f"{err:.3g} nats per token (a transform after the head that oaif does not know)"
+        )
+
+
+def judge_dtype(device) -> torch.dtype:
+    """bf16 where its matmuls beat float32: CUDA where supported; a CPU by timing one each way."""
+    # Its own generator: the run's random stream is left alone.
+    a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    seconds = [
+        min(timeit.repeat(lambda x=x: x @ x.T, number=8, repeat=5)) for x in (a, a.bfloat16())
+    ]
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
+    return torch.bfloat16 if fast else torch.float32
+
+
+# The local annotators, offline and with no key: an LLM judge asked yes/no questions about one
+# response at a time (hf:), and a reward model (rm:). They stand in for Part 1's Claude annotator
+# where no API is reachable.
 
 # How the local judge turns an instruction in any words into yes/no questions about one response:
 # the judge model itself writes the question and its opposite, greedily, after these examples of
@@ -664,418 +1083,6 @@ def sigmoid_of_difference(first: list, second: list, scores) -> list:
     p = torch.sigmoid(scores[: len(first)] - scores[len(first) :]).tolist()
     # One text batched two ways scores apart by rounding (bf16: 0.03): identical ones tie.
     return [0.5 if a == b else x for a, b, x in zip(first, second, p)]
-
-
-# --------------------------------------------------------------------------------------------------
-# 3) Log-probabilities: sequence_logprobs, then fused_logprobs, its log_softmax without the
-# [tokens, vocab] logits
-
-
-def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
-    """log pi(y | x): (B,) float32, the sum of log p(token | prefix) over each row's response
-    tokens, through the model's body and fused_logprobs (any HF causal LM with a plain LM head).
-    All three (B, T), the prompt left-padded, the response right-padded: attention_mask is 1 on
-    real tokens, response_mask on the tokens to score (a response's EOS included)."""
-    assert input_ids.shape == attention_mask.shape == response_mask.shape
-    head = model.get_output_embeddings()
-    if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
-        raise OAIFError(
-            f"{type(model).__name__}: its LM head has a bias or a logit soft-cap, not a plain one"
-        )
-    # Left padding: positions come from the mask, not the column.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = model.base_model(
-        input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # (B, T, H)
-    # Under bf16 autocast the body may hand back float32; the head's matmuls run in bf16 too.
-    if torch.is_autocast_enabled(hidden.device.type):
-        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    # Position t predicts token t + 1.
-    labels = input_ids[:, 1:].masked_fill(~response_mask[:, 1:].bool(), -100)
-    # The plain form holds the (B, T - 1, V) logits, 5 GB for 8 pairs (16 rows) of 512 tokens at
-    # Qwen2.5's V = 151936 in float32, and as much again for their gradient:
-    #   logits = (hidden[:, :-1] @ head.weight.T).float() / head_temperature(model.config)
-    #   logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    #   logps = logps.masked_fill(labels == -100, 0.0)
-    # fused_logprobs is its drop-in: the same numbers, chunk by chunk, never all the logits.
-    logps = fused_logprobs(hidden[:, :-1], head.weight, labels, head_temperature(model.config))
-    return logps.sum(-1)
-
-
-def head_temperature(config) -> float:
-    """What a model divides its logits by: Granite's logits_scaling, 1 / Cohere's logit_scale."""
-    scaling, scale = getattr(config, "logits_scaling", None), getattr(config, "logit_scale", None)
-    return (scaling or 1.0) / (scale or 1.0)
-
-
-def fused_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None) -> torch.Tensor:
-    """Per-token log_softmax(hidden @ weight.T / temperature)[label], exactly, never holding the
-    (tokens, vocab) logits: chunks of chunk_size rows (None: default_chunk_size), the logsumexp
-    kept per row, each chunk's softmax computed again in the backward. hidden: (..., H), float32,
-    bf16 or fp16 (the matmuls run in it); weight: (V, H), the LM head (it gets its gradient too);
-    labels: (...) int64, -100 = ignore. Returns (...) float32, 0 where ignored."""
-    assert hidden.shape[:-1] == labels.shape, f"hidden {hidden.shape} vs labels {labels.shape}"
-    assert weight.dim() == 2 and weight.shape[1] == hidden.shape[-1], "weight must be (V, H)"
-    h2, l2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    chunk_size = chunk_size or default_chunk_size(max(1, len(h2)), len(weight), hidden.device)
-    # The dtypes are chosen here, not by an autocast around the call.
-    with torch.autocast(hidden.device.type, enabled=False):
-        out = _FusedLogprobs.apply(h2, weight, l2, float(temperature), int(chunk_size))
-    return out.reshape(labels.shape)
-
-
-def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: as many as fit one chunk of float32 logits in a memory budget (a 16th of
-    free GPU memory up to 256 MiB; 64 MiB on CPU), but never fewer than a fast matmul needs."""
-    cuda = device.type == "cuda"
-    budget = min(torch.cuda.mem_get_info(device)[0] // 16, 256 << 20) if cuda else 64 << 20
-    rows = budget // (4 * vocab) // 128 * 128
-    return max(1, min(n_rows, max(rows, 2048 if cuda else 256)))
-
-
-class _FusedLogprobs(torch.autograd.Function):
-    """log_softmax(h @ W.T / T).gather(labels), chunk by chunk: the chunks only save memory.
-    In float32 a chunk's logits are (V, C), worked on in place; in bf16 and fp16 they are (C, V),
-    for PyTorch's fused softmax kernels (float32 inside)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size):
-        rows, h, head = _labelled_rows(hidden, weight, labels, temperature)
-        lab = labels[rows]
-        V = weight.shape[0]
-        # Per row: the answer, and the logsumexp (float32's backward keeps it; bf16's recomputes).
-        logp, lse = torch.empty(2, len(rows), dtype=torch.float32, device=h.device)
-        for s in range(0, len(rows), chunk_size):
-            c = slice(s, s + chunk_size)
-            if h.dtype == torch.float32:
-                # (V, C), the only large buffer: w @ h.T runs 1.4x faster on CPU than h @ w.T.
-                z = head @ h[c].T
-                z[V:] = -math.inf
-                target = z.gather(0, lab[None, c])[0]
-                # The logsumexp in place: the max, then exp(z - max) summed, in the same buffer.
-                m = z.amax(0)
-                lse[c] = m + z.sub_(m).exp_().sum(0).log_()
-                logp[c] = target - lse[c]
-            else:
-                z = h[c] @ head.T
-                z[:, V:] = -math.inf
-                logp[c] = z.log_softmax(-1, dtype=torch.float32).gather(1, lab[c, None])[:, 0]
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        out = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
-        return out.index_put_((rows,), logp)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        T, C, V = ctx.temperature, ctx.chunk_size, weight.shape[0]
-        rows, h, head = _labelled_rows(hidden, weight, labels, T)
-        lab = labels[rows]
-        g = grad_out[rows].float()
-        grad_h = torch.zeros_like(hidden)
-        # A frozen head (LoRA) gets no gradient: no float32 (V, H) buffer, two GEMMs a chunk, not 3.
-        grad_w = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        # d logp / d logits = onehot(label) - P, so with h = hidden / T: grad_h = g (w[label] -
-        # P @ w) / T and grad_w = onehot.T @ (g h) - P.T @ (g h). The onehot is never built.
-        for s in range(0, len(rows), C):
-            c = slice(s, s + C)
-            gh = (g[c, None] * h[c].float()).to(h.dtype)  # (C, H)
-            if h.dtype == torch.float32:
-                # P.T, (V, C): z - lse folded into the matmul, the exp in place.
-                Pt = torch.addmm(-lse[None, c], head, h[c].T).exp_()
-                Pt[V:] = 0
-            else:
-                # One fused kernel: bf16 logits in, float32 inside, bf16 P out for the matmuls.
-                z = h[c] @ head.T
-                z[:, V:] = -math.inf
-                Pt = torch.softmax(z, -1).T
-            grad = (head[lab[c]].float() - (Pt.T @ head).float()) * g[c, None] / T
-            grad_h[rows[c]] = grad.to(hidden.dtype)
-            if grad_w is None:
-                continue
-            if h.dtype == torch.float32:
-                grad_w.addmm_(Pt, gh, alpha=-1)  # in place: no (V, H) temporary
-            else:
-                grad_w.sub_((Pt @ gh).float())
-            grad_w.index_add_(0, lab[c], gh.float())
-        grad_w = None if grad_w is None else grad_w[:V].to(weight.dtype)
-        return grad_h, grad_w, None, None, None
-
-
-def _labelled_rows(hidden, weight, labels, temperature: float) -> tuple:
-    """(Rows with a label, their hidden states over the temperature, the head in their dtype)."""
-    rows = (labels != -100).nonzero().squeeze(1)
-    h = hidden[rows] * (1.0 / temperature) if temperature != 1.0 else hidden[rows]
-    head = weight.to(h.dtype)
-    if head.is_cuda and head.shape[0] % 64:
-        # cuBLAS runs a vocabulary padded to a multiple of 64 several times faster (GPT-2's 50257).
-        head = F.pad(head, (0, 0, 0, -head.shape[0] % 64))
-    return rows, h, head
-
-
-# --------------------------------------------------------------------------------------------------
-# 4) Which verdicts the loss uses; then the three losses, side by side: (B,) losses of
-# h = [log pi(y+) - log ref(y+)] - [log pi(y-) - log ref(y-)], from (B,) log-probs summed over
-# response tokens. label_p = P(y+ is better), float or (B,): 1.0 is the plain loss; below 1 it
-# also pulls towards y- with weight 1 - p (soft labels).
-
-
-def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
-    """Which verdicts the loss may use -> (each p, or None where unusable; counts of pairs (usable),
-    ties, no_verdict, low_confidence). Confidence is |p - 1/2| (0.55 and 0.45 alike), read in
-    float32 as the loss will see p, with slack `tie`: a pair the loss uses is never a tie."""
-    # nan, or anything outside [0, 1], is no verdict.
-    probs = [float(np.float32(p)) if p is not None and 0 <= p <= 1 else None for p in probs]
-    ties = [p is not None and abs(p - 0.5) <= tie for p in probs]
-    unsure = [p is not None and abs(p - 0.5) < min_confidence - tie for p in probs]
-    used = [None if p is None or t or u else p for p, t, u in zip(probs, ties, unsure)]
-    counts = dict(pairs=len(used) - used.count(None), ties=sum(ties), no_verdict=probs.count(None))
-    return used, dict(counts, low_confidence=len(probs) - sum(counts.values()))
-
-
-def preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
-    """h, (B,): how much more than the reference the policy prefers the chosen response."""
-    assert policy_chosen.dim() == 1, "the log-probs must be (B,)"
-    assert policy_chosen.shape == policy_rejected.shape == ref_chosen.shape == ref_rejected.shape
-    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-
-
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_p=1.0):
-    """DPO: -log sigmoid(beta h); beta ~0.1 (0.1-0.5 usual); log 2 at h = 0."""
-    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # DPO Eq. 7. A soft label, as conservative DPO: -p log s(beta h) - (1 - p) log s(-beta h).
-    return -label_p * F.logsigmoid(beta * h) - (1 - label_p) * F.logsigmoid(-beta * h)
-
-
-def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=1.0, label_p=1.0):
-    """IPO: (h - 1/(2 beta))^2: the target margin is h* = 1/(2 beta), 0.5 nats at beta = 1. That is
-    per sequence on summed log-probs (the IPO paper, our default); TRL averages them per token."""
-    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # IPO Eq. 17. A soft label p moves the target to (p - 1/2) / beta, its expected loss's minimum.
-    return (h - (2 * label_p - 1) / (2 * beta)) ** 2
-
-
-def slic_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.002, label_p=1.0):
-    """SLiC as OAIF uses it, the hinge on the reference-normalised h: max(0, 1 - beta h). At beta =
-    0.002 it is zero only from h = 500 nats: on short responses, in effect the linear -beta h."""
-    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # SLiC-HF Eq. 3 as RSO writes it. A soft label weighs the hinge on each side, p and 1 - p.
-    return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)
-
-
-LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
-
-
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
-
-
-# --------------------------------------------------------------------------------------------------
-# 5) The update
-
-
-def update(loss, optimizer, max_grad_norm: float, wiring: Wiring) -> tuple:
-    """Backward, clipping, and an AdamW step unless the loss or the gradient is inf or nan on any
-    rank (it would poison AdamW's moments) -> (the gradient's norm, 1 if the step was skipped)."""
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    skipped = int(wiring.total(bad=not math.isfinite(grad_norm + float(loss.detach())))["bad"] > 0)
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped
-
-
-# ==================================================================================================
-# Part 2: running it for real. The flags, loading and data, guards, checkpoints and resume,
-# DDP/FSDP2/LoRA, metrics and evaluation; then train(), which calls oaif_step, and main().
-# ==================================================================================================
-
-# --------------------------------------------------------------------------------------------------
-# Config: every field is a flag (--batch-size for batch_size); the comment beside it is its --help.
-
-
-@dataclasses.dataclass
-class Config:
-    # model and data
-    model: str = "gpt2"  # hub id or local folder; the reference model is a frozen copy of it
-    prompts: str = ""  # .txt (a prompt a line) or .jsonl ("prompt" fields); empty: built-in ones
-    output_dir: str = ""  # the run's folder; empty: a new oaif-out/run-N (--resume: the newest)
-    seed: int = 0  # seeds python, numpy and torch (rank r uses seed + r)
-    device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda
-    dtype: str = "float32"  # float32, or bfloat16: the log-prob passes under bf16 autocast
-    # optimisation
-    steps: int = 100  # optimiser steps, one batch of prompts each
-    batch_size: int = 8  # prompts per step, across all ranks; each prompt yields one pair
-    lr: float = 3e-6  # AdamW learning rate (SmolLM2-135M: 3e-6; the paper: 5e-7; tiny: 1e-3+)
-    warmup_steps: int = 0  # linear learning-rate warm-up (the paper: 150)
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping
-    # loss
-    loss: str = "dpo"  # dpo, ipo or slic
-    beta: Optional[float] = None  # the loss's beta; default: dpo 0.1, ipo 1.0, slic 0.002
-    average_logps: bool = False  # mean log-probs over response tokens, not sums (TRL's IPO)
-    # sampling
-    max_new_tokens: int = 64  # response length cap; prompt + response must fit the context
-    temperature: float = 0.9  # sampling temperature (the paper: 0.9); the loss scores at 1
-    # annotator
-    annotator: str = ""  # shorter, longer, claude, hf:MODEL, rm:MODEL; empty: claude with a key
-    annotator_model: str = "claude-haiku-4-5"  # Claude model for --annotator claude
-    task: str = "helpful"  # annotator template: tldr, helpful or harmless
-    instruction: str = ""  # what decides "better", in any words, e.g. "Be concise."
-    annotator_workers: int = 16  # concurrent annotator requests
-    labels: str = "hard"  # hard: the preferred response is certain (the paper); soft: P(better)
-    min_confidence: float = 0.05  # drop a pair whose verdict p has |p - 0.5| below this
-    judge_question: str = ""  # hf: its question, or question and opposite; empty: its own
-    # evaluation and the offline baseline
-    eval_every: int = 0  # win rate against the initial policy every N steps and at the end
-    eval_prompts: int = 16  # held-out prompts for the win rate, never trained on
-    eval_annotator: str = ""  # annotator that judges the win rate; empty: the training one
-    eval_annotator_model: str = ""  # Claude model for --eval-annotator claude
-    offline: bool = False  # offline baseline: one labelled pair per prompt, from the initial policy
-    offline_data: str = ""  # .jsonl of prompt/chosen/rejected pairs to train on offline instead
-    # logging and checkpoints
-    sample_every: int = 10  # print one judged pair every N steps (0: never)
-    save_every: int = 0  # write OUTPUT_DIR/checkpoint-STEP every N steps (0: only the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    resume: bool = False  # go on from the newest complete checkpoint in OUTPUT_DIR
-    overwrite: bool = False  # start again in an OUTPUT_DIR holding a run (deletes that run)
-    # models past one GPU
-    lora_rank: int = 0  # train a LoRA adapter of this rank, not every weight (0: off; needs peft)
-    lora_alpha: float = 16.0  # LoRA scale: the adapter's update is multiplied by alpha / rank
-    lora_dropout: float = 0.0  # dropout on the adapter's input, in the loss pass only
-    lora_targets: str = "all-linear"  # modules that get adapters: comma-separated names
-    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state (FSDP2)
-
-
-# oaif's own files in an output folder: what --overwrite deletes, and nothing else. A previous
-# model's chat template would outlive it (a model without one saved over it loaded with the old).
-RUN_FILES = re.compile(
-    r"checkpoint-\d+|metrics\.jsonl|oaif_config\.json|adapter_config\.json"
-    r"|(adapter_)?model.*\.safetensors.*|chat_template\.\w+"
-)
-# The flags --resume may change: they do not change what is trained (--eval-every: only > 0 does).
-FREE_ON_RESUME = {
-    "steps",
-    "save_every",
-    "keep_checkpoints",
-    "annotator_workers",
-    "sample_every",
-    "resume",
-    "overwrite",
-    "output_dir",
-    "device",
-    "fsdp",
-    "eval_annotator",
-    "eval_annotator_model",
-    "judge_weighs_length",
-}
-# Counters summed over steps and ranks: an LLM judge's health (as ANNOTATOR_STATS), the totals.
-HEALTH = ("order_pairs", "first_sum", "order_agree", "verdicts", "confidence_sum")
-TOTALS = ("pairs", "dropped", "ties", "no_verdict", "low_confidence", "nonfinite")
-PRICE_PER_MTOK = {"claude-haiku-4-5": (1.0, 5.0)}  # Claude: USD per million input, output tokens
-
-# The built-in prompts, one sentence each.
-DEFAULT_PROMPTS = re.split(
-    r"(?<=[.?])\s+",
-    """Explain why the sky is blue. Give me three tips for sleeping better. What is a prime number?
-    Write a haiku about autumn. How do I boil an egg? Summarise the plot of Romeo and Juliet.
-    What causes the seasons on Earth? Suggest a name for a black cat. How does a vaccine work?
-    What is the difference between weather and climate? Describe a good first date.
-    How can I learn to play the guitar? Why do we dream? What should I pack for a beach trip?
-    Explain recursion to a child. What is inflation? Give me a recipe for pancakes.
-    How do airplanes stay in the air? What is the capital of Australia, and why not Sydney?
-    Write a short thank-you note to a teacher. How do I change a flat tyre? What is photosynthesis?
-    Recommend a book for a long flight. How can I save money on groceries? Why is exercise healthy?
-    Tell me a fun fact about octopuses. How do I apologise to a friend? What is machine learning?
-    Describe the taste of coffee to someone who has never had it. How do bees make honey?
-    What are the rules of chess in brief? How can I be more productive in the morning?
-    Why is the ocean salty? Write two sentences about the moon.
-    How should I prepare for a job interview? What is the water cycle?
-    Give advice to a new gardener. How does a compass work? What makes a good password?
-    Explain what a budget is.""",
-)
-
-
-def parse_args(argv: Optional[list] = None) -> Config:
-    """The command line -> Config: one flag per field, its comment the --help."""
-    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    about = """Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it
-    trains. An hf: judge turns --instruction, in any words, into its own yes/no question about one
-    response and the opposite question, puts first the one it says the instruction wants, adds
-    "long?" less "short?" weighted by how much more the instruction wants long answers (about 0
-    where length is not the point), and prints them all first (--judge-question sets them, and
-    adds nothing). Checked on 20 wordings asking for shorter or longer answers (examples/README.md,
-    "Any wording"); check a new one on your policy's own pairs: examples/judge_check.py
-    --wordings."""
-    parser = argparse.ArgumentParser(description=about)
-    kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
-    for f in dataclasses.fields(Config):
-        flag, kind = "--" + f.name.replace("_", "-"), kinds.get(f.type, dict(type=f.type))
-        parser.add_argument(flag, default=f.default, help=helps[f.name], **kind)
-    return Config(**vars(parser.parse_args(argv)))
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading models, annotators and data
-
-
-def load_model(name: str, device, auto="AutoModelForCausalLM", dtype=torch.float32) -> tuple:
-    """(model, tokenizer) from a hub id or a folder, ready to sample: a pad token, left padding,
-    eval mode. A policy trains in float32: bf16 would round AdamW's small steps away."""
-    import transformers
-
-    # One progress bar per run is enough: ours.
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        model = getattr(transformers, auto).from_pretrained(name, dtype=dtype).to(device)
-    except (OSError, ValueError, KeyError) as e:
-        raise OAIFError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0]}") from None
-    # GPT-2 has no pad token. EOS is safe: the masks, not the ids, mark padding.
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # Batched generation continues from the right edge.
-    tokenizer.padding_side = "left"
-    # Dropout off, so that the policy and the reference score tokens alike.
-    model.eval()
-    if auto == "AutoModelForCausalLM":
-        # bf16 logits are rounded to ~1e-2.
-        check_logprobs(model, 1e-3 if dtype == torch.float32 else 0.05)
-    return model, tokenizer
-
-
-@torch.no_grad()
-def check_logprobs(model, tolerance: float = 1e-3) -> None:
-    """Refuse a model whose own log-probs sequence_logprobs misses by over `tolerance` nats a token
-    (a 2 x 8 probe): after a transform past the head that oaif does not know, it would be wrong."""
-    V = model.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0)).to(model.device)
-    ones = torch.ones_like(ids)
-    own = model(input_ids=ids, attention_mask=ones).logits[:, :-1].float().log_softmax(-1)
-    own = own.gather(-1, ids[:, 1:, None]).sum((1, 2))
-    err = float((sequence_logprobs(model, ids, ones, ones) - own).abs().max()) / 7
-    if not math.isfinite(err):
-        raise OAIFError(
-            f"{type(model).__name__}: its logits are not finite (inf or nan): the weights are "
-            "broken"
-        )
-    if err > tolerance:
-        raise OAIFError(
-            f"{type(model).__name__}: log-probs from its LM head differ from its own logits by "
-            f"{err:.3g} nats per token (a transform after the head that oaif does not know)"
-        )
-
-
-def judge_dtype(device) -> torch.dtype:
-    """bf16 where its matmuls beat float32: CUDA where supported; a CPU by timing one each way."""
-    # Its own generator: the run's random stream is left alone.
-    a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
-    seconds = [
-        min(timeit.repeat(lambda x=x: x @ x.T, number=8, repeat=5)) for x in (a, a.bfloat16())
-    ]
-    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
-    return torch.bfloat16 if fast else torch.float32
 
 
 def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> Callable:
