@@ -73,7 +73,7 @@ def oaif_step(
     first, second = batch["texts"][0::2], batch["texts"][1::2]
     with concurrent.futures.ThreadPoolExecutor(1) as background:
         # 2) The annotator judges each pair, P(first is better), in a thread while step 3 runs.
-        judged = None if pairs else background.submit(timed, annotator, prompts, first, second)
+        judged = None if pairs else background.submit(annotate, annotator, prompts, first, second)
         # 3) Log-probs of the 2B responses: the policy's with gradients, the frozen reference's.
         ids = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         with torch.autocast(policy.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
@@ -82,9 +82,6 @@ def oaif_step(
         waited = time.perf_counter()
         probs, out["annotate_s"] = judged.result() if judged else (pairs["probs"], 0.0)
     out["annotate_wait_s"] = time.perf_counter() - waited
-    # One verdict per pair, else every label after a missing one would name the wrong responses.
-    if len(probs) != len(prompts):
-        raise OAIFError(f"the annotator gave {len(probs)} verdicts for {len(prompts)} pairs")
     # 4) Rows 2i, 2i + 1 hold prompt i's pair: its verdict names the chosen (y+), the rejected (y-).
     # A pair triage drops (a tie, no verdict, a hedge) weighs 0; max(p, 1 - p) is P(y+ is better).
     used, out["counts"] = triage(probs, cfg.min_confidence)
@@ -141,12 +138,6 @@ class Wiring:
 
     def total(self, **values) -> dict:
         return values
-
-
-def timed(fn: Callable, *args) -> tuple:
-    """(fn(*args), the seconds it took)."""
-    start = time.perf_counter()
-    return fn(*args), time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +261,16 @@ def response_mask_after_eos(response_ids, eos_ids: list) -> torch.Tensor:
 
 # What an annotator counts in its `stats`, where it keeps any.
 ANNOTATOR_STATS = ("annotator_requests", "annotator_failures", "input_tokens", "output_tokens")
+
+
+def annotate(annotator: Callable, prompts: list, first: list, second: list) -> tuple:
+    """(annotator(prompts, first, second), checked: one verdict per pair; the seconds it took)."""
+    start = time.perf_counter()
+    probs = annotator(prompts, first, second)
+    # One verdict per pair, else every label after a missing one would name the wrong responses.
+    if len(probs) != len(prompts):
+        raise OAIFError(f"the annotator gave {len(probs)} verdicts for {len(prompts)} pairs")
+    return probs, time.perf_counter() - start
 
 
 def both_orders(judge: Callable, prompts: list, first: list, second: list, stats=None) -> list:
@@ -899,7 +900,7 @@ class LocalJudgeAnnotator:
         self.task = task
         self.instruction = instruction.strip()
         self.chat = getattr(tokenizer, "chat_template", None)
-        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.context = context_length(model.config)
         # Without a template the judge's input starts as its tokenizer starts a text (Llama: BOS).
         starts = tokenizer("x").input_ids[:1]
         self.bos = [] if self.chat or starts != [tokenizer.bos_token_id] else starts
@@ -1440,10 +1441,11 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         )
         return idle.get(k) or saved.get(k) == config[k]
 
-    # An hf: judge before df3cb60 added no "long?" less "short?" to its own question (and before
-    # 7b96f0e took 0.25 x "good?" off its score): another judge. Its configs have no such key.
+    # An hf: judge before df3cb60 added no "long?" less "short?" to its own question, and before
+    # 7b96f0e (configs with judge_debias) took 0.25 x "good?" off any: another judge.
     hf = any(j.startswith("hf:") for j in (config["annotator"], config["eval_annotator"]))
-    if not saved.get("judge_weighs_length") and config["instruction"].strip() and hf:
+    own = not config["judge_question"].strip() or "judge_debias" in saved
+    if not saved.get("judge_weighs_length") and config["instruction"].strip() and hf and own:
         raise OAIFError("--resume: this checkpoint's hf: judge asked otherwise; start a new run")
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}"
@@ -1469,12 +1471,15 @@ def finite_weights(model_or_tensors) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
 
 
-def save_model(model, tokenizer, path: str, state_dict: Optional[dict] = None) -> None:
-    """save_pretrained of a finite policy (peft: its adapter; FSDP: state_dict) and tokenizer."""
+def save_model(model, tokenizer, path: str, state_dict: Optional[dict], config: dict) -> None:
+    """save_pretrained of a finite policy (peft: its adapter; FSDP: state_dict) and tokenizer; the
+    run's config."""
     if not finite_weights(model if state_dict is None else state_dict.values()):
         raise OAIFError(f"refusing to save non-finite (inf/nan) weights to {path}")
     model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
+    with open(os.path.join(path, "oaif_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def gathered_state(module, optimizer=None) -> dict:
@@ -1499,9 +1504,7 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
     optimizer_state = gathered_state(wiring.score, optimizer) if optimizer.state else None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(policy, tokenizer, tmp, model_state)
-        with open(os.path.join(tmp, "oaif_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+        save_model(policy, tokenizer, tmp, model_state, config)
         torch.save(fixed if cfg.offline else None, os.path.join(tmp, "offline_pairs.pt"))
     barrier()
     # Each rank samples from its own random stream.
@@ -1793,7 +1796,7 @@ def sample_answers(
 def win_rate(prompts: list, policy_texts: list, reference_texts: list, annotator: Callable) -> dict:
     """The paper's evaluation: annotator(prompts, the policy's answers, the reference's); ties count
     1/2 and pairs without a verdict are left out, ties decided as in training."""
-    used, counts = triage(annotator(prompts, policy_texts, reference_texts), 0.0)
+    used, counts = triage(annotate(annotator, prompts, policy_texts, reference_texts)[0], 0.0)
     wins = sum(p is not None and p > 0.5 for p in used)
     # A verdict triage keeps is never 1/2 (it calls that a tie): the rest are losses.
     losses = counts["pairs"] - wins
@@ -1862,7 +1865,7 @@ def label_offline_set(cfg, initial, tokenizer, prompts, annotator) -> list:
         # Python floats: a numpy verdict would make offline_pairs.pt unloadable with weights_only.
         probs = [
             None if p is None else float(p)
-            for p in annotator(chunk, s["texts"][0::2], s["texts"][1::2])
+            for p in annotate(annotator, chunk, s["texts"][0::2], s["texts"][1::2])[0]
         ]
         for j, (x, ids) in enumerate(zip(chunk, encode_prompts(tokenizer, chunk))):
             texts = s["texts"][2 * j : 2 * j + 2]
@@ -1914,12 +1917,13 @@ def step_record(step, out, cfg, wiring, stats, stats0, lr, seconds) -> dict:
     sums = wiring.total(**sums, **{k: v - stats0.get(k, 0) for k, v in stats.items()})
     used = max(sums["pairs"], 1)
     seqs = sums["seqs"]
+    dropped = {k: int(sums[k]) for k in ("ties", "no_verdict", "low_confidence")}
     record = dict(
         step=step,
         loss=sums["loss"] / used,
         pairs=int(sums["pairs"]),
-        dropped=int(sums["ties"] + sums["no_verdict"] + sums["low_confidence"]),
-        **{k: int(sums[k]) for k in ("ties", "no_verdict", "low_confidence")},
+        dropped=sum(dropped.values()),
+        **dropped,
         reward_margin=sums["margin"] / used,
         reward_accuracy=sums["acc"] / used,
         kl=sums["kl"] / seqs,
@@ -2019,9 +2023,7 @@ def usage(s: dict, annotator) -> str:
 
 def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, annotator, judge):
     """Save the policy, its tokenizer and the run's config; print the run's one-line summary."""
-    save_model(policy, tokenizer, cfg.output_dir, model_state)
-    with open(os.path.join(cfg.output_dir, "oaif_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    save_model(policy, tokenizer, cfg.output_dir, model_state, config)
     s = summary
     line = (
         f"oaif: {cfg.steps} steps, {s['pairs']} pairs used, {s['dropped']} dropped ({s['ties']} "

@@ -1291,6 +1291,19 @@ def test_an_annotator_that_skips_a_pair_is_refused(tiny, tmp_path):
     cfg = oaif.parse_args(run_args(tiny, tmp_path / "short", "--steps", "1"))
     with pytest.raises(oaif.OAIFError, match="the annotator gave 1 verdicts for 4 pairs"):
         oaif.train(cfg, annotator=lambda prompts, first, second: [1.0])
+    # the evaluation and the offline set too: one that answers 4 pairs a call passes training's
+    # batches of 4, but would leave 4 of 8 held-out pairs out unsaid
+    at_most_4 = lambda prompts, first, second: oaif.shorter(prompts, first, second)[:4]  # noqa: E731
+    cfg = oaif.parse_args(
+        run_args(tiny, tmp_path / "eval", "--eval-every", "1", "--eval-prompts", "8")
+    )
+    with pytest.raises(oaif.OAIFError, match="the annotator gave 4 verdicts for 8 pairs"):
+        oaif.train(cfg, annotator=at_most_4)
+    # the offline set is labelled before step 1, in batches: one verdict short, not an IndexError
+    drops_one = lambda prompts, first, second: oaif.shorter(prompts, first, second)[:-1]  # noqa: E731
+    cfg = oaif.parse_args(run_args(tiny, tmp_path / "offline", "--offline"))
+    with pytest.raises(oaif.OAIFError, match="the annotator gave 3 verdicts for 4 pairs"):
+        oaif.train(cfg, annotator=drops_one)
 
 
 def test_hedging_judge_trains_nothing_and_soft_labels_train(tiny, tmp_path):
@@ -1395,7 +1408,7 @@ def test_nonfinite_loss_skips_the_update(tiny, tmp_path):
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("nan")
     with pytest.raises(oaif.OAIFError, match="non-finite"):
-        oaif.save_model(model, None, str(tmp_path / "never"))
+        oaif.save_model(model, None, str(tmp_path / "never"), None, {})
     assert not (tmp_path / "never").exists()
 
 
@@ -2756,29 +2769,34 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
 
 def test_resume_refuses_a_checkpoint_of_an_older_judge(tiny, tmp_path, capsys):
     # before df3cb60 an hf: judge with an instruction added no "long?" less "short?" to its own
-    # question (before 7b96f0e it took 0.25 x "good?" off): its configs lack judge_weighs_length
+    # question, and before 7b96f0e (judge_debias) took 0.25 x "good?" off any: another judge
     sys.path.insert(0, os.path.join(HERE, "examples"))
     import tiny_model
 
     flags = ["--annotator", f"hf:{tiny}", "--instruction", "Be brief.", "--save-every", "1"]
-    flags += ["--judge-question", "Is this short?"]  # the tiny judge writes none
-    args = run_args(tiny, tmp_path, "--steps", "1", *flags)
+    given = ["--judge-question", "Is this short?"]  # the tiny judge writes none
+    args = run_args(tiny, tmp_path, "--steps", "1", *flags, *given)
     oaif.main(args)
     paths = (tmp_path / "checkpoint-1" / "oaif_config.json", tmp_path / "oaif_config.json")
     saved = json.loads(paths[0].read_text())
     assert saved["judge_weighs_length"] is True
-    for older in (dict(judge_debias=0.25), {}):
-        old = {k: v for k, v in saved.items() if k != "judge_weighs_length"}
+    old = {k: v for k, v in saved.items() if k != "judge_weighs_length"}
+    # (an older config, the flags of its resume): its own question, or the debias with a given one
+    for older, resume in (
+        (dict(judge_question=""), flags),
+        (dict(judge_debias=0.25), flags + given),
+    ):
         for path in paths:
             path.write_text(json.dumps(dict(old, **older)))
-        assert not tiny_model.finished(args)  # its numbers are another judge's
-        msg = bad_run(run_args(tiny, tmp_path, "--steps", "2", "--resume", *flags), capsys)
+        assert not tiny_model.finished(run_args(tiny, tmp_path, "--steps", "1", *resume))
+        msg = bad_run(run_args(tiny, tmp_path, "--steps", "2", "--resume", *resume), capsys)
         assert "this checkpoint's hf: judge asked otherwise; start a new run" in msg
-    # the judge as it is: finished, and resumed
-    for path in paths:
-        path.write_text(json.dumps(saved))
-    assert tiny_model.finished(args)
-    oaif.main(run_args(tiny, tmp_path, "--steps", "2", "--resume", *flags))
+    # a given question after 7b96f0e: the judge as it is now, finished and resumed
+    for config in (saved, old):
+        for path in paths:
+            path.write_text(json.dumps(config))
+        assert tiny_model.finished(args)
+    oaif.main(run_args(tiny, tmp_path, "--steps", "2", "--resume", *flags, *given))
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     # a rule annotator's older checkpoint (no instruction, no judge) resumes as before
     rule = run_args(tiny, tmp_path / "rule", "--steps", "1", "--save-every", "1")
