@@ -44,7 +44,7 @@ import torch.nn.functional as F
 # ==================================================================================================
 # Part 1: the method. oaif_step, Algorithm 1 as one function, first; then what it calls, in the
 # order it calls it: 1) the sampler, 2) the annotators, 3) the log-probs, 4) the losses, 5) the
-# update.
+# update; last, 6) the fused log-prob routine step 3 runs on.
 # ==================================================================================================
 
 
@@ -412,8 +412,8 @@ class ClaudeAnnotator:
 
 
 # --------------------------------------------------------------------------------------------------
-# 3) Log-probabilities: sequence_logprobs, then fused_logprobs, its log_softmax without the
-# [tokens, vocab] logits
+# 3) Log-probabilities: sequence_logprobs (its fused routine, which never holds the [tokens, vocab]
+# logits, is section 6, after the update)
 
 
 def sequence_logprobs(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
@@ -451,6 +451,84 @@ def head_temperature(config) -> float:
     """What a model divides its logits by: Granite's logits_scaling, 1 / Cohere's logit_scale."""
     scaling, scale = getattr(config, "logits_scaling", None), getattr(config, "logit_scale", None)
     return (scaling or 1.0) / (scale or 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4) Which verdicts the loss uses; then the three losses, side by side: (B,) losses of
+# h = [log pi(y+) - log ref(y+)] - [log pi(y-) - log ref(y-)], from (B,) log-probs summed over
+# response tokens. label_p = P(y+ is better), float or (B,): 1.0 is the plain loss; below 1 it
+# also pulls towards y- with weight 1 - p (soft labels).
+
+
+def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
+    """Which verdicts the loss may use -> (each p, or None where unusable; counts of pairs (usable),
+    ties, no_verdict, low_confidence). Confidence is |p - 1/2| (0.55 and 0.45 alike), read in
+    float32 as the loss will see p, with slack `tie`: a pair the loss uses is never a tie."""
+    # nan, or anything outside [0, 1], is no verdict.
+    probs = [float(np.float32(p)) if p is not None and 0 <= p <= 1 else None for p in probs]
+    ties = [p is not None and abs(p - 0.5) <= tie for p in probs]
+    unsure = [p is not None and abs(p - 0.5) < min_confidence - tie for p in probs]
+    used = [None if p is None or t or u else p for p, t, u in zip(probs, ties, unsure)]
+    counts = dict(pairs=len(used) - used.count(None), ties=sum(ties), no_verdict=probs.count(None))
+    return used, dict(counts, low_confidence=len(probs) - sum(counts.values()))
+
+
+def preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """h, (B,): how much more than the reference the policy prefers the chosen response."""
+    assert policy_chosen.dim() == 1, "the log-probs must be (B,)"
+    assert policy_chosen.shape == policy_rejected.shape == ref_chosen.shape == ref_rejected.shape
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_p=1.0):
+    """DPO: -log sigmoid(beta h); beta ~0.1 (0.1-0.5 usual); log 2 at h = 0."""
+    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # DPO Eq. 7. A soft label, as conservative DPO: -p log s(beta h) - (1 - p) log s(-beta h).
+    return -label_p * F.logsigmoid(beta * h) - (1 - label_p) * F.logsigmoid(-beta * h)
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=1.0, label_p=1.0):
+    """IPO: (h - 1/(2 beta))^2: the target margin is h* = 1/(2 beta), 0.5 nats at beta = 1. That is
+    per sequence on summed log-probs (the IPO paper, our default); TRL averages them per token."""
+    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # IPO Eq. 17. A soft label p moves the target to (p - 1/2) / beta, its expected loss's minimum.
+    return (h - (2 * label_p - 1) / (2 * beta)) ** 2
+
+
+def slic_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.002, label_p=1.0):
+    """SLiC as OAIF uses it, the hinge on the reference-normalised h: max(0, 1 - beta h). At beta =
+    0.002 it is zero only from h = 500 nats: on short responses, in effect the linear -beta h."""
+    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # SLiC-HF Eq. 3 as RSO writes it. A soft label weighs the hinge on each side, p and 1 - p.
+    return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)
+
+
+LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
+
+
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
+
+
+# --------------------------------------------------------------------------------------------------
+# 5) The update
+
+
+def update(loss, optimizer, max_grad_norm: float, wiring: Wiring) -> tuple:
+    """Backward, clipping, and an AdamW step unless the loss or the gradient is inf or nan on any
+    rank (it would poison AdamW's moments) -> (the gradient's norm, 1 if the step was skipped)."""
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    skipped = int(wiring.total(bad=not math.isfinite(grad_norm + float(loss.detach())))["bad"] > 0)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# 6) Speed: fused_logprobs, the log-probs of step 3 without the [tokens, vocab] logits (the plain
+# form is in sequence_logprobs)
 
 
 def fused_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None) -> torch.Tensor:
@@ -556,79 +634,6 @@ def _labelled_rows(hidden, weight, labels, temperature: float) -> tuple:
         # cuBLAS runs a vocabulary padded to a multiple of 64 several times faster (GPT-2's 50257).
         head = F.pad(head, (0, 0, 0, -head.shape[0] % 64))
     return rows, h, head
-
-
-# --------------------------------------------------------------------------------------------------
-# 4) Which verdicts the loss uses; then the three losses, side by side: (B,) losses of
-# h = [log pi(y+) - log ref(y+)] - [log pi(y-) - log ref(y-)], from (B,) log-probs summed over
-# response tokens. label_p = P(y+ is better), float or (B,): 1.0 is the plain loss; below 1 it
-# also pulls towards y- with weight 1 - p (soft labels).
-
-
-def triage(probs: list, min_confidence: float, tie: float = 1e-6) -> tuple:
-    """Which verdicts the loss may use -> (each p, or None where unusable; counts of pairs (usable),
-    ties, no_verdict, low_confidence). Confidence is |p - 1/2| (0.55 and 0.45 alike), read in
-    float32 as the loss will see p, with slack `tie`: a pair the loss uses is never a tie."""
-    # nan, or anything outside [0, 1], is no verdict.
-    probs = [float(np.float32(p)) if p is not None and 0 <= p <= 1 else None for p in probs]
-    ties = [p is not None and abs(p - 0.5) <= tie for p in probs]
-    unsure = [p is not None and abs(p - 0.5) < min_confidence - tie for p in probs]
-    used = [None if p is None or t or u else p for p, t, u in zip(probs, ties, unsure)]
-    counts = dict(pairs=len(used) - used.count(None), ties=sum(ties), no_verdict=probs.count(None))
-    return used, dict(counts, low_confidence=len(probs) - sum(counts.values()))
-
-
-def preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
-    """h, (B,): how much more than the reference the policy prefers the chosen response."""
-    assert policy_chosen.dim() == 1, "the log-probs must be (B,)"
-    assert policy_chosen.shape == policy_rejected.shape == ref_chosen.shape == ref_rejected.shape
-    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-
-
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_p=1.0):
-    """DPO: -log sigmoid(beta h); beta ~0.1 (0.1-0.5 usual); log 2 at h = 0."""
-    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # DPO Eq. 7. A soft label, as conservative DPO: -p log s(beta h) - (1 - p) log s(-beta h).
-    return -label_p * F.logsigmoid(beta * h) - (1 - label_p) * F.logsigmoid(-beta * h)
-
-
-def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=1.0, label_p=1.0):
-    """IPO: (h - 1/(2 beta))^2: the target margin is h* = 1/(2 beta), 0.5 nats at beta = 1. That is
-    per sequence on summed log-probs (the IPO paper, our default); TRL averages them per token."""
-    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # IPO Eq. 17. A soft label p moves the target to (p - 1/2) / beta, its expected loss's minimum.
-    return (h - (2 * label_p - 1) / (2 * beta)) ** 2
-
-
-def slic_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.002, label_p=1.0):
-    """SLiC as OAIF uses it, the hinge on the reference-normalised h: max(0, 1 - beta h). At beta =
-    0.002 it is zero only from h = 500 nats: on short responses, in effect the linear -beta h."""
-    h = preference_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # SLiC-HF Eq. 3 as RSO writes it. A soft label weighs the hinge on each side, p and 1 - p.
-    return label_p * torch.relu(1 - beta * h) + (1 - label_p) * torch.relu(1 + beta * h)
-
-
-LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
-
-
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}  # the OAIF paper's values
-
-
-# --------------------------------------------------------------------------------------------------
-# 5) The update
-
-
-def update(loss, optimizer, max_grad_norm: float, wiring: Wiring) -> tuple:
-    """Backward, clipping, and an AdamW step unless the loss or the gradient is inf or nan on any
-    rank (it would poison AdamW's moments) -> (the gradient's norm, 1 if the step was skipped)."""
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    skipped = int(wiring.total(bad=not math.isfinite(grad_norm + float(loss.detach())))["bad"] > 0)
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped
 
 
 # ==================================================================================================
