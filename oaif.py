@@ -895,7 +895,7 @@ class LocalJudgeAnnotator:
     s = log P("Yes") - log P("No") to a question, less that to its opposite where there is one.
     `question`: one question, or a question and its opposite ("Is this short? Is this long?"); by
     default the judge's own pair, written from the instruction, plus w x ("long?" less "short?"),
-    w how much more the instruction wants the first; none: "Is this a good response?".
+    w three times how much more the instruction wants the first; none: "Is this a good response?".
     P(first is better) = sigmoid(s1 - s2). Never an order bias. Each response is read once: its
     questions continue from its KV cache."""
 
@@ -933,10 +933,12 @@ class LocalJudgeAnnotator:
         # A small judge reads a response cut at the cap as less thorough, however long it is: with
         # its own question it also asks "long?" less "short?", weighted by how much more the
         # instruction's author wants Yes to the first (about 0 where length is not the point).
+        # Three times that: at 1x the written pair outweighs it where it reads a cut response as
+        # giving less ("the full picture?"); 3x was chosen on the tune wordings (README).
         if self.instruction and not question.strip():
             long = f"Is this a long {NOUNS[task][1].lower()}?"
             short = f"Is this a short {NOUNS[task][1].lower()}?"
-            w = self.wanted(long) - self.wanted(short)
+            w = 3 * (self.wanted(long) - self.wanted(short))
             self.questions += [long, short]
             self.weights += [w, -w]
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
@@ -1577,7 +1579,7 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
+        if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     if rank == 0 and len(saved) != world:
         print(

@@ -2065,8 +2065,8 @@ def test_local_judge_with_its_own_question_adds_long_less_short_as_the_instructi
     model_tok, monkeypatch, capsys
 ):
     # a small judge reads a response cut at the cap as less thorough, however long: with its own
-    # question it also asks "long?" less "short?", weighted by how much more the instruction's
-    # author wants Yes to "long?" than to "short?" (wanted, the judge's own check)
+    # question it also asks "long?" less "short?", weighted by three times how much more the
+    # instruction's author wants Yes to "long?" than to "short?" (wanted, the judge's own check)
     model, tok = model_tok
     text = " a detailed summary?\nOpposite: Is this a brief summary?"
     monkeypatch.setattr(oaif, "sample_tokens", lambda *a: tok(text, return_tensors="pt").input_ids)
@@ -2075,7 +2075,7 @@ def test_local_judge_with_its_own_question_adds_long_less_short_as_the_instructi
     wants = dict(zip(asked, [1.0, -1.0, 0.5, -0.75]))
     monkeypatch.setattr(oaif.LocalJudgeAnnotator, "wanted", lambda self, q: wants[q])
     judge = oaif.LocalJudgeAnnotator(model, tok, "tldr", "More detail, please.")
-    assert judge.questions == asked and judge.weights == [1.0, -1.0, 1.25, -1.25]
+    assert judge.questions == asked and judge.weights == [1.0, -1.0, 3.75, -3.75]
     prompts, a, b = ["Why?", "Hi"], ["Because it is so.", "Hello"], ["No.", "Hey there, you"]
     # each question's log-odds as test_local_judge_is_pointwise_yes_no_log_odds checks them
     s = [
@@ -2089,7 +2089,7 @@ def test_local_judge_with_its_own_question_adds_long_less_short_as_the_instructi
     cfg = oaif.Config(task="tldr", instruction="More detail, please.")
     models = {"device": torch.device("cpu"), "m": (model, tok)}
     oaif.make_annotator("hf:m", cfg, models, "")
-    line = " ".join(f"{w:+.2f} x {q}" for w, q in zip([1, -1, 1.25, -1.25], asked))
+    line = " ".join(f"{w:+.2f} x {q}" for w, q in zip([1, -1, 3.75, -3.75], asked))
     assert f"oaif: hf:m asks of each response: {line}\n" in capsys.readouterr().err
     # a question given (--judge-question), or no instruction: asked as given, nothing added
     given = oaif.LocalJudgeAnnotator(model, tok, "tldr", "More detail, please.", question="Long?")
