@@ -1346,7 +1346,7 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
         annotator=spec,
         prompts_sha256=digest(cfg.prompts),
         offline_data_sha256=digest(cfg.offline_data),
-        judge_weighs_length=True,
+        judge_weighs_length=3,
     )
     if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
         raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
@@ -1448,11 +1448,12 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         )
         return idle.get(k) or saved.get(k) == config[k]
 
-    # An hf: judge before df3cb60 added no "long?" less "short?" to its own question, and before
-    # 7b96f0e (configs with judge_debias) took 0.25 x "good?" off any: another judge.
+    # An hf: judge before df3cb60 added no "long?" less "short?" to its own question, before
+    # 31c160e (judge_weighs_length true) weighed it a third as much, and before 7b96f0e (configs
+    # with judge_debias) took 0.25 x "good?" off any: another judge.
     hf = any(j.startswith("hf:") for j in (config["annotator"], config["eval_annotator"]))
     own = not config["judge_question"].strip() or "judge_debias" in saved
-    if not saved.get("judge_weighs_length") and config["instruction"].strip() and hf and own:
+    if saved.get("judge_weighs_length") != 3 and config["instruction"].strip() and hf and own:
         raise OAIFError("--resume: this checkpoint's hf: judge asked otherwise; start a new run")
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}"

@@ -2769,7 +2769,8 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
 
 def test_resume_refuses_a_checkpoint_of_an_older_judge(tiny, tmp_path, capsys):
     # before df3cb60 an hf: judge with an instruction added no "long?" less "short?" to its own
-    # question, and before 7b96f0e (judge_debias) took 0.25 x "good?" off any: another judge
+    # question, before 31c160e (judge_weighs_length true) weighed it a third as much, and before
+    # 7b96f0e (judge_debias) took 0.25 x "good?" off any: another judge
     sys.path.insert(0, os.path.join(HERE, "examples"))
     import tiny_model
 
@@ -2779,11 +2780,12 @@ def test_resume_refuses_a_checkpoint_of_an_older_judge(tiny, tmp_path, capsys):
     oaif.main(args)
     paths = (tmp_path / "checkpoint-1" / "oaif_config.json", tmp_path / "oaif_config.json")
     saved = json.loads(paths[0].read_text())
-    assert saved["judge_weighs_length"] is True
+    assert saved["judge_weighs_length"] == 3
     old = {k: v for k, v in saved.items() if k != "judge_weighs_length"}
     # (an older config, the flags of its resume): its own question, or the debias with a given one
     for older, resume in (
         (dict(judge_question=""), flags),
+        (dict(judge_question="", judge_weighs_length=True), flags),
         (dict(judge_debias=0.25), flags + given),
     ):
         for path in paths:

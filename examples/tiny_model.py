@@ -114,11 +114,12 @@ def finished(argv: list) -> bool:
             with open(cfg[k], "rb") as f:
                 cfg[f"{k}_sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
     free = ("sample_every", "resume", "overwrite")  # they do not change what the run learns
-    # An hf: judge before df3cb60 added no "long?" less "short?" to its own question, and before
-    # 7b96f0e (configs with judge_debias) took 0.25 x "good?" off any: another judge.
+    # An hf: judge before df3cb60 added no "long?" less "short?" to its own question, before
+    # 31c160e (judge_weighs_length true) weighed it a third as much, and before 7b96f0e (configs
+    # with judge_debias) took 0.25 x "good?" off any: another judge.
     hf = [j[:3] for j in (cfg["annotator"], cfg["eval_annotator"])]
     own = not cfg["judge_question"].strip() or "judge_debias" in saved
-    if not saved.get("judge_weighs_length") and cfg["instruction"].strip() and "hf:" in hf and own:
+    if saved.get("judge_weighs_length") != 3 and cfg["instruction"].strip() and "hf:" in hf and own:
         return False
     return all(saved.get(k) == v for k, v in cfg.items() if k not in free)
 
