@@ -754,11 +754,13 @@ def parse_args(argv: Optional[list] = None) -> Config:
     about = """Online AI Feedback: DPO, IPO or SLiC on pairs the policy samples, judged as it
     trains. An hf: judge turns --instruction, in any words, into its own yes/no question about one
     response and the opposite question, puts first the one it says the instruction wants, adds
-    "long?" less "short?" weighted by how much more the instruction wants long answers (about 0
-    where length is not the point), and prints them all first (--judge-question sets them, and
-    adds nothing). Checked on 20 wordings asking for shorter or longer answers (examples/README.md,
-    "Any wording"); check a new one on your policy's own pairs: examples/judge_check.py
-    --wordings."""
+    "long?" less "short?" weighted by three times how much more the instruction wants long answers
+    (about 0 where length is not the point), and prints them all first (--judge-question sets them,
+    and adds nothing). Checked on 30 wordings asking for shorter or longer answers
+    (examples/README.md, "Any wording"): with a 1.5B judge 28 agree with the length rule on >= 75%
+    of a policy's own pairs, all 10 held out, not "Walk me through it step by step." or "Don't skimp
+    on the details."; check a new one on your policy's own pairs: examples/judge_check.py
+    --wordings, or give --judge-question."""
     parser = argparse.ArgumentParser(description=about)
     kinds = {bool: dict(action=argparse.BooleanOptionalAction), Optional[float]: dict(type=float)}
     for f in dataclasses.fields(Config):
