@@ -936,7 +936,8 @@ class LocalJudgeAnnotator:
         # its own question it also asks "long?" less "short?", weighted by how much more the
         # instruction's author wants Yes to the first (about 0 where length is not the point).
         # Three times that: at 1x the written pair outweighs it where it reads a cut response as
-        # giving less ("the full picture?"); 3x was chosen on the tune wordings (README).
+        # giving less ("the full picture?"); 3x was chosen on the tune wordings (examples/README.md,
+        # "Any wording"). A checkpoint records the 3 (judge_weighs_length): --resume checks it.
         if self.instruction and not question.strip():
             long = f"Is this a long {NOUNS[task][1].lower()}?"
             short = f"Is this a short {NOUNS[task][1].lower()}?"
