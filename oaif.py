@@ -202,7 +202,12 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     """(B, R) ids that continue the left-padded (B, P) `ids`, drawn from softmax(logits /
     temperature) (0: greedy), padded after each row's EOS; FloatingPointError if it is not finite.
     Not `generate`: a checkpoint's generation_config (Qwen2.5's repetition_penalty) would change
-    the policy's own samples. The draw, an inverse CDF in float64, beats multinomial on a CPU."""
+    the policy's own samples. The draw, an inverse CDF in float64, beats multinomial on a CPU.
+    The plain form (greedy: the same tokens; sampled: the same distribution, other draws), the
+    knobs chat models' generation_configs set named: model.generate(ids, attention_mask=mask,
+    do_sample=temperature > 0, temperature=temperature, top_k=0, top_p=1.0,
+    repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
+    pad_token_id=pad_id)[:, P:]."""
     from transformers import StaticCache
 
     B, P = ids.shape
