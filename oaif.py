@@ -397,13 +397,13 @@ class ClaudeAnnotator:
             msg = None
         # A reply cut off at max_tokens has no verdict either ("... while Response 2").
         verdict = None
-        if msg is not None and msg.stop_reason != "max_tokens":
+        if msg and msg.stop_reason != "max_tokens":
             verdict = parse_verdict("".join(getattr(block, "text", "") for block in msg.content))
         with self.lock:
             self.stats["annotator_requests"] += 1
             self.stats["annotator_failures"] += verdict is None
             for k in ("input_tokens", "output_tokens"):
-                self.stats[k] += getattr(msg.usage, k) if msg is not None else 0
+                self.stats[k] += getattr(msg.usage, k) if msg else 0
             if verdict is not None:
                 self.cache[(prompt, a, b)] = verdict
         return verdict
@@ -896,6 +896,12 @@ JUDGE_SHOTS = {
 }
 
 
+# How many times its own direction check the local judge weighs "long?" less "short?", chosen on
+# the tune wordings (examples/README.md, "Any wording"). A checkpoint records it as
+# judge_weighs_length (true before 31c160e: 1x); --resume refuses another.
+LENGTH_SCALE = 3
+
+
 class LocalJudgeAnnotator:
     """Any Hugging Face causal LM as a pointwise, offline annotator (small judges asked to compare
     two responses ignore the instruction; asked about one, they follow it): each response alone gets
@@ -940,13 +946,12 @@ class LocalJudgeAnnotator:
         # A small judge reads a response cut at the cap as less thorough, however long it is: with
         # its own question it also asks "long?" less "short?", weighted by how much more the
         # instruction's author wants Yes to the first (about 0 where length is not the point).
-        # Three times that: at 1x the written pair outweighs it where it reads a cut response as
-        # giving less ("the full picture?"); 3x was chosen on the tune wordings (examples/README.md,
-        # "Any wording"). A checkpoint records the 3 (judge_weighs_length): --resume checks it.
+        # LENGTH_SCALE times that: at 1x the written pair outweighs it where it reads a cut
+        # response as giving less ("the full picture?").
         if self.instruction and not question.strip():
             long = f"Is this a long {NOUNS[task][1].lower()}?"
             short = f"Is this a short {NOUNS[task][1].lower()}?"
-            w = 3 * (self.wanted(long) - self.wanted(short))
+            w = LENGTH_SCALE * (self.wanted(long) - self.wanted(short))
             self.questions += [long, short]
             self.weights += [w, -w]
         self.stats = dict.fromkeys(ANNOTATOR_STATS, 0)
@@ -1354,7 +1359,7 @@ def setup_run(cfg: Config, custom_annotator) -> tuple:
         annotator=spec,
         prompts_sha256=digest(cfg.prompts),
         offline_data_sha256=digest(cfg.offline_data),
-        judge_weighs_length=3,
+        judge_weighs_length=LENGTH_SCALE,
     )
     if "claude" in (spec, cfg.eval_annotator) and not os.environ.get("ANTHROPIC_API_KEY"):
         raise OAIFError("--annotator claude needs ANTHROPIC_API_KEY in the environment")
@@ -1461,7 +1466,12 @@ def check_output_dir(cfg: Config, config: dict) -> None:
     # with judge_debias) took 0.25 x "good?" off any: another judge.
     hf = any(j.startswith("hf:") for j in (config["annotator"], config["eval_annotator"]))
     own = not config["judge_question"].strip() or "judge_debias" in saved
-    if saved.get("judge_weighs_length") != 3 and config["instruction"].strip() and hf and own:
+    if (
+        saved.get("judge_weighs_length") != LENGTH_SCALE
+        and config["instruction"].strip()
+        and hf
+        and own
+    ):
         raise OAIFError("--resume: this checkpoint's hf: judge asked otherwise; start a new run")
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}"

@@ -119,7 +119,8 @@ def finished(argv: list) -> bool:
     # with judge_debias) took 0.25 x "good?" off any: another judge.
     hf = [j[:3] for j in (cfg["annotator"], cfg["eval_annotator"])]
     own = not cfg["judge_question"].strip() or "judge_debias" in saved
-    if saved.get("judge_weighs_length") != 3 and cfg["instruction"].strip() and "hf:" in hf and own:
+    new = saved.get("judge_weighs_length") == oaif.LENGTH_SCALE
+    if not new and cfg["instruction"].strip() and "hf:" in hf and own:
         return False
     return all(saved.get(k) == v for k, v in cfg.items() if k not in free)
 
