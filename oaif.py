@@ -1539,7 +1539,7 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
             python=random.getstate(),
             numpy=np.random.get_state(),
             torch=torch.get_rng_state(),
-            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            cuda=torch.cuda.get_rng_state_all(),  # every visible GPU's; [] without one
             annotator=stats,
         ),
         os.path.join(tmp, f"rng-{rank}.pt"),
@@ -1598,8 +1598,9 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        # Saved with more GPUs visible than there are now: each visible one takes its own.
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"][: torch.cuda.device_count()])
     if rank == 0 and len(saved) != world:
         print(
             f"oaif: {resume_from} was saved on {len(saved)} rank(s), resumed on {world}: a rank "
