@@ -1464,7 +1464,8 @@ def check_output_dir(cfg: Config, config: dict) -> None:
     # An hf: judge before df3cb60 added no "long?" less "short?" to its own question, before
     # 31c160e (judge_weighs_length true) weighed it a third as much, and before 7b96f0e (configs
     # with judge_debias) took 0.25 x "good?" off any: another judge.
-    hf = any(j.startswith("hf:") for j in (config["annotator"], config["eval_annotator"]))
+    # The training judge alone: the evaluation judge may change on resume anyway.
+    hf = config["annotator"].startswith("hf:")
     own = not config["judge_question"].strip() or "judge_debias" in saved
     if (
         saved.get("judge_weighs_length") != LENGTH_SCALE
@@ -1539,7 +1540,8 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, wiring, stats, conf
             python=random.getstate(),
             numpy=np.random.get_state(),
             torch=torch.get_rng_state(),
-            cuda=torch.cuda.get_rng_state_all(),  # every visible GPU's; [] without one
+            # Every visible GPU's; a GPU NVML counts but CUDA cannot start (an old driver) is none.
+            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             annotator=stats,
         ),
         os.path.join(tmp, f"rng-{rank}.pt"),

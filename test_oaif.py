@@ -2767,7 +2767,7 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
     assert [r["step"] for r in read_metrics(tmp_path / "hf")] == [1, 2]
 
 
-def test_resume_refuses_a_checkpoint_of_an_older_judge(tiny, tmp_path, capsys):
+def test_resume_refuses_a_checkpoint_of_an_older_judge(tiny, tmp_path, capsys, monkeypatch):
     # before df3cb60 an hf: judge with an instruction added no "long?" less "short?" to its own
     # question, before 31c160e (judge_weighs_length true) weighed it a third as much, and before
     # 7b96f0e (judge_debias) took 0.25 x "good?" off any: another judge
@@ -2793,6 +2793,13 @@ def test_resume_refuses_a_checkpoint_of_an_older_judge(tiny, tmp_path, capsys):
         assert not tiny_model.finished(run_args(tiny, tmp_path, "--steps", "1", *resume))
         msg = bad_run(run_args(tiny, tmp_path, "--steps", "2", "--resume", *resume), capsys)
         assert "this checkpoint's hf: judge asked otherwise; start a new run" in msg
+    # trained by Claude (its judge unchanged): an hf: evaluation judge on resume is no refusal
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "never sent")
+    for path in paths:
+        path.write_text(json.dumps(dict(old, judge_question="", annotator="claude")))
+    claude = ["--annotator", "claude", "--instruction", "Be brief.", "--save-every", "1"]
+    resume = run_args(tiny, tmp_path, "--steps", "2", "--resume", *claude)
+    oaif.setup_run(oaif.parse_args(resume + ["--eval-annotator", f"hf:{tiny}"]), None)
     # a given question after 7b96f0e: the judge as it is now, finished and resumed
     for config in (saved, old):
         for path in paths:
