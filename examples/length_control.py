@@ -74,7 +74,7 @@ PRESETS = {  # what a flag left out means
         parallel=True,
     ),
     # 2 CPU cores, one arm at a time, about 2 hours in all (README: the step times it was sized
-    # from); lr 3e-5 to move in 12 steps, not yet tried.
+    # from); lr 3e-5 to move in 12 steps (it moves: 0.68x for "very short" at 7db23c0).
     "cpu": dict(
         REAL,
         steps=12,
