@@ -162,15 +162,16 @@ def metrics(arg: list) -> list:
         return [json.loads(line) for line in f if line.endswith("\n")]  # not one being written
 
 
-def neutral_win_rates(args: dict, judge: str) -> dict:
-    """Each arm's final policy against the initial one, on oaif's held-out prompts and drawn as its
-    evaluation draws them (the same seed), judged by `judge` with no instruction: the task's own
-    criterion ("helpful") alone. (oaif.py's --eval-annotator gets the training --instruction.)"""
+def neutral_win_rates(args: dict, judge: str, prompts=None) -> dict:
+    """Each arm's final policy against the initial one, on oaif's held-out prompts (or `prompts`)
+    and drawn as its evaluation draws them (the same seed), judged by `judge` with no instruction:
+    the task's own criterion ("helpful") alone. (oaif.py's --eval-annotator gets the training
+    --instruction.)"""
     cfg = oaif.parse_args(next(iter(args.values())))
     device = torch.device(
         cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
-    prompts = oaif.split_prompts(cfg)[0]
+    prompts = prompts or oaif.split_prompts(cfg)[0]
     initial, tokenizer = oaif.load_model(cfg.model, device)
 
     def answers(model):
