@@ -34,7 +34,6 @@ import shutil
 import sys
 import threading
 import time
-import timeit
 from typing import Callable, Optional
 
 import numpy as np
@@ -204,7 +203,8 @@ def sample_tokens(model, ids, mask, max_new_tokens, temperature, eos_ids, pad_id
     Not `generate`: a checkpoint's generation_config (Qwen2.5's repetition_penalty) would change
     the policy's own samples. The draw, an inverse CDF in float64, beats multinomial on a CPU.
     The plain form (greedy: the same tokens; sampled: the same distribution, other draws), the
-    knobs chat models' generation_configs set named: model.generate(ids, attention_mask=mask,
+    knobs chat models' generation_configs set named (greedy, generate warns that top_k is unused):
+    model.generate(ids, attention_mask=mask,
     do_sample=temperature > 0, temperature=temperature, top_k=0, top_p=1.0,
     repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
     pad_token_id=pad_id)[:, P:]."""
@@ -826,13 +826,10 @@ def check_logprobs(model, tolerance: float = 1e-3) -> None:
 
 
 def judge_dtype(device) -> torch.dtype:
-    """bf16 where its matmuls beat float32: CUDA where supported; a CPU by timing one each way."""
-    # Its own generator: the run's random stream is left alone.
-    a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
-    seconds = [
-        min(timeit.repeat(lambda x=x: x @ x.T, number=8, repeat=5)) for x in (a, a.bfloat16())
-    ]
-    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else seconds[1] < seconds[0]
+    """bf16 on a GPU that has it, else float32. Never chosen by timing: a busy machine times
+    otherwise, and a resume would go on with another judge's verdicts."""
+    # On a CPU bf16 is fast only with bf16 units (AMX); without them a forward takes ~4x longer.
+    fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if fast else torch.float32
 
 
@@ -1093,6 +1090,8 @@ class RewardModelAnnotator:
             padding_side="right",
             return_tensors="pt",
         )
+        if (n := context_length(self.model.config)) and enc.input_ids.shape[1] > n:
+            raise OAIFError(f"a reward model input is over its context of {n} tokens")
         r = self.model(**enc.to(self.model.device)).logits[:, 0].float()  # (2B,)
         self.stats["annotator_requests"] += len(texts)
         self.stats["input_tokens"] += int(enc.attention_mask.sum())
@@ -1127,7 +1126,7 @@ def make_annotator(spec: str, cfg: Config, models: dict, claude_model: str) -> C
         return judge
     if spec.startswith("rm:"):
         # Loaded for each use: never the reference.
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        dtype = getattr(torch, cfg.dtype)
         rm, tokenizer = load_model(name, device, "AutoModelForSequenceClassification", dtype)
         return RewardModelAnnotator(rm.requires_grad_(False), tokenizer)
     raise OAIFError(f"unknown annotator {spec!r}; use shorter, longer, claude, hf:, rm:")
@@ -1425,6 +1424,7 @@ def check_output_dir(cfg: Config, config: dict) -> None:
     # No --output-dir: a new folder, made when the run starts.
     if not out:
         return
+    # A file as one of its parents is found only when the folder is made (main says so).
     if os.path.isfile(out):
         raise OAIFError(f"--output-dir {out} is a file, not a folder")
     names = os.listdir(out) if os.path.isdir(out) else []
@@ -1453,11 +1453,13 @@ def check_output_dir(cfg: Config, config: dict) -> None:
         # A data file may move (its contents' digest is compared), not change kind (.txt or .jsonl).
         if k in ("prompts", "offline_data"):
             return os.path.splitext(saved[k])[1] == os.path.splitext(config[k])[1]
-        # Flags that act on nothing in this run: the held-out split's size with no evaluation, the
-        # Claude model with another annotator.
+        # Flags that act on nothing in this run, or on the evaluation judge alone (which may
+        # change): the held-out split's size with no evaluation, the Claude model with another
+        # annotator, the hf: judge's question when that judge does not train.
         idle = dict(
             eval_prompts=not config["eval_every"],
             annotator_model=config["annotator"] != "claude",
+            judge_question=not config["annotator"].startswith("hf:"),
         )
         return idle.get(k) or saved.get(k) == config[k]
 
@@ -1623,12 +1625,15 @@ def open_run(cfg: Config, resume_from, optimizer, root, stats: dict) -> tuple:
                 f.writelines(kept)
     return (
         state["step"],
-        # The evaluations a straight run makes, on rank 0: not the extra one that ended a run (the
-        # file keeps it: an evaluation made is a record, not to be lost).
+        # The evaluations a straight run makes, on rank 0 (every --eval-every steps, and at the
+        # last): not the extra one that ended a shorter run (the file keeps it: an evaluation made
+        # is a record, not to be lost).
         [
             r
             for r in map(json.loads, kept)
-            if not r.get("eval") or rank == 0 and r["step"] % cfg.eval_every == 0
+            if not r.get("eval")
+            or rank == 0
+            and (r["step"] % cfg.eval_every == 0 or r["step"] == cfg.steps)
         ],
         open(metrics_path, "a") if rank == 0 else None,
     )
@@ -1778,7 +1783,7 @@ def load_policy(cfg: Config, device, resume_from: Optional[str], prompts: list) 
         import peft
     except ImportError:
         raise OAIFError("--lora-rank needs peft: pip install peft") from None
-    base = ref_model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    base = ref_model.to(getattr(torch, cfg.dtype))
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     config = peft.LoraConfig(
         r=cfg.lora_rank,
@@ -2074,7 +2079,7 @@ def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, a
     )
     # Offline, the steps score the fixed pairs' responses: their length is not the policy's.
     if cfg.offline or cfg.offline_data:
-        line += " (of the fixed pairs, not of the policy's samples)"
+        line += " (log-ratios of the fixed pairs, not the policy's samples: a KL only in name)"
     if m["win_rate"]:
         line += (
             f"; win rate vs the initial policy {m['win_rate'][0]:.2f} -> {m['win_rate'][-1]:.2f}"
@@ -2121,8 +2126,6 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         config["output_dir"] = cfg.output_dir
     start, history, log = open_run(cfg, resume_from, optimizer, wiring.score, stats)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0)
-    record = {}  # the last step's metrics, the last evaluation's
-    last_eval = None
     for step in bar:
         begin = time.perf_counter()
         stats0 = dict(stats)
@@ -2148,11 +2151,11 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         if rank == 0:
             report(record, log, bar, cfg.sample_every, prompts, out)
         if eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
-            last_eval = evaluate(step, cfg, wiring, tokenizer, eval_prompts, ref_answers, judge)
+            result = evaluate(step, cfg, wiring, tokenizer, eval_prompts, ref_answers, judge)
             # Rank 0 alone evaluates: the others' history holds the steps only.
             if rank == 0:
-                report(last_eval, log, bar)
-                history.append(last_eval)
+                report(result, log, bar)
+                history.append(result)
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(cfg, step, saved, tokenizer, optimizer, wiring, stats, config, fixed)
     bar.close()
@@ -2174,13 +2177,16 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         # Every rank is done before any tears its process group down.
         barrier()
         torch.distributed.destroy_process_group()
-    return dict(last=record, eval=last_eval, summary=summary)
+    # From history: a resume from the last step's checkpoint runs no step.
+    evals = [r for r in history if r.get("eval")] or [None]
+    return dict(last=[r for r in history if not r.get("eval")][-1], eval=evals[-1], summary=summary)
 
 
 def main(argv: Optional[list] = None) -> dict:
     try:
         return train(parse_args(argv))
-    except (OAIFError, FloatingPointError) as e:
+    # NotADirectoryError: a file where the output folder's parent should be (oaif-out/run-N too).
+    except (OAIFError, FloatingPointError, NotADirectoryError) as e:
         raise SystemExit(f"oaif: error: {e}") from None
 
 

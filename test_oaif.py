@@ -493,6 +493,8 @@ def test_bad_inputs_give_one_line(tiny, tmp_path, capsys):
     assert "cannot load model" in bad_run(run_args(str(tmp_path / "no-model"), out), capsys)
     assert "unknown --loss" in bad_run(run_args(tiny, out, "--loss", "ppo"), capsys)
     assert not out.exists()  # nothing half-written
+    (tmp_path / "a_file").write_text("")
+    assert "Not a directory" in bad_run(run_args(tiny, tmp_path / "a_file" / "out"), capsys)
 
 
 def test_prompts_files(tmp_path):
@@ -763,7 +765,9 @@ def test_local_judge_scores_the_tokens_of_each_whole_input():
 
 
 def test_local_judge_runs_in_the_fast_dtype_whatever_the_policy_trains_in(tiny, monkeypatch):
-    # judge_dtype's answer, stood in: its timing is the machine's
+    # a rule, not a timing (a busy machine timed otherwise, and a resume judged in another dtype)
+    assert [oaif.judge_dtype(torch.device("cpu")) for _ in range(3)] == [torch.float32] * 3
+    # judge_dtype's answer on a GPU, stood in
     for dtype in (torch.bfloat16, torch.float32):
         monkeypatch.setattr(oaif, "judge_dtype", lambda device, d=dtype: d)
         judge = oaif.make_annotator(
@@ -1927,6 +1931,14 @@ def test_cli_with_reward_model(tiny, tiny_rm, tmp_path, capsys):
 
     assert "cannot load model" in refusal("b", f"rm:{tmp_path / 'nothing'}")
     assert "num_labels" in refusal("c", f"rm:{tiny}")
+    # a prompt and response over the reward model's context: one line, not an IndexError
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    short_rm = tmp_path / "short_rm"
+    config = GPT2Config.from_pretrained(tiny_rm, n_positions=12)
+    GPT2ForSequenceClassification(config).save_pretrained(short_rm)
+    AutoTokenizer.from_pretrained(tiny_rm).save_pretrained(short_rm)
+    assert "over its context of 12 tokens" in refusal("d", f"rm:{short_rm}")
 
 
 def test_resume_refuses_a_prompts_file_whose_content_changed(tiny, tmp_path, capsys):
@@ -2728,10 +2740,29 @@ def test_a_resumed_run_says_it_moved_as_a_straight_run_does(tiny, tmp_path, caps
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 2, 3, 4, 4]
 
 
+def test_a_run_resumed_at_its_last_step_keeps_its_closing_evaluation(tiny, tmp_path, monkeypatch):
+    flags = ["--steps", "3", "--eval-every", "2", "--eval-prompts", "2", "--save-every", "3"]
+    straight = oaif.main(run_args(tiny, tmp_path / "a", *flags))
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    # stopped after the last checkpoint, before the model is saved (Ctrl-C, a full disk)
+    with monkeypatch.context() as m:
+        m.setattr(oaif, "finish", stop)
+        with pytest.raises(KeyboardInterrupt):
+            oaif.main(run_args(tiny, tmp_path / "b", *flags))
+    resumed = oaif.main(run_args(tiny, tmp_path / "b", *flags, "--resume"))
+    assert resumed["summary"]["moved"] == straight["summary"]["moved"]
+    assert len(straight["summary"]["moved"]["win_rate"]) == 2
+    assert resumed["eval"] == straight["eval"] and straight["eval"]["step"] == 3
+    assert resumed["last"]["loss"] == straight["last"]["loss"] and resumed["last"]["step"] == 3
+
+
 def test_offline_the_closing_line_says_whose_length_it_is(tiny, tmp_path, capsys):
     data = write_pairs(tmp_path / "d.jsonl", [dict(prompt="Why?", chosen="A.", rejected="B b.")])
     oaif.main(run_args(tiny, tmp_path / "out", "--offline-data", data))
-    assert "(of the fixed pairs, not of the policy's samples)" in capsys.readouterr().err
+    assert "(log-ratios of the fixed pairs, not the policy's samples" in capsys.readouterr().err
 
 
 def test_printed_pairs_show_a_new_prompt_each_time():
@@ -2768,6 +2799,14 @@ def test_resume_accepts_changes_that_act_on_nothing(tiny, tmp_path, capsys, monk
     config.write_text(json.dumps(saved))
     oaif.main(run_args(tiny, tmp_path / "hf", "--resume", *hf))
     assert [r["step"] for r in read_metrics(tmp_path / "hf")] == [1, 2]
+    # the question of a judge that only evaluates (which may change on resume anyway)
+    ev = ["--eval-annotator", f"hf:{tiny}", "--eval-every", "2", "--eval-prompts", "2"]
+    ev += ["--save-every", "1"]
+    question = ["--judge-question", "Is this short?"]
+    oaif.main(run_args(tiny, tmp_path / "ev", "--steps", "1", *ev, *question))
+    question = ["--judge-question", "Is this long?"]
+    oaif.main(run_args(tiny, tmp_path / "ev", "--resume", *ev, *question))
+    assert [r["step"] for r in read_metrics(tmp_path / "ev")] == [1, 1, 2, 2]
 
 
 def test_resume_refuses_a_checkpoint_of_an_older_judge(tiny, tmp_path, capsys, monkeypatch):

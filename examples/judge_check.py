@@ -941,7 +941,7 @@ def main():
         "--judge-dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16"),
-        help="the judge's dtype (auto: oaif.judge_dtype's timing, which a busy machine misleads)",
+        help="the judge's dtype (auto: oaif.judge_dtype: bf16 on a GPU that has it, else float32)",
     )
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--temperature", type=float, default=0.9)
