@@ -1409,7 +1409,12 @@ def new_run_folder(root: str) -> str:
         path = os.path.join(root, f"run-{max(numbered(root, 'run-'), default=0) + 1}")
         with contextlib.suppress(FileExistsError):
             os.makedirs(path)
-            print(f"oaif: output: {path}", file=sys.stderr)
+            # The newcomer's run (no --output-dir) says what to watch.
+            print(
+                f"oaif: output: {path}; watch len and kl, not the loss (near 0.69: each step's "
+                "pairs are new)",
+                file=sys.stderr,
+            )
             break
     box = [path if rank == 0 else None]
     if world > 1:
