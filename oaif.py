@@ -829,8 +829,8 @@ def judge_dtype(device) -> torch.dtype:
     """bf16 on a GPU that has it, else float32. Never chosen by timing: a busy machine times
     otherwise, and a resume would go on with another judge's verdicts."""
     # On a CPU bf16 is fast only with bf16 units (AMX); without them a forward takes ~4x longer.
-    fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if fast else torch.float32
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if gpu_bf16 else torch.float32
 
 
 # The local annotators, offline and with no key: an LLM judge asked yes/no questions about one
@@ -1497,9 +1497,9 @@ def check_output_dir(cfg: Config, config: dict) -> None:
 # Checkpoints and resume
 
 
-def finite_weights(model_or_tensors) -> bool:
-    """No inf or nan in the weights (this rank's shards, under FSDP)."""
-    ts = model_or_tensors
+def finite_weights(ts) -> bool:
+    """No inf or nan in a model's weights, or in a list of tensors (this rank's shards, under
+    FSDP)."""
     ts = ts.parameters() if hasattr(ts, "parameters") else ts
     ts = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in ts]
     return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
@@ -2182,9 +2182,11 @@ def train(cfg: Config, annotator: Optional[Callable] = None) -> dict:
         # Every rank is done before any tears its process group down.
         barrier()
         torch.distributed.destroy_process_group()
-    # From history: a resume from the last step's checkpoint runs no step.
+    # From history: a resume from the last step's checkpoint runs no step (and its metrics.jsonl
+    # may be gone).
+    steps = [r for r in history if not r.get("eval")] or [{}]
     evals = [r for r in history if r.get("eval")] or [None]
-    return dict(last=[r for r in history if not r.get("eval")][-1], eval=evals[-1], summary=summary)
+    return dict(last=steps[-1], eval=evals[-1], summary=summary)
 
 
 def main(argv: Optional[list] = None) -> dict:
