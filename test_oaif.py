@@ -2151,11 +2151,8 @@ def test_rules_and_reward_models_refuse_an_instruction_they_cannot_follow(
     flags += ["--eval-every", "1", "--eval-prompts", "4", "--eval-annotator", f"hf:{tiny}"]
     flags += ["--judge-question", "Is this a concise response?"]  # the tiny judge writes none
     oaif.main(run_args(tiny, tmp_path / "ok", *flags, "--save-every", "1"))
-    # the evaluation's hf: judge reads the question: a resume may not change it
-    msg = bad_run(
-        run_args(tiny, tmp_path / "ok", *flags, "--resume", "--judge-question", "Q?"), capsys
-    )
-    assert "--judge-question Is this a concise response? -> Q?" in msg
+    # (the evaluation's hf: judge alone reads the question: like that judge, it may change on
+    # resume, test_resume_accepts_changes_that_act_on_nothing)
     # --judge-question is an hf: judge's alone
     msg = bad_run(run_args(tiny, tmp_path / "no", "--judge-question", "Short?"), capsys)
     assert "--judge-question is an hf: judge's; the annotator here is shorter" in msg

@@ -4,7 +4,7 @@ samples of the current policy per prompt, labelled every step. Offline: two samp
 the initial policy, labelled once before training, then reused. Both are evaluated by win rate
 against the initial policy on held-out prompts. Flags it does not know go to oaif.py unchanged.
 
-    python examples/online_vs_offline.py --tiny      # tiny offline GPT-2, a few minutes on 2 cores
+    python examples/online_vs_offline.py --tiny      # tiny offline GPT-2, ~15 s on 2 idle cores
     python examples/online_vs_offline.py --model gpt2 --annotator claude --steps 500 --eval-every 50
     python examples/online_vs_offline.py --cpu --seed 1    # the real judge, 2 CPU cores (README)
     python examples/online_vs_offline.py --paper           # the real judge, one GPU
