@@ -1090,9 +1090,13 @@ class RewardModelAnnotator:
             padding_side="right",
             return_tensors="pt",
         )
-        if (n := context_length(self.model.config)) and enc.input_ids.shape[1] > n:
-            raise OAIFError(f"a reward model input is over its context of {n} tokens")
-        r = self.model(**enc.to(self.model.device)).logits[:, 0].float()  # (2B,)
+        # Past its absolute positions a model indexes out of range (on a CPU); relative positions
+        # (DeBERTa) read any length, so no limit from its config is checked first.
+        try:
+            r = self.model(**enc.to(self.model.device)).logits[:, 0].float()  # (2B,)
+        except IndexError:
+            n = enc.input_ids.shape[1]
+            raise OAIFError(f"a reward model input of {n} tokens is over its context") from None
         self.stats["annotator_requests"] += len(texts)
         self.stats["input_tokens"] += int(enc.attention_mask.sum())
         return sigmoid_of_difference(first, second, r)
@@ -1409,12 +1413,7 @@ def new_run_folder(root: str) -> str:
         path = os.path.join(root, f"run-{max(numbered(root, 'run-'), default=0) + 1}")
         with contextlib.suppress(FileExistsError):
             os.makedirs(path)
-            # The newcomer's run (no --output-dir) says what to watch.
-            print(
-                f"oaif: output: {path}; watch len and kl, not the loss (near 0.69: each step's "
-                "pairs are new)",
-                file=sys.stderr,
-            )
+            print(f"oaif: output: {path}", file=sys.stderr)
             break
     box = [path if rank == 0 else None]
     if world > 1:
@@ -2082,9 +2081,10 @@ def finish(cfg: Config, policy, tokenizer, config, summary: dict, model_state, a
         f"oaif: the first {m['k']} steps -> the last {m['k']}: response length {tokens[0]:.1f} -> "
         f"{tokens[1]:.1f} tokens, KL to the reference {m['kl'][0]:.2f} -> {m['kl'][1]:.2f} nats"
     )
-    # Offline, the steps score the fixed pairs' responses: their length is not the policy's.
+    # Offline, the steps score the fixed pairs' responses: their length is not the policy's, and
+    # their "KL" a mean log-ratio (it can be below 0).
     if cfg.offline or cfg.offline_data:
-        line += " (log-ratios of the fixed pairs, not the policy's samples: a KL only in name)"
+        line += " (of the fixed pairs, not the policy's samples: the KL a log-ratio only)"
     if m["win_rate"]:
         line += (
             f"; win rate vs the initial policy {m['win_rate'][0]:.2f} -> {m['win_rate'][-1]:.2f}"

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import timeit
 
 import pytest
 import torch
@@ -764,8 +765,11 @@ def test_local_judge_scores_the_tokens_of_each_whole_input():
     )
 
 
-def test_local_judge_runs_in_the_fast_dtype_whatever_the_policy_trains_in(tiny, monkeypatch):
-    # a rule, not a timing (a busy machine timed otherwise, and a resume judged in another dtype)
+def test_local_judge_dtype_is_a_rule_whatever_the_policy_trains_in(tiny, monkeypatch):
+    # a rule, not a timing (a busy machine timed otherwise, and a resume judged in another dtype):
+    # a timing that says bf16 is faster on this CPU changes nothing
+    seconds = iter([[2.0], [1.0]] * 3)  # float32's, then bf16's
+    monkeypatch.setattr(timeit, "repeat", lambda *args, **kwargs: next(seconds))
     assert [oaif.judge_dtype(torch.device("cpu")) for _ in range(3)] == [torch.float32] * 3
     # judge_dtype's answer on a GPU, stood in
     for dtype in (torch.bfloat16, torch.float32):
@@ -1938,7 +1942,7 @@ def test_cli_with_reward_model(tiny, tiny_rm, tmp_path, capsys):
     config = GPT2Config.from_pretrained(tiny_rm, n_positions=12)
     GPT2ForSequenceClassification(config).save_pretrained(short_rm)
     AutoTokenizer.from_pretrained(tiny_rm).save_pretrained(short_rm)
-    assert "over its context of 12 tokens" in refusal("d", f"rm:{short_rm}")
+    assert "tokens is over its context" in refusal("d", f"rm:{short_rm}")
 
 
 def test_resume_refuses_a_prompts_file_whose_content_changed(tiny, tmp_path, capsys):
@@ -2759,7 +2763,7 @@ def test_a_run_resumed_at_its_last_step_keeps_its_closing_evaluation(tiny, tmp_p
 def test_offline_the_closing_line_says_whose_length_it_is(tiny, tmp_path, capsys):
     data = write_pairs(tmp_path / "d.jsonl", [dict(prompt="Why?", chosen="A.", rejected="B b.")])
     oaif.main(run_args(tiny, tmp_path / "out", "--offline-data", data))
-    assert "(log-ratios of the fixed pairs, not the policy's samples" in capsys.readouterr().err
+    assert "(of the fixed pairs, not the policy's samples" in capsys.readouterr().err
 
 
 def test_printed_pairs_show_a_new_prompt_each_time():
