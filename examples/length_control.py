@@ -73,7 +73,7 @@ PRESETS = {  # what a flag left out means
         eval_prompts=64,
         parallel=True,
     ),
-    # 2 CPU cores, one arm at a time, about 1 h 45 min in all (README: the step times it was sized
+    # 2 CPU cores, one arm at a time, about 1 h 40 min in all (README: the step times it was sized
     # from); lr 3e-5 to move in 16 steps (0.44x for "very short" over the last 10 at 0e6b61b; 12
     # steps left 0.68x, their last 10 still holding the long early steps).
     "cpu": dict(
