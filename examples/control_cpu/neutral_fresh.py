@@ -4,7 +4,7 @@ judge (no instruction: "Is this a good response?"): length_control.py's neutral 
 prompts than its 16 held-out ones. Answers drawn as oaif's evaluation draws them (the arms' seed,
 temperature, cap and batch size), every model the same random draws.
 
-    python examples/control_cpu_12steps/neutral_fresh.py SMOLLM2 hf:QWEN1.5B ARMS_FOLDER [N]
+    python examples/control_cpu/neutral_fresh.py SMOLLM2 hf:QWEN1.5B ARMS_FOLDER [N]
 """
 
 import json
